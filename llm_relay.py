@@ -1,0 +1,2317 @@
+#!/usr/bin/env python3
+"""llm-relay: a tiny OpenAI-compatible relay that rewrites requests per model.
+
+Clients (the openai SDKs, LangChain, Open WebUI, curl) point their base URL at
+the relay; the relay forwards to an OpenAI-compatible upstream (Ollama, vLLM,
+llama.cpp server, LM Studio, OpenAI) after rewriting the JSON request body by
+per-model rules from a JSONC config, and relays Server-Sent Events line by line
+as they arrive.
+
+Usage: python3 llm_relay.py --config config.jsonc
+
+Standard library only; runs unmodified on CPython 3.6 to 3.13.  License: MIT.
+"""
+
+import argparse
+import collections
+import copy
+import difflib
+import fnmatch
+import hmac
+import http.client
+import http.server
+import json
+import logging
+import math
+import os
+import re
+import selectors
+import signal
+import socket
+import socketserver
+import ssl
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+
+__version__ = "1.0.0"
+
+
+###############################################################################
+# Constants ###################################################################
+###############################################################################
+
+DEFAULT_CONFIG_PATH = "config.jsonc"
+DEFAULT_LISTEN = "0.0.0.0:8080"
+DEFAULT_UPSTREAM = "http://localhost:11434/v1"
+DEFAULT_UPSTREAM_NAME = "default"
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
+DEFAULT_READ_TIMEOUT_SECONDS = 600.0  # silence allowed from the upstream
+DEFAULT_CLIENT_TIMEOUT_SECONDS = 60.0  # to send a whole request; idle keep-alive
+DEFAULT_SHUTDOWN_GRACE_SECONDS = 30.0
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # base64 images are large
+DEFAULT_MAX_CONNECTIONS = 512
+
+LISTEN_BACKLOG = 1024  # socketserver's default of 5 refuses bursts
+POOL_MAX_IDLE_PER_UPSTREAM = 32
+POOL_IDLE_SECONDS = 30.0  # idle upstream connections are closed after this
+HOUSEKEEPING_INTERVAL_SECONDS = 0.25  # client deadlines, disconnects, pool
+MAX_SSE_LINE_BYTES = 64 * 1024  # longer lines are relayed in pieces
+COPY_BLOCK_BYTES = 64 * 1024
+MAX_BUFFERED_RESPONSE_BYTES = 16 * 1024 * 1024  # larger bodies stream through
+MAX_CHUNK_SIZE_LINE_BYTES = 4096
+MAX_REQUEST_ID_CHARS = 128
+MAX_LOGGED_BODY_CHARS = 4000
+MODELS_TIMEOUT_SECONDS = 10.0
+
+# RFC 9110 §7.6.1: these apply to one connection only and are never relayed,
+# in either direction, together with every header named in Connection.
+HOP_BY_HOP_HEADERS = frozenset((
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+    "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
+))
+# The relay frames bodies itself, names the upstream host itself and asks for
+# identity encoding so that SSE lines stay lines (a gzip stream has none).
+REQUEST_HEADERS_SET_BY_RELAY = frozenset((
+    "host", "content-length", "accept-encoding", "expect", "x-request-id",
+))
+# Headers that carry a credential for the upstream; sent only with forward_auth.
+CREDENTIAL_HEADERS = frozenset(("authorization", "api-key", "x-api-key"))
+# Response headers relayed to the client: an allowlist, so that Date, Server and
+# framing headers are the relay's own and never duplicated.
+RELAYED_RESPONSE_HEADERS = frozenset((
+    "content-type", "content-encoding", "content-language",
+    "content-disposition", "cache-control", "location", "retry-after",
+    "www-authenticate", "etag", "last-modified", "request-id",
+))
+RELAYED_RESPONSE_HEADER_PREFIXES = ("x-", "openai-", "anthropic-")
+UPSTREAM_REQUEST_ID_HEADER = "X-Upstream-Request-Id"
+
+SECRET_KEY_PATTERN = re.compile(
+    r"(api[-_]?key|authorization|password|secret|token)$", re.IGNORECASE)
+GLOB_CHARACTERS = frozenset("*?[")
+_LOG_ESCAPES = dict((code, "\\x%02x" % code)
+                    for code in list(range(32)) + list(range(127, 160)))
+PHASE_IDLE, PHASE_READING, PHASE_BUSY = "idle", "reading", "busy"
+
+# Routing: client path (without the optional /v1 prefix) -> allowed methods.
+# Other paths under /v1 are passed through to the upstream unchanged.
+ENDPOINTS = collections.OrderedDict((
+    ("/health", ("GET", "HEAD")),
+    ("/models", ("GET",)),
+    ("/chat/completions", ("POST",)),
+    ("/completions", ("POST",)),
+))
+LOCAL_PATHS = frozenset(("/health",))
+CORS_ALLOWED_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+
+logger = logging.getLogger("llm_relay")
+
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+class ConfigError(Exception):
+    """An invalid configuration; its str() is the one-line startup message.
+
+    Attributes: source (file name), line and column (1-based, or None), path
+    (the field's path such as "model_rules[1].unset", or None) and message.
+    """
+
+    def __init__(self, message, source=None, line=None, column=None, path=None):
+        Exception.__init__(self, message)
+        self.message = message
+        self.source = source
+        self.line = line
+        self.column = column
+        self.path = path
+
+    def __str__(self):
+        location = self.source or "<config>"
+        if self.line is not None:
+            location += ":%d:%d" % (self.line, self.column or 1)
+        field = "%s: " % self.path if self.path else ""
+        return "%s: %s%s" % (location, field, self.message)
+
+
+class RelayError(Exception):
+    """A failure that becomes an HTTP response in OpenAI's error shape.
+
+    Raised from any step of request handling.  status is the HTTP status;
+    error_type and code fill the OpenAI error object; headers is a list of
+    (name, value) pairs added to the response; retryable marks an upstream
+    failure after which a fallback upstream may be tried (nothing reached the
+    client); kind names the failure for logs ("refused", "timeout", ...).
+    """
+
+    def __init__(self, status, message, error_type=None, code=None,
+                 param=None, headers=(), retryable=False, kind=None):
+        Exception.__init__(self, message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type or (
+            "server_error" if status >= 500 else "invalid_request_error")
+        self.code = code
+        self.param = param
+        self.headers = list(headers)
+        self.retryable = retryable
+        self.kind = kind
+
+
+class UpstreamAnswer(RelayError):
+    """An upstream's non-OK answer to relay to the client as it came."""
+
+    def __init__(self, response, data, upstream):
+        RelayError.__init__(self, response.status, "upstream %s answered %d" % (
+            upstream.name, response.status))
+        self.data = data
+        self.response_headers = list(response.getheaders())
+
+
+class ClientDisconnected(Exception):
+    """The client closed its connection while the relay was answering."""
+
+
+def openai_error(message, error_type="invalid_request_error", code=None,
+                 param=None):
+    """Return the error body dict of the OpenAI API reference.
+
+    Shape: {"error": {"message": str, "type": str, "param": str|None,
+    "code": str|None}}.
+    """
+    return {"error": {"message": message, "type": error_type,
+                      "param": param, "code": code}}
+
+
+###############################################################################
+# JSONC and configuration #####################################################
+###############################################################################
+
+_JSON_STRING = r'"(?:[^"\\\n]|\\.)*"'
+_JSONC_COMMENTS = re.compile(
+    _JSON_STRING + r"|(//[^\n]*|/\*.*?\*/)|(/\*)", re.DOTALL)
+_JSONC_TRAILING_COMMAS = re.compile(
+    _JSON_STRING + r"|(,)(?=\s*[\]}])", re.DOTALL)
+_NOT_NEWLINE = re.compile(r"[^\r\n]")
+
+
+def strip_jsonc(text):
+    """Turn JSONC text into JSON text with the same lines and columns.
+
+    Removes a leading UTF-8 BOM, replaces // and /* */ comments with spaces
+    (keeping their line breaks) and drops trailing commas before } or ].
+    String contents are never touched.  Raises ConfigError (with line and
+    column) for an unterminated block comment.
+    """
+    if text.startswith("\ufeff"):
+        text = " " + text[1:]
+
+    def blank_comment(match):
+        if match.group(2):
+            line, column = position_of(text, match.start(2))
+            raise ConfigError("unterminated /* comment", line=line,
+                              column=column)
+        if match.group(1):
+            return _NOT_NEWLINE.sub(" ", match.group(1))
+        return match.group(0)
+
+    def drop_comma(match):
+        return " " if match.group(1) else match.group(0)
+
+    text = _JSONC_COMMENTS.sub(blank_comment, text)
+    return _JSONC_TRAILING_COMMAS.sub(drop_comma, text)
+
+
+def position_of(text, index):
+    """Return the 1-based (line, column) of a character index in text."""
+    line = text.count("\n", 0, index) + 1
+    return line, index - (text.rfind("\n", 0, index) + 1) + 1
+
+
+def locate_json_path(text, path):
+    """Return the (line, column) where the value at path starts in JSON text.
+
+    path is a sequence of object keys (str) and array indexes (int).  Falls
+    back to the deepest position found when the path is only partly there.
+    """
+    decoder = json.JSONDecoder()
+    whitespace = re.compile(r"\s*")
+    index = whitespace.match(text, 0).end()
+    for step in path:
+        found = _find_member(decoder, whitespace, text, index, step)
+        if found is None:
+            break
+        index = found
+    return position_of(text, index)
+
+
+def _find_member(decoder, whitespace, text, index, step):
+    """Return the index of member step of the object or array at index."""
+    opener = text[index:index + 1]
+    if opener not in ("{", "[") or (opener == "{") != isinstance(step, str):
+        return None
+    index = whitespace.match(text, index + 1).end()
+    position = 0
+    while index < len(text) and text[index] not in "}]":
+        key = None
+        if opener == "{":
+            key, index = decoder.raw_decode(text, index)
+            index = whitespace.match(text, index).end() + 1  # past ":"
+            index = whitespace.match(text, index).end()
+        if key == step or (opener == "[" and position == step):
+            return index
+        _, index = decoder.raw_decode(text, index)
+        index = whitespace.match(text, index).end()
+        index = whitespace.match(text, index + 1).end()  # past ","
+        position += 1
+    return None
+
+
+Upstream = collections.namedtuple("Upstream", [
+    "name",             # str: the name rules refer to ("default" for upstream)
+    "url",              # str: base URL as configured, e.g. http://h:11434/v1
+    "scheme",           # "http" or "https"
+    "host",             # str: host name or IP literal
+    "port",             # int
+    "base_path",        # str: path prefix without trailing slash, e.g. "/v1"
+    "api_key",          # str or None: sent as a Bearer token
+    "connect_timeout",  # float seconds
+    "read_timeout",     # float seconds of upstream silence
+    "ssl_context",      # ssl.SSLContext for https, else None
+])
+
+Rule = collections.namedtuple("Rule", [
+    "path",          # str: "model_rules[0]", for messages
+    "match_model",   # tuple of str: names or shell-style patterns
+    "unset",         # tuple of str: top-level keys to delete
+    "defaults",      # dict: top-level keys filled when absent
+    "set",           # dict: top-level keys to override
+    "extra",         # dict: deep-merged into the body
+    "upstreams",     # tuple of str: upstream names, in fallback order
+])
+
+RuleIndex = collections.namedtuple("RuleIndex", [
+    "exact",     # dict: model name -> (file position, Rule), first rule wins
+    "patterns",  # tuple of (file position, compiled regex, Rule)
+    "default",   # the "default" Rule or None
+])
+
+Config = collections.namedtuple("Config", [
+    "source",          # str: the file it came from, or "<defaults>"
+    "listen_host",     # str
+    "listen_port",     # int
+    "upstreams",       # OrderedDict: name -> Upstream, "default" first
+    "forward_auth",    # bool
+    "api_keys",        # tuple of bytes: accepted client keys (empty: open)
+    "rules",           # tuple of Rule, in file order
+    "rule_index",      # RuleIndex
+    "max_body_bytes",  # int bytes
+    "max_connections",  # int
+    "client_timeout",  # float seconds
+    "shutdown_grace",  # float seconds
+    "cors_origins",    # frozenset of str ("*" allows any)
+    "created",         # int Unix seconds: load time, for alias model entries
+])
+
+TOP_LEVEL_KEYS = (
+    "listen", "upstream", "upstream_api_key", "upstream_ca_file",
+    "upstream_tls_verify", "upstreams", "forward_auth", "api_keys",
+    "model_rules", "max_body_bytes", "max_connections", "client_timeout",
+    "connect_timeout", "read_timeout", "shutdown_grace", "cors_origins",
+)
+RULE_KEYS = ("match_model", "unset", "defaults", "set", "extra", "upstream")
+UPSTREAM_KEYS = ("url", "api_key", "connect_timeout", "read_timeout")
+_ENV_REFERENCE = re.compile(
+    r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def format_path(path):
+    """Return a field path such as model_rules[1].unset from its steps."""
+    text = ""
+    for step in path:
+        text += "[%d]" % step if isinstance(step, int) else (
+            "." + step if text else step)
+    return text
+
+
+def load_config(path, environ=None):
+    """Read, strip, parse and validate the JSONC config file at path.
+
+    Returns (Config, warnings) where warnings is a list of str.  Raises
+    ConfigError naming the file, line, column and field path.
+    """
+    try:
+        with open(path, "rb") as config_file:
+            data = config_file.read()
+    except OSError as error:
+        raise ConfigError("cannot read config: %s" % (
+            error.strerror or error), source=path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line, column = position_of(data.decode("latin-1"), error.start)
+        raise ConfigError("not valid UTF-8", path, line, column)
+    return parse_config_text(text, path, environ)
+
+
+def parse_config_text(text, source="<config>", environ=None):
+    """Parse and validate JSONC config text; see load_config."""
+    try:
+        json_text = strip_jsonc(text)
+        raw = json.loads(json_text, parse_constant=_reject_json_constant)
+    except ConfigError as error:
+        error.source = source
+        raise
+    except ValueError as error:  # json.JSONDecodeError or a constant
+        line, column = getattr(error, "lineno", None), getattr(error, "colno", None)
+        raise ConfigError(getattr(error, "msg", str(error)), source, line, column)
+    return validate_config(raw, source, json_text, environ)
+
+
+def _reject_json_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
+def validate_config(raw, source="<config>", text=None, environ=None):
+    """Check a parsed config dict and build the immutable Config.
+
+    text (the stripped JSON) lets errors carry a line and column.  ${VAR} and
+    ${VAR:-fallback} in string values are replaced from environ (default
+    os.environ).  Returns (Config, warnings); raises ConfigError.
+    """
+    checker = _ConfigChecker(source, text)
+    if not isinstance(raw, dict):
+        raise checker.error((), "expected a JSON object at the top level")
+    raw = checker.expand_environment(raw, (), os.environ if environ is None
+                                     else environ)
+    checker.warn_unknown_keys(raw, (), TOP_LEVEL_KEYS)
+    host, port = checker.listen(raw)
+    upstreams = checker.upstreams(raw)
+    rules = tuple(checker.rule(rule, ("model_rules", position), upstreams)
+                  for position, rule in enumerate(
+                      checker.typed(raw, ("model_rules",), list, "a list", [])))
+    api_keys = checker.string_list(raw, ("api_keys",), [])
+    if any(not key for key in api_keys):
+        raise checker.error(("api_keys",), "keys must not be empty")
+    config = Config(
+        source=source, listen_host=host, listen_port=port, upstreams=upstreams,
+        forward_auth=checker.typed(raw, ("forward_auth",), bool, "true or false",
+                                   False),
+        api_keys=tuple(key.encode("utf-8") for key in api_keys),
+        rules=rules, rule_index=index_rules(rules),
+        max_body_bytes=checker.number(raw, ("max_body_bytes",),
+                                      DEFAULT_MAX_BODY_BYTES, integer=True),
+        max_connections=checker.number(raw, ("max_connections",),
+                                       DEFAULT_MAX_CONNECTIONS, integer=True),
+        client_timeout=checker.number(raw, ("client_timeout",),
+                                      DEFAULT_CLIENT_TIMEOUT_SECONDS),
+        shutdown_grace=checker.number(raw, ("shutdown_grace",),
+                                      DEFAULT_SHUTDOWN_GRACE_SECONDS, minimum=0),
+        cors_origins=frozenset(checker.string_list(raw, ("cors_origins",), [])),
+        created=int(time.time()),
+    )
+    checker.warnings.extend(security_warnings(config, raw))
+    return config, checker.warnings
+
+
+def security_warnings(config, raw):
+    """Return warnings about risky but valid settings, as a list of str."""
+    warnings = []
+    if config.api_keys and config.forward_auth:
+        warnings.append("api_keys and forward_auth are both set: clients' relay "
+                        "keys will be sent to the upstream")
+    has_upstream_key = any(u.api_key for u in config.upstreams.values())
+    if has_upstream_key and not config.api_keys and not is_loopback_host(
+            config.listen_host):
+        warnings.append("listening on %s without api_keys while an upstream API "
+                        "key is set: anyone who can reach the relay spends that "
+                        "key" % config.listen_host)
+    if raw.get("upstream_tls_verify") is False:
+        warnings.append("upstream_tls_verify is false: upstream TLS "
+                        "certificates are not checked")
+    return warnings
+
+
+def is_loopback_host(host):
+    """Return True for localhost and 127.0.0.0/8 or ::1 literals."""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class _ConfigChecker(object):
+    """Type checks with error positions; collects warnings (list of str)."""
+
+    def __init__(self, source, text):
+        self.source = source
+        self.text = text
+        self.warnings = []
+
+    def error(self, path, message):
+        line = column = None
+        if self.text is not None:
+            try:
+                line, column = locate_json_path(self.text, path)
+            except ValueError:
+                pass
+        return ConfigError(message, self.source, line, column,
+                           format_path(path) or None)
+
+    def where(self, path):
+        error = self.error(path, "")
+        return str(error).rstrip(": ")
+
+    def expand_environment(self, value, path, environ):
+        if isinstance(value, dict):
+            return dict((key, self.expand_environment(item, path + (key,), environ))
+                        for key, item in value.items())
+        if isinstance(value, list):
+            return [self.expand_environment(item, path + (position,), environ)
+                    for position, item in enumerate(value)]
+        if not isinstance(value, str) or "$" not in value:
+            return value
+
+        def substitute(match):
+            if match.group(0) == "$${":
+                return "${"
+            name, fallback = match.group(1), match.group(2)
+            if name in environ:
+                return environ[name]
+            if fallback is not None:
+                return fallback
+            raise self.error(path, "environment variable %s is not set (use "
+                                   "${%s:-fallback} for a default)" % (name, name))
+        return _ENV_REFERENCE.sub(substitute, value)
+
+    def warn_unknown_keys(self, mapping, path, known):
+        for key in mapping:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, 1)
+                hint = " (did you mean %r?)" % close[0] if close else ""
+                self.warnings.append("%s: unknown key %r ignored%s" % (
+                    self.where(path + (key,)), key, hint))
+
+    def typed(self, mapping, path, kind, description, default):
+        value = mapping.get(path[-1], default)
+        if path[-1] in mapping and (not isinstance(value, kind) or (
+                kind is not bool and isinstance(value, bool))):
+            raise self.error(path, "expected %s, got %s" % (
+                description, json.dumps(value)[:60]))
+        return value
+
+    def string_list(self, mapping, path, default):
+        value = mapping.get(path[-1], default)
+        if not isinstance(value, list) or not all(
+                isinstance(item, str) for item in value):
+            raise self.error(path, "expected a list of strings")
+        return value
+
+    def number(self, mapping, path, default, integer=False, minimum=None):
+        value = mapping.get(path[-1], default)
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or (
+                minimum is None and value <= 0) or (
+                minimum is not None and value < minimum):
+            raise self.error(path, "expected a %s %s" % (
+                "non-negative" if minimum == 0 else "positive",
+                "integer" if integer else "number of seconds"))
+        return value if integer else float(value)
+
+    def listen(self, raw):
+        value = self.typed(raw, ("listen",), str, "a string", DEFAULT_LISTEN)
+        try:
+            return parse_listen(value)
+        except ValueError as error:
+            raise self.error(("listen",), str(error))
+
+    def upstreams(self, raw):
+        named = self.typed(raw, ("upstreams",), dict, "an object", {})
+        default = {
+            "url": self.typed(raw, ("upstream",), str, "a string",
+                              DEFAULT_UPSTREAM),
+            "api_key": raw.get("upstream_api_key"),
+            "connect_timeout": raw.get("connect_timeout",
+                                       DEFAULT_CONNECT_TIMEOUT_SECONDS),
+            "read_timeout": raw.get("read_timeout", DEFAULT_READ_TIMEOUT_SECONDS),
+        }
+        context = LazyValue(lambda: self.ssl_context(raw))
+        upstreams = collections.OrderedDict()
+        if DEFAULT_UPSTREAM_NAME not in named or "upstream" in raw:
+            upstreams[DEFAULT_UPSTREAM_NAME] = self.upstream(
+                DEFAULT_UPSTREAM_NAME, default, (), context, top_level=True)
+        for name, spec in named.items():
+            path = ("upstreams", name)
+            if not isinstance(spec, dict):
+                raise self.error(path, "expected an object with a \"url\"")
+            self.warn_unknown_keys(spec, path, UPSTREAM_KEYS)
+            merged = dict(default, api_key=None)  # never lend the main key
+            merged.update(spec)
+            if "url" not in spec:
+                raise self.error(path, "missing \"url\"")
+            upstreams[name] = self.upstream(name, merged, path, context)
+        return upstreams
+
+    def upstream(self, name, spec, path, context, top_level=False):
+        url_path = ("upstream",) if top_level else path + ("url",)
+        url = spec["url"]
+        if not isinstance(url, str):
+            raise self.error(url_path, "expected an http(s) URL string")
+        try:
+            scheme, host, port, base_path = parse_upstream_url(url)
+        except ValueError as error:
+            raise self.error(url_path, str(error))
+        key_path = ("upstream_api_key",) if top_level else path + ("api_key",)
+        api_key = spec.get("api_key")
+        if api_key is not None and not isinstance(api_key, str):
+            raise self.error(key_path, "expected a string")
+
+        def timeout(key):
+            return self.number(spec, (key,) if top_level else path + (key,), None)
+        return Upstream(name, url, scheme, host, port, base_path, api_key or None,
+                        timeout("connect_timeout"), timeout("read_timeout"),
+                        context.get() if scheme == "https" else None)
+
+    def ssl_context(self, raw):
+        verify = self.typed(raw, ("upstream_tls_verify",), bool, "true or false",
+                            True)
+        ca_file = self.typed(raw, ("upstream_ca_file",), str, "a PEM file path",
+                             None)
+        try:
+            context = ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as error:
+            raise self.error(("upstream_ca_file",), "cannot load CA file %r: %s"
+                             % (ca_file, getattr(error, "strerror", None) or error))
+        if not verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def rule(self, raw_rule, path, upstreams):
+        if not isinstance(raw_rule, dict):
+            raise self.error(path, "expected an object")
+        self.warn_unknown_keys(raw_rule, path, RULE_KEYS)
+        match = raw_rule.get("match_model")
+        names = [match] if isinstance(match, str) else match
+        if not isinstance(names, list) or not names or not all(
+                isinstance(name, str) and name for name in names):
+            raise self.error(path + ("match_model",) if "match_model" in raw_rule
+                             else path, "expected \"match_model\": a model name "
+                             "or pattern, or a list of them")
+        unset = self.string_list(raw_rule, path + ("unset",), [])
+        objects = [self.typed(raw_rule, path + (key,), dict, "an object", {})
+                   for key in ("defaults", "set", "extra")]
+        chain = raw_rule.get("upstream", DEFAULT_UPSTREAM_NAME)
+        chain = [chain] if isinstance(chain, str) else chain
+        if not isinstance(chain, list) or not chain or not all(
+                isinstance(name, str) for name in chain):
+            raise self.error(path + ("upstream",), "expected an upstream name "
+                             "or a list of names")
+        for position, name in enumerate(chain):
+            if name not in upstreams:
+                raise self.error(path + ("upstream",) if isinstance(
+                    raw_rule.get("upstream"), str) else path + ("upstream", position),
+                    "unknown upstream %r (known: %s)" % (
+                        name, ", ".join(sorted(upstreams))))
+        return Rule(format_path(path), tuple(names), tuple(unset), objects[0],
+                    objects[1], objects[2], tuple(chain))
+
+
+class LazyValue(object):
+    """A value computed on first use (an SSL context loads the CA store)."""
+
+    def __init__(self, compute):
+        self._compute = compute
+        self._done = False
+        self._value = None
+
+    def get(self):
+        if not self._done:
+            self._value, self._done = self._compute(), True
+        return self._value
+
+
+def parse_listen(value):
+    """Split "host:port" (or "[v6]:port") into (host, port int).
+
+    An empty host means every IPv4 interface.  Raises ValueError.
+    """
+    match = re.match(r"^(?:\[([0-9A-Fa-f:.%\w]+)\]|([^\[\]:]*)):(\d{1,5})$", value)
+    if not match or int(match.group(3)) > 65535:
+        raise ValueError("expected \"host:port\" (IPv6 as \"[::1]:8080\"), got %r"
+                         % value)
+    host = match.group(1) or match.group(2) or "0.0.0.0"
+    return host, int(match.group(3))
+
+
+def parse_upstream_url(url):
+    """Split an upstream base URL into (scheme, host, port, base_path).
+
+    The path prefix is kept without a trailing slash, so "http://h:11434/v1"
+    gives base_path "/v1".  Raises ValueError for anything but http(s) URLs
+    with a host and without query, fragment or credentials.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        raise ValueError("not a valid URL: %s" % error)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL, got %r" % url)
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("the upstream URL must not have a query, fragment or "
+                         "credentials (use upstream_api_key), got %r" % url)
+    default_port = 443 if parts.scheme == "https" else 80
+    return parts.scheme, parts.hostname, port or default_port, parts.path.rstrip("/")
+
+
+def default_config():
+    """Return the built-in Config used when no config file exists."""
+    config, _ = validate_config({}, "<defaults>")
+    return config
+
+
+###############################################################################
+# Rule engine (pure) ##########################################################
+###############################################################################
+
+def is_pattern(name):
+    """Return True when a match_model entry uses shell-style wildcards."""
+    return not GLOB_CHARACTERS.isdisjoint(name)
+
+
+def index_rules(rules):
+    """Build the RuleIndex that select_rule uses, once per config."""
+    exact, patterns, default = {}, [], None
+    for position, rule in enumerate(rules):
+        for name in rule.match_model:
+            if name == "default":
+                default = default or rule
+            elif is_pattern(name):
+                patterns.append((position, re.compile(fnmatch.translate(name)),
+                                 rule))
+            elif name not in exact:
+                exact[name] = (position, rule)
+    return RuleIndex(exact, tuple(patterns), default)
+
+
+def select_rule(rule_index, model):
+    """Return the Rule for a request's model, or None.
+
+    The first rule in file order whose match_model equals the model or
+    matches it as a case-sensitive shell pattern wins; the "default" rule
+    applies only when no other rule matches, wherever it stands, and also to
+    a body without a string "model".
+    """
+    if not isinstance(model, str):
+        return rule_index.default
+    position, rule = rule_index.exact.get(model, (sys.maxsize, None))
+    for pattern_position, pattern, pattern_rule in rule_index.patterns:
+        if pattern_position >= position:
+            break
+        if pattern.match(model):
+            return pattern_rule
+    return rule or rule_index.default
+
+
+def deep_merge(base, overlay):
+    """Return a new dict: overlay merged into base, objects key by key.
+
+    Nested dicts merge recursively; any other overlay value replaces the base
+    value (lists are replaced, not concatenated).  Neither input is mutated
+    and the result shares no mutable value with overlay.
+    """
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def apply_rule(body, rule):
+    """Return a new body dict with rule applied: unset, defaults, set, extra.
+
+    unset deletes top-level keys (absent ones are fine), defaults fills
+    top-level keys the client did not send, set overrides top-level keys
+    (set.model renames the model) and extra deep-merges (see deep_merge).
+    The client's key order is kept; body and rule are not mutated.
+    """
+    result = dict((key, value) for key, value in body.items()
+                  if key not in rule.unset)
+    for key, value in rule.defaults.items():
+        if key not in result:
+            result[key] = copy.deepcopy(value)
+    for key, value in rule.set.items():
+        result[key] = copy.deepcopy(value)
+    return deep_merge(result, rule.extra) if rule.extra else result
+
+
+_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
+                                 allow_nan=False)
+_COMPACT_ASCII_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def serialize_json(value):
+    """Return value as compact UTF-8 JSON bytes, non-ASCII kept as is.
+
+    Lone surrogates (valid as JSON \\u escapes, not encodable as UTF-8) are
+    kept as \\u escapes instead.
+    """
+    try:
+        return _COMPACT_JSON.encode(value).encode("utf-8")
+    except UnicodeEncodeError:
+        return _COMPACT_ASCII_JSON.encode(value).encode("ascii")
+
+
+def rewrite_body(raw_body, body, rule):
+    """Return (body bytes to send, model as sent) for a parsed request body.
+
+    Without a rule the client's bytes are returned unchanged; with one the
+    rewritten body is serialized once (see apply_rule, serialize_json).
+    """
+    if rule is None:
+        return raw_body, body.get("model")
+    rewritten = apply_rule(body, rule)
+    return serialize_json(rewritten), rewritten.get("model")
+
+
+def parse_json_body(raw_body):
+    """Parse a request body that must be a JSON object; return the dict.
+
+    Raises RelayError(400) when it is not UTF-8, not JSON (NaN, Infinity and
+    numbers beyond a double are not JSON), nested too deeply, or not an
+    object.  Source: RFC 8259 §6 and §8.1.
+    """
+    try:
+        text = raw_body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RelayError(400, "The request body is not valid UTF-8 (invalid "
+                              "byte at offset %d)." % error.start,
+                         code="invalid_json")
+    try:
+        body = json.loads(text, parse_constant=_reject_json_constant,
+                          parse_float=_parse_finite_float)
+    except RecursionError:
+        raise RelayError(400, "The request body is nested too deeply.",
+                         code="invalid_json")
+    except ValueError as error:
+        raise RelayError(400, "The request body is not valid JSON: %s" % error,
+                         code="invalid_json")
+    if not isinstance(body, dict):
+        raise RelayError(400, "The request body must be a JSON object.",
+                         code="invalid_json")
+    return body
+
+
+def _parse_finite_float(text):
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError("number %s is out of range" % text[:40])
+    return value
+
+
+def redact_for_log(value, max_chars=MAX_LOGGED_BODY_CHARS):
+    """Return a JSON string of value for debug logs, with secrets masked.
+
+    Values of keys that look like credentials (api_key, token, secret,
+    password, authorization) become "***"; long strings (base64 images) are
+    shortened; the whole text is cut at max_chars characters.
+    """
+    def redact(item):
+        if isinstance(item, dict):
+            return dict((key, "***" if SECRET_KEY_PATTERN.search(str(key))
+                         else redact(child)) for key, child in item.items())
+        if isinstance(item, list):
+            return [redact(child) for child in item]
+        if isinstance(item, str) and len(item) > 200:
+            return item[:100] + "...(%d chars)" % len(item)
+        return item
+    text = json.dumps(redact(value), ensure_ascii=False)
+    return text if len(text) <= max_chars else text[:max_chars] + "..."
+
+
+def printable(text):
+    """Escape control characters so client-chosen text cannot forge log lines."""
+    return str(text).translate(_LOG_ESCAPES)
+
+
+###############################################################################
+# Headers and SSE helpers (pure) ##############################################
+###############################################################################
+
+def connection_tokens(headers):
+    """Return the lowercase header names listed in Connection headers.
+
+    headers is a list of (name, value) pairs.  RFC 9110 §7.6.1.
+    """
+    tokens = set()
+    for name, value in headers:
+        if name.lower() == "connection":
+            tokens.update(token.strip().lower() for token in value.split(","))
+    tokens.discard("")
+    return tokens
+
+
+def strip_hop_by_hop(headers):
+    """Return headers without hop-by-hop ones and those named in Connection.
+
+    headers is a list of (name, value) pairs.  RFC 9110 §7.6.1.
+    """
+    named = connection_tokens(headers)
+    return [(name, value) for name, value in headers
+            if name.lower() not in HOP_BY_HOP_HEADERS and name.lower() not in named]
+
+
+def upstream_headers(client_headers, upstream, forward_auth, body_length,
+                     request_id):
+    """Return the (name, value) headers to send to the upstream.
+
+    End-to-end client headers pass, except credentials unless forward_auth
+    (then the client's Authorization is sent; otherwise the upstream's
+    api_key, if any, as a Bearer token).  Host is the upstream's,
+    Accept-Encoding is identity (SSE lines must stay lines), Content-Length
+    is the new body's (None: no body) and X-Request-Id is the relay's.
+    """
+    headers = [("Host", host_header(upstream))]
+    for name, value in strip_hop_by_hop(client_headers):
+        lowered = name.lower()
+        if lowered in REQUEST_HEADERS_SET_BY_RELAY or (
+                lowered in CREDENTIAL_HEADERS and not forward_auth):
+            continue
+        headers.append((name, value))
+    if upstream.api_key and not forward_auth:
+        headers.append(("Authorization", "Bearer " + upstream.api_key))
+    headers.append(("Accept-Encoding", "identity"))
+    if body_length is not None:
+        headers.append(("Content-Length", str(body_length)))
+    headers.append(("X-Request-Id", request_id))
+    return headers
+
+
+def host_header(upstream):
+    """Return the Host header value for an upstream (RFC 9110 §7.2)."""
+    host = "[%s]" % upstream.host if ":" in upstream.host else upstream.host
+    default_port = 443 if upstream.scheme == "https" else 80
+    return host if upstream.port == default_port else "%s:%d" % (host, upstream.port)
+
+
+def client_headers(response_headers, request_id):
+    """Return the upstream response headers to relay to the client.
+
+    response_headers is a list of (name, value) pairs.  Only the allowlist
+    (RELAYED_RESPONSE_HEADERS and prefixes) passes, without hop-by-hop or
+    framing headers; the relay's own X-Request-Id wins, and a different
+    upstream id is kept as X-Upstream-Request-Id.
+    """
+    relayed = []
+    for name, value in strip_hop_by_hop(response_headers):
+        lowered = name.lower()
+        if "\r" in value or "\n" in value:
+            continue
+        if lowered == "x-request-id":
+            if value != request_id:
+                relayed.append((UPSTREAM_REQUEST_ID_HEADER, value))
+        elif lowered in RELAYED_RESPONSE_HEADERS or lowered.startswith(
+                RELAYED_RESPONSE_HEADER_PREFIXES):
+            relayed.append((name, value))
+    return relayed
+
+
+def is_event_stream(content_type):
+    """Return True for a text/event-stream Content-Type (WHATWG HTML SSE)."""
+    return (content_type or "").split(";")[0].strip().lower() == "text/event-stream"
+
+
+def is_json_type(content_type):
+    """Return True for application/json and application/*+json types."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json"))
+
+
+def encode_chunk(data):
+    """Return data framed as one HTTP/1.1 chunk (RFC 9112 §7.1)."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def sse_error_event(message, error_type="server_error", code=None):
+    """Return a final SSE event carrying an OpenAI error object, as bytes.
+
+    Shape: b'data: {"error": {...}}\\n\\n' (WHATWG HTML, server-sent events).
+    """
+    return b"data: " + serialize_json(openai_error(message, error_type, code)) + b"\n\n"
+
+
+def sanitize_request_id(value):
+    """Return a client X-Request-Id if usable (printable ASCII), else None."""
+    if value and len(value) <= MAX_REQUEST_ID_CHARS and all(
+            "!" <= character <= "~" for character in value):
+        return value
+    return None
+
+
+def check_api_key(authorization, api_keys):
+    """Return True when "Bearer <key>" names one of api_keys (bytes).
+
+    Every key is compared in constant time (hmac.compare_digest), so the
+    answer's timing does not tell how much of a key matched.
+    """
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    token = token.strip().encode("utf-8", "surrogateescape")
+    matched = False
+    for key in api_keys:
+        matched |= hmac.compare_digest(token, key)
+    return matched
+
+
+def split_route(target):
+    """Return (route path, query) for a request target.
+
+    The absolute form ("http://elsewhere/v1/x") contributes only its path, so
+    a client never chooses where the relay connects.  The optional /v1 prefix
+    is removed: "/v1/chat/completions" and "/chat/completions" both give
+    "/chat/completions".  Raises RelayError(400) for a target that is not a
+    path or whose path has "." or ".." segments, raw or percent-encoded.
+    """
+    parts = urllib.parse.urlsplit(target)
+    path = parts.path
+    if not path.startswith("/"):
+        raise RelayError(400, "Invalid request target %r." % printable(target)[:200])
+    segments = urllib.parse.unquote(path).split("/")
+    if "." in segments or ".." in segments:
+        raise RelayError(400, "The request path must not contain '.' or '..' "
+                              "segments.", code="invalid_path")
+    if path == "/v1" or path.startswith("/v1/"):
+        path = path[3:] or "/"
+    return path, parts.query
+
+
+###############################################################################
+# Upstream forwarding #########################################################
+###############################################################################
+
+def readable_sockets(sockets):
+    """Return the subset of sockets that are readable now (data or EOF)."""
+    ready = set()
+    with selectors.DefaultSelector() as selector:
+        for sock in sockets:
+            try:
+                selector.register(sock, selectors.EVENT_READ)
+            except (ValueError, OSError):  # closed meanwhile: counts as EOF
+                ready.add(sock)
+        if selector.get_map():
+            ready.update(key.fileobj for key, _ in selector.select(0))
+    return ready
+
+
+def shutdown_socket(sock, how=socket.SHUT_RDWR):
+    """Shut a socket down from any thread, waking a thread blocked on it.
+
+    Uses the plain socket method on TLS sockets too, which would otherwise
+    drop their TLS state under the reading thread.
+    """
+    try:
+        socket.socket.shutdown(sock, how)
+    except (OSError, ValueError):
+        pass
+
+
+class UpstreamPool(object):
+    """Idle keep-alive HTTP/1.1 connections to upstreams, reused LIFO.
+
+    At most max_idle connections per upstream are kept, each for at most
+    idle_seconds; one that the upstream closed meanwhile is noticed (its
+    socket turns readable) and discarded before reuse.
+    """
+
+    def __init__(self, max_idle=POOL_MAX_IDLE_PER_UPSTREAM,
+                 idle_seconds=POOL_IDLE_SECONDS):
+        self.max_idle = max_idle
+        self.idle_seconds = idle_seconds
+        self._idle = {}  # pool key -> list of (HTTPConnection, monotonic time)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(upstream):
+        return (upstream.scheme, upstream.host, upstream.port,
+                upstream.ssl_context, upstream.connect_timeout)
+
+    def acquire(self, upstream):
+        """Return (HTTPConnection, reused bool), connecting if none is idle.
+
+        Raises OSError (refused, DNS, TLS) or socket.timeout from connecting.
+        """
+        key = self.key(upstream)
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                connection, since = idle.pop() if idle else (None, 0)
+            if connection is None:
+                return open_connection(upstream), False
+            if (time.monotonic() - since < self.idle_seconds and connection.sock
+                    and not readable_sockets([connection.sock])):
+                connection.sock.settimeout(upstream.read_timeout)
+                return connection, True
+            connection.close()
+
+    def release(self, upstream, connection):
+        """Keep a connection whose last response was read to its end."""
+        if connection.sock is not None:
+            with self._lock:
+                idle = self._idle.setdefault(self.key(upstream), [])
+                if len(idle) < self.max_idle:
+                    idle.append((connection, time.monotonic()))
+                    return
+        connection.close()
+
+    def prune(self, now=None):
+        """Close connections idle for longer than idle_seconds."""
+        deadline = (now or time.monotonic()) - self.idle_seconds
+        expired = []
+        with self._lock:
+            for idle in self._idle.values():
+                while idle and idle[0][1] < deadline:
+                    expired.append(idle.pop(0)[0])
+        for connection in expired:
+            connection.close()
+
+    def close_all(self):
+        with self._lock:
+            connections = [item[0] for idle in self._idle.values() for item in idle]
+            self._idle.clear()
+        for connection in connections:
+            connection.close()
+
+
+def open_connection(upstream):
+    """Connect to an upstream within its connect_timeout; return the connection.
+
+    The socket then waits at most read_timeout seconds for each read, and has
+    TCP_NODELAY so small writes are not held back (Nagle vs delayed ACK).
+    """
+    if upstream.scheme == "https":
+        connection = http.client.HTTPSConnection(
+            upstream.host, upstream.port, timeout=upstream.connect_timeout,
+            context=upstream.ssl_context)
+    else:
+        connection = http.client.HTTPConnection(
+            upstream.host, upstream.port, timeout=upstream.connect_timeout)
+    try:
+        connection.connect()
+        connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection.sock.settimeout(upstream.read_timeout)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+class RequestBody(object):
+    """A request body to forward: bytes, or an iterable of blocks read once.
+
+    length is the byte count (None: unknown, sent chunked); started tells
+    whether any block was consumed, after which it cannot be sent again.
+    """
+
+    def __init__(self, data=b"", blocks=None, length=None):
+        self.data = data
+        self.blocks = blocks
+        self.length = len(data) if blocks is None else length
+        self.started = False
+
+    @property
+    def replayable(self):
+        return self.blocks is None or not self.started
+
+    def payload(self):
+        if self.blocks is None:
+            return self.data or None
+
+        def counted():
+            for block in self.blocks:
+                self.started = True
+                yield block
+        return counted()
+
+
+def send_upstream_request(pool, upstream, method, target, headers, body):
+    """Send one request upstream; return (HTTPResponse, connection, socket).
+
+    target is the path and query to request; headers a list of (name, value);
+    body a RequestBody.  A reused connection that the upstream had closed is
+    retried once on a new one, only when the failure proves no byte of the
+    request was processed (a reset while sending, or an empty status line).
+    Raises RelayError: 502 refused/unreachable/invalid, 504 timeout.
+    """
+    for attempt in (1, 2):
+        try:
+            connection, reused = pool.acquire(upstream)
+        except Exception as error:
+            raise upstream_failure(upstream, error, connecting=True)
+        sock = connection.sock
+        try:
+            try:
+                connection.putrequest(method, target, skip_host=True,
+                                      skip_accept_encoding=True)
+                for name, value in headers:
+                    connection.putheader(name, value)
+                connection.endheaders(body.payload(), encode_chunked=(
+                    body.length is None and body.blocks is not None))
+            except ConnectionError:
+                if reused and attempt == 1 and body.replayable:
+                    connection.close()
+                    continue
+                raise
+            try:
+                return connection.getresponse(), connection, sock
+            except http.client.RemoteDisconnected:
+                if reused and attempt == 1 and body.replayable:
+                    connection.close()
+                    continue
+                raise
+        except Exception as error:
+            connection.close()
+            raise upstream_failure(upstream, error)
+
+
+def upstream_failure(upstream, error, connecting=False):
+    """Map an exception from talking to an upstream to a RelayError.
+
+    Refused, unreachable, DNS, TLS and protocol failures give 502; timeouts
+    give 504 (connect_timeout while connecting, else read_timeout).  Failures
+    before any response header came are marked retryable for fallbacks.
+    """
+    where = "upstream %s (%s)" % (upstream.name, upstream.url)
+    if isinstance(error, RelayError):
+        return error
+    if isinstance(error, socket.timeout):
+        limit = upstream.connect_timeout if connecting else upstream.read_timeout
+        return RelayError(504, "%s did not %s within %g s." % (
+            where, "accept the connection" if connecting else "answer", limit),
+            code="upstream_timeout", retryable=True, kind="timeout")
+    if isinstance(error, ConnectionRefusedError):
+        cause, kind = "refused the connection", "refused"
+    elif isinstance(error, socket.gaierror):
+        cause, kind = "could not be resolved (%s)" % error.strerror, "refused"
+    elif isinstance(error, ssl.SSLError):
+        cause, kind = "failed TLS: %s" % (getattr(error, "reason", None) or error), "refused"
+    elif isinstance(error, http.client.RemoteDisconnected):
+        cause, kind = "closed the connection without answering", "dropped"
+    elif isinstance(error, http.client.HTTPException):
+        cause, kind = "sent an invalid HTTP response (%s)" % type(error).__name__, "invalid"
+    elif isinstance(error, OSError):
+        cause, kind = "is unreachable (%s)" % (error.strerror or error), "refused"
+    else:
+        raise error
+    return RelayError(502, "%s %s." % (where, cause), code="upstream_unreachable"
+                      if kind == "refused" else "upstream_error",
+                      retryable=True, kind=kind)
+
+
+###############################################################################
+# Request handler #############################################################
+###############################################################################
+
+class RelayHandler(http.server.BaseHTTPRequestHandler):
+    """Answer one client connection: route, authorize, rewrite, relay.
+
+    Methods appear in the order a request meets them.  Expected failures are
+    RelayErrors, answered in OpenAI's error shape; once the status line has
+    been sent, a stream ends with a final SSE error event instead.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = "llm-relay/" + __version__
+    # Headers and a short body leave in one write; streams flush per line.
+    wbufsize = COPY_BLOCK_BYTES
+    timeout = DEFAULT_CLIENT_TIMEOUT_SECONDS
+
+    # -- connection lifecycle -------------------------------------------------
+
+    def setup(self):
+        http.server.BaseHTTPRequestHandler.setup(self)
+        self.connection.settimeout(self.server.config.client_timeout)
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self.tracked = self.server.track_connection(self.connection)
+        self._in_dispatch = False
+
+    def handle_one_request(self):
+        if not self.server.mark_idle(self.tracked):
+            self.close_connection = True
+            return
+        self._reset_request_state()
+        http.server.BaseHTTPRequestHandler.handle_one_request(self)
+
+    def finish(self):
+        try:
+            http.server.BaseHTTPRequestHandler.finish(self)
+        except OSError:
+            pass  # the client is gone; nothing left to flush
+        finally:
+            self.server.untrack_connection(self.tracked)
+
+    def _reset_request_state(self):
+        self._status = None
+        self._headers_sent = False
+        self._started = time.monotonic()
+        self._body_read = False
+        self._request_id = None
+        self._parsed_body = None
+        self._chunked = False
+        self.headers = None  # not the previous request's on keep-alive
+        self.path = None
+        self.log_fields = collections.OrderedDict()
+
+    def parse_request(self):
+        self.server.mark_reading(self.tracked)
+        return http.server.BaseHTTPRequestHandler.parse_request(self)
+
+    def handle_expect_100(self):
+        # Answer a doomed request (too large, unauthorized, unknown) with its
+        # final status instead of 100 Continue, so the body is never sent
+        # (RFC 9110 §10.1.1); _dispatch sends that status.
+        try:
+            self._precheck(self.server.config)
+        except RelayError:
+            return True
+        self.send_response_only(100)
+        self.end_headers()
+        self.wfile.flush()
+        return True
+
+    # -- dispatch ---------------------------------------------------------------
+
+    def _dispatch(self):
+        config = self.server.config
+        self._in_dispatch = True
+        try:
+            self._handle(config)
+        except UpstreamAnswer as answer:
+            self._send_buffered(answer.status, client_headers(
+                answer.response_headers, self._request_id), answer.data)
+        except RelayError as error:
+            self._send_relay_error(error)
+        except ClientDisconnected:
+            self._client_gone("client disconnected")
+        except (ConnectionError, socket.timeout) as error:
+            self._client_gone("client connection failed: %s" % (
+                type(error).__name__))
+        except Exception as error:
+            logger.debug("unexpected error", exc_info=True)
+            self.log_fields["error"] = "internal error: %s: %s" % (
+                type(error).__name__, error)
+            if self._headers_sent:
+                self.close_connection = True
+            else:
+                self._send_relay_error(RelayError(500, "Internal relay error.",
+                                                  code="internal_error"))
+        finally:
+            self._in_dispatch = False
+            self.server.mark_busy(self.tracked, None)
+            self._log_access()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = (
+        _dispatch)
+
+    def _handle(self, config):
+        self._request_id = sanitize_request_id(
+            self.headers.get("X-Request-Id")) or uuid.uuid4().hex
+        route, query = self._precheck(config)
+        if not self._declares_body():
+            self.server.mark_busy(self.tracked, None)
+        if self.command == "OPTIONS":
+            return self._answer_options(config)
+        if route == "/health":
+            return self._send_json(200, {"status": "ok"})
+        if route == "/models" and self.command == "GET":
+            return self._serve_models(config)
+        if route.startswith("/models/") and self.command == "GET":
+            return self._serve_model(config, route, query)
+        return self._forward(config, route, query)
+
+    def _precheck(self, config):
+        """Route and authorize before any body byte is read.
+
+        Returns (route path, query).  Raises RelayError: 400 bad target, 404
+        unknown path, 405 wrong method (with Allow), 401 bad key, 411/413
+        missing or too large Content-Length.
+        """
+        route, query = split_route(self.path)
+        allowed = ENDPOINTS.get(route)
+        if self.command == "OPTIONS":
+            return route, query
+        if allowed is None and not self.path_is_under_v1():
+            raise RelayError(404, "Unknown path %s %s." % (
+                self.command, printable(self.path)[:200]), code="unknown_url")
+        if allowed is not None and self.command not in allowed:
+            raise RelayError(405, "Method %s is not allowed on %s; use %s." % (
+                self.command, printable(route), ", ".join(allowed)),
+                code="method_not_allowed", headers=[("Allow", ", ".join(allowed))])
+        if config.api_keys and route not in LOCAL_PATHS and not check_api_key(
+                self.headers.get("Authorization"), config.api_keys):
+            raise RelayError(401, "Incorrect or missing API key. Send "
+                             "'Authorization: Bearer <key>' with one of the "
+                             "relay's api_keys.", code="invalid_api_key",
+                             headers=[("WWW-Authenticate", "Bearer")])
+        self._body_length(config)
+        return route, query
+
+    def path_is_under_v1(self):
+        path = urllib.parse.urlsplit(self.path).path
+        return path.startswith("/v1/") and path != "/v1/"
+
+    # -- reading the request body -------------------------------------------------
+
+    def _body_length(self, config):
+        """Return the declared body length in bytes (None: chunked).
+
+        Raises RelayError 400 (malformed), 411 (POST without a length) or 413.
+        """
+        if self.headers.get("Transfer-Encoding") is not None:
+            codings = [coding.strip().lower() for coding in
+                       self.headers.get("Transfer-Encoding").split(",")]
+            if codings != ["chunked"]:
+                raise RelayError(501, "Transfer-Encoding %s is not supported." %
+                                 printable(self.headers.get("Transfer-Encoding")),
+                                 code="unsupported_transfer_encoding")
+            return None
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            if self.command in ("POST", "PUT", "PATCH"):
+                raise RelayError(411, "A request body needs Content-Length or "
+                                      "chunked Transfer-Encoding.",
+                                 code="length_required")
+            return 0
+        if len(set(v.strip() for v in values)) != 1 or not values[0].strip().isdigit():
+            raise RelayError(400, "Invalid Content-Length.",
+                             code="invalid_content_length")
+        length = int(values[0])
+        if length > config.max_body_bytes:
+            raise RelayError(413, "The request body is %d bytes; the limit is "
+                             "max_body_bytes = %d." % (length, config.max_body_bytes),
+                             code="request_too_large")
+        return length
+
+    def _read_body(self, config):
+        """Read the whole request body; return bytes.
+
+        Decodes chunked transfer coding (RFC 9112 §7.1), counting it against
+        max_body_bytes.  Raises RelayError(400/413) or ClientDisconnected.
+        """
+        length = self._body_length(config)
+        if length is None:
+            data = self._read_chunked_body(config.max_body_bytes)
+        else:
+            data = self.rfile.read(length) if length else b""
+            if len(data) < length:
+                raise ClientDisconnected()
+        self._body_read = True
+        self.server.mark_busy(self.tracked, None)
+        return data
+
+    def _read_chunked_body(self, max_body_bytes):
+        if self.headers.get("Content-Length") is not None:
+            # RFC 9112 §6.3: Transfer-Encoding wins, and the connection must
+            # close afterwards, as the message may be a smuggling attempt.
+            self.close_connection = True
+        blocks, total = [], 0
+        while True:
+            size = self._read_chunk_size()
+            if size == 0:
+                break
+            total += size
+            if total > max_body_bytes:
+                self.close_connection = True
+                raise RelayError(413, "The request body exceeds max_body_bytes "
+                                 "= %d." % max_body_bytes, code="request_too_large")
+            block = self.rfile.read(size)
+            if len(block) < size:
+                raise ClientDisconnected()
+            blocks.append(block)
+            if self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                raise self._bad_chunking()
+        while self.rfile.readline(MAX_CHUNK_SIZE_LINE_BYTES).strip():
+            pass  # trailer fields are dropped (RFC 9112 §7.1.2)
+        return b"".join(blocks)
+
+    def _read_chunk_size(self):
+        line = self.rfile.readline(MAX_CHUNK_SIZE_LINE_BYTES)
+        if not line:
+            raise ClientDisconnected()
+        size_text = line.split(b";", 1)[0].strip()
+        try:
+            if not size_text or size_text.lstrip(b"0123456789abcdefABCDEF"):
+                raise ValueError()
+            return int(size_text, 16)
+        except ValueError:
+            raise self._bad_chunking()
+
+    def _bad_chunking(self):
+        self.close_connection = True
+        return RelayError(400, "Malformed chunked request body.",
+                          code="invalid_chunked_body")
+
+    # -- local endpoints ----------------------------------------------------------
+
+    def _answer_options(self, config):
+        """Answer OPTIONS (CORS preflight included) here; never forwarded."""
+        self._discard_body(config)
+        headers = [("Allow", CORS_ALLOWED_METHODS)]
+        if self._allowed_origin(config) and self.headers.get(
+                "Access-Control-Request-Method"):
+            requested = self.headers.get("Access-Control-Request-Headers") or ""
+            headers += [
+                ("Access-Control-Allow-Methods", CORS_ALLOWED_METHODS),
+                ("Access-Control-Allow-Headers", printable(requested)[:1000] or
+                 "Authorization, Content-Type"),
+                ("Access-Control-Max-Age", "600"),
+            ]
+        self._send_buffered(204, headers, b"")
+
+    def _discard_body(self, config):
+        if not self._body_read:
+            self._read_body(config)
+
+    def _serve_models(self, config):
+        """Answer GET /v1/models: the upstreams' lists plus rule aliases."""
+        self._discard_body(config)
+        names = routed_upstream_names(config)
+        listings, failures = [], []
+        for name in names:
+            upstream = config.upstreams[name]
+            try:
+                listings.append(self._fetch_models(upstream))
+            except RelayError as error:
+                if len(names) == 1:
+                    raise
+                logger.warning("models: left out %s", error.message)
+                failures.append(error)
+        if not listings:
+            raise RelayError(502, "No upstream answered /models: %s" % "; ".join(
+                error.message for error in failures), code="upstream_unreachable")
+        self._send_json(200, merge_model_lists(listings, config))
+
+    def _fetch_models(self, upstream):
+        """Return an upstream's /models list dict, or raise RelayError.
+
+        A non-200 answer of a single upstream is relayed as is (RelayError
+        carrying its status and body) so a client sees the upstream's reason.
+        """
+        headers = upstream_headers(list(self.headers.items()), upstream,
+                                   self.server.config.forward_auth, None,
+                                   self._request_id)
+        response, connection, _ = send_upstream_request(
+            self.server.pool, upstream, "GET", upstream.base_path + "/models",
+            headers, RequestBody())
+        try:
+            data = read_response_body(response, upstream, MAX_BUFFERED_RESPONSE_BYTES)
+        finally:
+            self._finish_upstream(upstream, response, connection, True)
+        listing = None
+        if response.status == 200:
+            try:
+                listing = json.loads(data.decode("utf-8"))
+            except ValueError:
+                pass
+        if not (isinstance(listing, dict) and isinstance(listing.get("data"), list)):
+            raise UpstreamAnswer(response, data, upstream)
+        return listing
+
+    def _serve_model(self, config, route, query):
+        """Answer GET /v1/models/{id}: an alias here, other ids upstream."""
+        model = urllib.parse.unquote(route[len("/models/"):])
+        if model in config.rule_index.exact and model != "default":
+            return self._send_json(200, model_entry(model, config.created))
+        return self._forward(config, route, query)
+
+    # -- forwarding ---------------------------------------------------------------
+
+    def _forward(self, config, route, query):
+        """Rewrite the body by its model's rule and relay the upstream answer."""
+        body, model = self._prepare_body(config)
+        rule = select_rule(config.rule_index, model)
+        if body.blocks is None and self._parsed_body is not None:
+            data, model_sent = rewrite_body(body.data, self._parsed_body, rule)
+            if model is not None or model_sent is not None:
+                self.log_fields["model"] = format_model(model, model_sent)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("%s body sent (%s): %s", self._request_id,
+                             rule.path if rule else "no rule",
+                             redact_for_log(json.loads(data.decode("utf-8"))))
+            body = RequestBody(data)
+        chain = rule.upstreams if rule else (DEFAULT_UPSTREAM_NAME,)
+        target_suffix = route + ("?" + query if query else "")
+        upstream, response, connection, sock = self._open_upstream(
+            config, chain, target_suffix, body)
+        self._relay_response(upstream, response, connection, sock)
+
+    def _prepare_body(self, config):
+        """Read the body; parse it when it is JSON.  Returns (RequestBody, model).
+
+        JSON bodies (chat completions always) must be objects (else 400);
+        other bodies, such as multipart uploads, stream through unread.
+        """
+        self._parsed_body = None
+        content_type = self.headers.get("Content-Type")
+        length = self._body_length(config)
+        must_be_json = self.command == "POST" and urllib.parse.urlsplit(
+            self.path).path.rstrip("/").split("/")[-1] in ("completions",)
+        if not (must_be_json or is_json_type(content_type)) and length != 0:
+            return RequestBody(blocks=self._body_blocks(length), length=length), None
+        raw_body = self._read_body(config)
+        if not raw_body and not must_be_json:
+            return RequestBody(raw_body), None
+        self._parsed_body = parse_json_body(raw_body)
+        self.log_fields["stream"] = self._parsed_body.get("stream") is True
+        return RequestBody(raw_body), self._parsed_body.get("model")
+
+    def _body_blocks(self, length):
+        """Yield a non-JSON request body in blocks, never holding it whole."""
+        if length is None:
+            data = self._read_chunked_body(self.server.config.max_body_bytes)
+            yield data
+            return
+        remaining = length
+        while remaining:
+            block = self.rfile.read(min(remaining, COPY_BLOCK_BYTES))
+            if not block:
+                raise ClientDisconnected()
+            remaining -= len(block)
+            yield block
+        self._body_read = True
+        self.server.mark_busy(self.tracked, None)
+
+    def _open_upstream(self, config, chain, target_suffix, body):
+        """Send the request along a fallback chain of upstream names.
+
+        The next upstream is tried when one refuses, times out before its
+        response headers, or answers 5xx/429, and only while the request body
+        can be sent again.  Returns (Upstream, response, connection, socket).
+        """
+        tried = []
+        for position, name in enumerate(chain):
+            upstream = config.upstreams[name]
+            tried.append(name)
+            self.log_fields["upstream"] = ">".join(tried)
+            last = position == len(chain) - 1
+            declared_length = body.length if (
+                body.length or self.command in ("POST", "PUT", "PATCH")) else None
+            headers = upstream_headers(list(self.headers.items()), upstream,
+                                       config.forward_auth, declared_length,
+                                       self._request_id)
+            try:
+                response, connection, sock = self._send_watched(
+                    upstream, target_suffix, headers, body)
+            except RelayError as error:
+                if last or not error.retryable or not body.replayable:
+                    raise
+                logger.warning("%s upstream %s failed, trying %s: %s",
+                               self._request_id, name, chain[position + 1],
+                               error.message)
+                continue
+            logger.debug("%s upstream %s answered %d", self._request_id, name,
+                         response.status)
+            if not last and body.replayable and (
+                    response.status >= 500 or response.status == 429):
+                logger.warning("%s upstream %s answered %d, trying %s",
+                               self._request_id, name, response.status,
+                               chain[position + 1])
+                connection.close()
+                response.close()
+                continue
+            return upstream, response, connection, sock
+        raise AssertionError("empty upstream chain")  # validate_config forbids
+
+    def _send_watched(self, upstream, target_suffix, headers, body):
+        """Send upstream while the housekeeping thread watches the client."""
+        self.server.mark_busy(self.tracked, None)
+        try:
+            response, connection, sock = send_upstream_request(
+                self.server.pool, upstream, self.command,
+                upstream.base_path + target_suffix, headers, body)
+        except RelayError:
+            if self.tracked.client_gone:
+                raise ClientDisconnected()
+            raise
+        self.server.mark_busy(self.tracked, sock)
+        return response, connection, sock
+
+    # -- relaying the response ----------------------------------------------------
+
+    def _relay_response(self, upstream, response, connection, sock):
+        """Relay an upstream response: SSE line by line, others buffered or
+        streamed in blocks; the upstream connection is then pooled or closed."""
+        complete = False
+        try:
+            headers = client_headers(list(response.getheaders()), self._request_id)
+            content_type = response.getheader("Content-Type")
+            if is_event_stream(content_type):
+                self.log_fields["stream"] = True
+                complete = self._relay_stream(upstream, response, headers)
+            elif (response.length is not None and response.length >
+                  MAX_BUFFERED_RESPONSE_BYTES) or (
+                      response.length is None and not is_json_type(content_type)
+                      and response.status != 204 and self.command != "HEAD"):
+                complete = self._relay_passthrough(upstream, response, headers)
+            else:
+                data = read_response_body(response, upstream,
+                                          MAX_BUFFERED_RESPONSE_BYTES)
+                complete = True
+                self._send_buffered(response.status, headers, data)
+        finally:
+            self._finish_upstream(upstream, response, connection, complete)
+
+    def _relay_stream(self, upstream, response, headers):
+        """Relay SSE lines as they arrive, each written and flushed at once.
+
+        Returns True when the upstream ended the stream normally.  An upstream
+        failure after the status line ends the stream with a final SSE error
+        event (the status cannot change any more).
+        """
+        self._start_streamed_response(response.status, headers + [
+            ("X-Accel-Buffering", "no")])
+        at_line_start = True
+        while True:
+            try:
+                line = response.readline(MAX_SSE_LINE_BYTES)
+            except Exception as error:
+                return self._end_stream_with_error(upstream, error, at_line_start)
+            if not line:
+                if self.tracked.client_gone:
+                    raise ClientDisconnected()
+                break
+            self._write_chunk(line)
+            at_line_start = line.endswith((b"\n", b"\r"))
+        self._finish_chunks()
+        return True
+
+    def _end_stream_with_error(self, upstream, error, at_line_start):
+        if self.tracked.client_gone:
+            raise ClientDisconnected()
+        failure = upstream_failure(upstream, error) if not isinstance(
+            error, http.client.IncompleteRead) else RelayError(
+            502, "upstream %s (%s) closed the connection mid-stream." % (
+                upstream.name, upstream.url), code="upstream_error", kind="dropped")
+        self.log_fields["error"] = failure.message
+        logger.warning("%s stream ended early: %s", self._request_id, failure.message)
+        event = sse_error_event(failure.message, failure.error_type, failure.code)
+        self._write_chunk(event if at_line_start else b"\n\n" + event)
+        self._finish_chunks()
+        return False
+
+    def _relay_passthrough(self, upstream, response, headers):
+        """Stream a large or unknown-length body through in blocks."""
+        if response.length is not None:
+            self._send_head(response.status, headers + [
+                ("Content-Length", str(response.length))])
+            self._chunked = False
+        else:
+            self._start_streamed_response(response.status, headers)
+        while True:
+            try:
+                block = response.read1(COPY_BLOCK_BYTES)
+            except Exception as error:
+                if self.tracked.client_gone:
+                    raise ClientDisconnected()
+                self.log_fields["error"] = upstream_failure(
+                    upstream, error).message if not isinstance(
+                    error, http.client.IncompleteRead) else "upstream dropped mid-body"
+                self.close_connection = True  # the client sees a short body
+                return False
+            if not block:
+                break
+            self._write_chunk(block)
+        if self.tracked.client_gone:
+            raise ClientDisconnected()
+        self._finish_chunks()
+        return True
+
+    def _finish_upstream(self, upstream, response, connection, complete):
+        """Pool the upstream connection after a complete response, else close
+        it at once (so an abandoned generation stops upstream)."""
+        self.server.mark_busy(self.tracked, None)
+        if complete and response.isclosed() and not response.will_close:
+            self.server.pool.release(upstream, connection)
+        else:
+            response.close()
+            connection.close()
+
+    # -- writing to the client ------------------------------------------------------
+
+    def send_response(self, code, message=None):
+        self._status = code
+        http.server.BaseHTTPRequestHandler.send_response(self, code, message)
+
+    def end_headers(self):
+        self._headers_sent = True
+        http.server.BaseHTTPRequestHandler.end_headers(self)
+
+    def version_string(self):
+        return self.server_version
+
+    def _send_head(self, status, headers):
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("X-Request-Id", self._request_id or "-")
+        for name, value in self._cors_headers():
+            self.send_header(name, value)
+        if self.server.draining:
+            self.send_header("Connection", "close")
+        self.end_headers()
+
+    def _send_buffered(self, status, headers, body):
+        """Send a complete response with Content-Length (RFC 9112 §6.3)."""
+        if status in (204, 304) or 100 <= status < 200:
+            body = b""
+        else:
+            headers = headers + [("Content-Length", str(len(body)))]
+        self._send_head(status, headers)
+        if body and self.command != "HEAD":
+            self.wfile.write(body)
+        self.wfile.flush()
+
+    def _send_json(self, status, value, headers=()):
+        self._send_buffered(status, [("Content-Type", "application/json")] +
+                            list(headers), serialize_json(value))
+
+    def _start_streamed_response(self, status, headers):
+        """Send the head of a response whose body follows in pieces: chunked
+        for HTTP/1.1 clients, close-delimited for HTTP/1.0 ones."""
+        self._chunked = self.request_version >= "HTTP/1.1"
+        if self._chunked:
+            headers = headers + [("Transfer-Encoding", "chunked")]
+        else:
+            self.close_connection = True
+            headers = headers + [("Connection", "close")]
+        self._send_head(status, headers)
+        self.wfile.flush()
+
+    def _write_chunk(self, data):
+        """Write data as one chunk and flush it to the client at once."""
+        if self.tracked.client_gone:
+            raise ClientDisconnected()
+        if data:
+            self.wfile.write(encode_chunk(data) if self._chunked else data)
+            self.wfile.flush()
+
+    def _finish_chunks(self):
+        if self._chunked:
+            self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _allowed_origin(self, config):
+        origin = self.headers.get("Origin") if self.headers is not None else None
+        if origin and ("*" in config.cors_origins or origin in config.cors_origins):
+            return origin
+        return None
+
+    def _cors_headers(self):
+        origin = self._allowed_origin(self.server.config) if self.headers else None
+        if not origin:
+            return []
+        return [("Access-Control-Allow-Origin", printable(origin)),
+                ("Vary", "Origin"),
+                ("Access-Control-Expose-Headers", "X-Request-Id, " +
+                 UPSTREAM_REQUEST_ID_HEADER)]
+
+    # -- errors and logging -----------------------------------------------------------
+
+    def _send_relay_error(self, error):
+        """Answer a RelayError in OpenAI's error shape, or end a started stream."""
+        self.log_fields.setdefault("error", error.message)
+        if self._headers_sent:
+            self.close_connection = True
+            return
+        if not self._body_read and self._declares_body():
+            self.close_connection = True  # unread body bytes would be parsed
+        headers = list(error.headers)
+        if self.close_connection:
+            headers.append(("Connection", "close"))
+        self._send_json(error.status, openai_error(
+            error.message, error.error_type, error.code, error.param), headers)
+
+    def _declares_body(self):
+        if self.headers is None:
+            return False
+        return self.headers.get("Transfer-Encoding") is not None or (
+            self.headers.get("Content-Length", "0").strip() not in ("", "0"))
+
+    def send_error(self, code, message=None, explain=None):
+        """Answer http.server's own errors (bad request line, long headers,
+        unknown method) as OpenAI-shaped JSON, not HTML."""
+        self.close_connection = True
+        if not hasattr(self, "log_fields"):
+            self._reset_request_state()
+        phrase = message or self.responses.get(code, ("Error",))[0]
+        self._send_relay_error(RelayError(code, phrase, code=None))
+        if not self._in_dispatch:
+            self._log_access()
+
+    def _client_gone(self, cause):
+        self.close_connection = True
+        self.log_fields["error"] = cause
+        self._status = self._status if self._headers_sent else 499
+
+    def log_request(self, code="-", size="-"):
+        pass  # one access line per request comes from _log_access
+
+    def log_message(self, format, *args):
+        logger.debug("%s %s", self.client_address[0], printable(format % args))
+
+    def _log_access(self):
+        fields = self.log_fields
+        duration_ms = (time.monotonic() - self._started) * 1000.0
+        logger.info("%s %s %s %s %.1fms%s%s", self.client_address[0],
+                    getattr(self, "command", None) or "-",
+                    printable(getattr(self, "path", "-"))[:300],
+                    self._status or "-", duration_ms,
+                    "".join(" %s=%s" % (key, printable(value) if key != "stream"
+                                        else ("yes" if value else "no"))
+                            for key, value in fields.items()),
+                    " id=%s" % self._request_id if self._request_id else "")
+
+
+def read_response_body(response, upstream, max_bytes):
+    """Read a whole upstream body (at most max_bytes); return bytes.
+
+    Raises RelayError 502 when the upstream closes before the end of the
+    body, or when it is larger than max_bytes; 504 on read timeout.
+    """
+    try:
+        data = response.read(max_bytes + 1)
+    except http.client.IncompleteRead:
+        raise RelayError(502, "upstream %s (%s) closed the connection before the "
+                         "end of the response body." % (upstream.name, upstream.url),
+                         code="upstream_error", kind="dropped")
+    except Exception as error:
+        raise upstream_failure(upstream, error)
+    if len(data) > max_bytes:
+        raise RelayError(502, "upstream %s response is larger than %d bytes." % (
+            upstream.name, max_bytes), code="upstream_error", kind="invalid")
+    return data
+
+
+def routed_upstream_names(config):
+    """Return the upstream names rules route to, "default" first, each once."""
+    names = [DEFAULT_UPSTREAM_NAME] if DEFAULT_UPSTREAM_NAME in config.upstreams else []
+    for rule in config.rules:
+        for name in rule.upstreams:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def model_entry(model_id, created, owned_by="llm-relay"):
+    """Return a model object in OpenAI's shape (API reference: Models)."""
+    return {"id": model_id, "object": "model", "created": created,
+            "owned_by": owned_by}
+
+
+def merge_model_lists(listings, config):
+    """Merge upstream /models lists and add each plain-name rule alias.
+
+    listings is a list of {"object": "list", "data": [...]} dicts.  Returns
+    one such dict: every upstream model once (by id, first listing wins),
+    then an entry for each rule match_model that is a plain name, except
+    "default", that the upstreams lack.
+    """
+    merged, seen = [], set()
+    for listing in listings:
+        for entry in listing["data"]:
+            model_id = entry.get("id") if isinstance(entry, dict) else None
+            if model_id is not None and model_id not in seen:
+                seen.add(model_id)
+                merged.append(entry)
+    for rule in config.rules:
+        for name in rule.match_model:
+            if name != "default" and not is_pattern(name) and name not in seen:
+                seen.add(name)
+                merged.append(model_entry(name, config.created))
+    return {"object": "list", "data": merged}
+
+
+def format_model(asked, sent):
+    """Return "asked→sent" for the access log, or just asked when unchanged."""
+    return printable(asked) if asked == sent else "%s→%s" % (
+        printable(asked), printable(sent))
+
+
+###############################################################################
+# Server ######################################################################
+###############################################################################
+
+class TrackedConnection(object):
+    """What the server knows of one client connection, guarded by its lock.
+
+    phase is idle (waiting for a request), reading (a request is arriving,
+    deadline applies) or busy; upstream_sock is the upstream socket while a
+    response is pending; client_gone is set when the client disconnects.
+    """
+
+    __slots__ = ("sock", "phase", "deadline", "upstream_sock", "client_gone")
+
+    def __init__(self, sock, deadline):
+        self.sock = sock
+        self.phase = PHASE_IDLE
+        self.deadline = deadline
+        self.upstream_sock = None
+        self.client_gone = False
+
+
+class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """A threading HTTP server holding the live Config and upstream pool.
+
+    Beyond http.server it refuses connections past max_connections with a
+    503, closes clients that exceed client_timeout, notices clients that
+    disconnect while the upstream works, and drains gracefully.
+    """
+
+    daemon_threads = True  # a stream must not block exit after the grace
+    request_queue_size = LISTEN_BACKLOG
+    allow_reuse_address = True
+
+    def __init__(self, config, handler_class=RelayHandler):
+        self.config = config
+        self.address_family = (socket.AF_INET6 if ":" in config.listen_host
+                               else socket.AF_INET)
+        self.pool = UpstreamPool()
+        self.draining = False
+        self._lock = threading.Condition()
+        self._connections = set()
+        self._active = 0
+        self._stop_housekeeping = threading.Event()
+        http.server.HTTPServer.__init__(
+            self, (config.listen_host, config.listen_port), handler_class)
+        self._housekeeper = threading.Thread(target=self._housekeeping,
+                                             name="llm-relay-housekeeping")
+        self._housekeeper.daemon = True
+        self._housekeeper.start()
+
+    def server_bind(self):
+        # HTTPServer.server_bind calls socket.getfqdn, which can stall for
+        # seconds where reverse DNS is broken (air-gapped hosts).
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    @property
+    def port(self):
+        return self.server_address[1]
+
+    # -- admission ----------------------------------------------------------------
+
+    def process_request(self, request, client_address):
+        with self._lock:
+            admitted = self._active < self.config.max_connections
+            if admitted:
+                self._active += 1
+        if not admitted:
+            reject_connection(request)
+            return
+        try:
+            socketserver.ThreadingMixIn.process_request(self, request, client_address)
+        except BaseException:
+            self._connection_done()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            socketserver.ThreadingMixIn.process_request_thread(
+                self, request, client_address)
+        finally:
+            self._connection_done()
+
+    def _connection_done(self):
+        with self._lock:
+            self._active -= 1
+            self._lock.notify_all()
+
+    def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, socket.timeout)):
+            logger.info("%s connection ended: %s", client_address[0],
+                        type(error).__name__)
+        else:
+            logger.error("%s unexpected error: %s: %s", client_address[0],
+                         type(error).__name__, error)
+            logger.debug("traceback", exc_info=True)
+
+    # -- connection tracking ----------------------------------------------------------
+
+    def track_connection(self, sock):
+        tracked = TrackedConnection(
+            sock, time.monotonic() + self.config.client_timeout)
+        with self._lock:
+            self._connections.add(tracked)
+        return tracked
+
+    def untrack_connection(self, tracked):
+        with self._lock:
+            self._connections.discard(tracked)
+
+    def mark_idle(self, tracked):
+        """Start waiting for a request; False when draining (stop serving)."""
+        with self._lock:
+            if self.draining:
+                return False
+            tracked.phase = PHASE_IDLE
+            tracked.deadline = time.monotonic() + self.config.client_timeout
+            return True
+
+    def mark_reading(self, tracked):
+        """A request line arrived: its headers and body get client_timeout."""
+        with self._lock:
+            tracked.phase = PHASE_READING
+            tracked.deadline = time.monotonic() + self.config.client_timeout
+
+    def mark_busy(self, tracked, upstream_sock):
+        """Stop the client deadline; watch the client while upstream_sock waits."""
+        with self._lock:
+            tracked.phase = PHASE_BUSY
+            tracked.upstream_sock = upstream_sock
+
+    # -- housekeeping --------------------------------------------------------------------
+
+    def _housekeeping(self):
+        while not self._stop_housekeeping.wait(HOUSEKEEPING_INTERVAL_SECONDS):
+            try:
+                self._close_overdue_clients(time.monotonic())
+                self._notice_disconnected_clients()
+                self.pool.prune()
+            except Exception:  # never let housekeeping die
+                logger.debug("housekeeping failed", exc_info=True)
+
+    def _close_overdue_clients(self, now):
+        with self._lock:
+            overdue = [tracked for tracked in self._connections
+                       if tracked.phase != PHASE_BUSY and tracked.deadline < now]
+        for tracked in overdue:
+            if tracked.phase == PHASE_READING:
+                logger.info("closing a client that did not send its request "
+                            "within client_timeout = %g s", self.config.client_timeout)
+            shutdown_socket(tracked.sock)
+
+    def _notice_disconnected_clients(self):
+        with self._lock:
+            watched = dict((tracked.sock, tracked) for tracked in self._connections
+                           if tracked.upstream_sock is not None)
+        if not watched:
+            return
+        for sock in readable_sockets(list(watched)):
+            if is_peer_closed(sock):
+                tracked = watched[sock]
+                with self._lock:
+                    if tracked.upstream_sock is not None:
+                        tracked.client_gone = True
+                        shutdown_socket(tracked.upstream_sock)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def drain(self, grace_seconds):
+        """Close idle connections now; wait up to grace_seconds for the others.
+
+        Call after shutdown() has stopped accepting.  Returns True when every
+        connection finished in time; the rest are then closed.
+        """
+        deadline = time.monotonic() + grace_seconds
+        with self._lock:
+            self.draining = True
+            for tracked in self._connections:
+                if tracked.phase == PHASE_IDLE:
+                    shutdown_socket(tracked.sock, socket.SHUT_RD)
+            while self._active and time.monotonic() < deadline:
+                self._lock.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            finished = not self._active
+            leftovers = list(self._connections)
+        for tracked in leftovers:
+            shutdown_socket(tracked.sock)
+            if tracked.upstream_sock is not None:
+                shutdown_socket(tracked.upstream_sock)
+        return finished
+
+    def server_close(self):
+        self._stop_housekeeping.set()
+        http.server.HTTPServer.server_close(self)
+        self.pool.close_all()
+
+    def active_connections(self):
+        with self._lock:
+            return self._active
+
+
+def is_peer_closed(sock):
+    """Return True when a readable socket's peer has closed or reset it."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
+    except (BlockingIOError, InterruptedError, socket.timeout):
+        return False
+    except OSError:
+        return True
+
+
+_OVERLOADED_BODY = serialize_json(openai_error(
+    "The relay is at max_connections; retry shortly.", "server_error",
+    "overloaded"))
+_OVERLOADED_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+    % (len(_OVERLOADED_BODY), _OVERLOADED_BODY))
+
+
+def reject_connection(sock):
+    """Answer a connection beyond max_connections with 503 without a thread."""
+    try:
+        sock.settimeout(0)
+        sock.send(_OVERLOADED_RESPONSE)
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(65536)  # unread input would turn the close into a reset
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    logger.warning("refused a connection: max_connections reached")
+
+
+def make_server(config):
+    """Create a RelayServer bound to config's listen address (port 0: any)."""
+    return RelayServer(config)
+
+
+def reload_config(server, path):
+    """Load path again and swap it into server; keep the old config on error.
+
+    Requests already running keep the config they started with.
+    """
+    try:
+        config, warnings = load_config(path)
+    except ConfigError as error:
+        logger.error("reload failed, keeping the running config: %s", error)
+        return False
+    for warning in warnings:
+        logger.warning("%s", warning)
+    old = server.config
+    if (config.listen_host, config.listen_port) != (old.listen_host, old.listen_port):
+        logger.warning("listen changed to %s:%d; it takes effect only after a "
+                       "restart", config.listen_host, config.listen_port)
+        config = config._replace(listen_host=old.listen_host,
+                                 listen_port=old.listen_port)
+    server.config = config
+    logger.info("reloaded %s: %d rules", path, len(config.rules))
+    return True
+
+
+###############################################################################
+# CLI #########################################################################
+###############################################################################
+
+def build_arg_parser():
+    parser = argparse.ArgumentParser(
+        prog="llm_relay.py",
+        description="OpenAI-compatible relay that rewrites request bodies per "
+                    "model from a JSONC config.")
+    parser.add_argument(
+        "--config", metavar="PATH",
+        help="JSONC config file (default: ./%s if it exists, else built-in "
+             "defaults: listen %s, upstream %s)" % (
+                 DEFAULT_CONFIG_PATH, DEFAULT_LISTEN, DEFAULT_UPSTREAM))
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging: rewritten bodies (keys redacted) "
+                             "and upstream statuses (default: off)")
+    parser.add_argument("--version", action="version",
+                        version="llm-relay " + __version__)
+    return parser
+
+
+def resolve_config(path):
+    """Return (Config, warnings, path or None) for the --config argument.
+
+    Raises ConfigError when the file is missing or invalid.
+    """
+    if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
+        path = DEFAULT_CONFIG_PATH
+    if path is None:
+        return default_config(), [], None
+    config, warnings = load_config(path)
+    return config, warnings, path
+
+
+def describe_listen(config):
+    host = config.listen_host
+    return "http://%s:%d" % ("[%s]" % host if ":" in host else host,
+                             config.listen_port)
+
+
+def main(argv=None):
+    """Run the relay; return the process exit status (0 ok, 2 bad config)."""
+    args = build_arg_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    try:
+        config, warnings, path = resolve_config(args.config)
+    except ConfigError as error:
+        sys.stderr.write("llm_relay: error: %s\n" % error)
+        return 2
+    for warning in warnings:
+        logger.warning("%s", warning)
+    try:
+        server = make_server(config)
+    except OSError as error:
+        sys.stderr.write("llm_relay: error: cannot listen on %s: %s\n" % (
+            describe_listen(config), error.strerror or error))
+        return 1
+    install_signal_handlers(server, path)
+    logger.info("llm-relay %s listening on %s, upstream %s, %d rules%s",
+                __version__, describe_listen(server.config),
+                server.config.upstreams[DEFAULT_UPSTREAM_NAME].url
+                if DEFAULT_UPSTREAM_NAME in server.config.upstreams else "-",
+                len(server.config.rules),
+                ", config " + path if path else ", built-in defaults")
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    grace = server.config.shutdown_grace
+    logger.info("shutting down: waiting up to %g s for %d connections",
+                grace, server.active_connections())
+    if not server.drain(grace):
+        logger.warning("shutdown grace ended; closed the remaining connections")
+    server.server_close()
+    return 0
+
+
+def install_signal_handlers(server, path):
+    """SIGTERM/SIGINT drain and stop; SIGHUP reloads the config file."""
+    stopping = []
+
+    def stop(signum, frame):
+        if stopping:  # a second signal: stop waiting for streams
+            server.drain(0)
+            return
+        stopping.append(signum)
+        threading.Thread(target=server.shutdown, name="llm-relay-stop").start()
+
+    def reload(signum, frame):
+        if path is None:
+            logger.warning("SIGHUP: no config file to reload")
+            return
+        threading.Thread(target=reload_config, args=(server, path),
+                         name="llm-relay-reload").start()
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, reload)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
