@@ -231,38 +231,40 @@ def position_of(text, index):
     return line, index - (text.rfind("\n", 0, index) + 1) + 1
 
 
-def locate_json_path(text, path):
+def locate_json_path(text, path, at_key=False):
     """Return the (line, column) where the value at path starts in JSON text.
 
-    path is a sequence of object keys (str) and array indexes (int).  Falls
-    back to the deepest position found when the path is only partly there.
+    path is a sequence of object keys (str) and array indexes (int); with
+    at_key, the position of the last key itself.  Falls back to the deepest
+    position found when the path is only partly there.
     """
     decoder = json.JSONDecoder()
     whitespace = re.compile(r"\s*")
-    index = whitespace.match(text, 0).end()
+    index = key_index = whitespace.match(text, 0).end()
     for step in path:
         found = _find_member(decoder, whitespace, text, index, step)
         if found is None:
             break
-        index = found
-    return position_of(text, index)
+        key_index, index = found
+    return position_of(text, key_index if at_key else index)
 
 
 def _find_member(decoder, whitespace, text, index, step):
-    """Return the index of member step of the object or array at index."""
+    """Return (key index, value index) of member step of the object or array
+    at index, or None."""
     opener = text[index:index + 1]
     if opener not in ("{", "[") or (opener == "{") != isinstance(step, str):
         return None
     index = whitespace.match(text, index + 1).end()
     position = 0
     while index < len(text) and text[index] not in "}]":
-        key = None
+        key, key_index = None, index
         if opener == "{":
             key, index = decoder.raw_decode(text, index)
             index = whitespace.match(text, index).end() + 1  # past ":"
             index = whitespace.match(text, index).end()
         if key == step or (opener == "[" and position == step):
-            return index
+            return key_index, index
         _, index = decoder.raw_decode(text, index)
         index = whitespace.match(text, index).end()
         index = whitespace.match(text, index + 1).end()  # past ","
@@ -448,19 +450,18 @@ class _ConfigChecker(object):
         self.text = text
         self.warnings = []
 
-    def error(self, path, message):
+    def error(self, path, message, at_key=False):
         line = column = None
         if self.text is not None:
             try:
-                line, column = locate_json_path(self.text, path)
+                line, column = locate_json_path(self.text, path, at_key)
             except ValueError:
                 pass
         return ConfigError(message, self.source, line, column,
                            format_path(path) or None)
 
     def where(self, path):
-        error = self.error(path, "")
-        return str(error).rstrip(": ")
+        return str(self.error(path, "", at_key=True)).rstrip(": ")
 
     def expand_environment(self, value, path, environ):
         if isinstance(value, dict):
@@ -1225,6 +1226,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     """
 
     protocol_version = "HTTP/1.1"
+    # A malformed request line still gets a status line and headers.
+    default_request_version = "HTTP/1.0"
     server_version = "llm-relay/" + __version__
     # Headers and a short body leave in one write; streams flush per line.
     wbufsize = COPY_BLOCK_BYTES
@@ -1247,7 +1250,12 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self._reset_request_state()
-        http.server.BaseHTTPRequestHandler.handle_one_request(self)
+        try:
+            http.server.BaseHTTPRequestHandler.handle_one_request(self)
+        except (ConnectionError, socket.timeout):
+            # The client is gone while the last bytes were being flushed; the
+            # access line already says so.
+            self.close_connection = True
 
     def finish(self):
         try:
@@ -1300,9 +1308,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self._send_relay_error(error)
         except ClientDisconnected:
             self._client_gone("client disconnected")
-        except (ConnectionError, socket.timeout) as error:
-            self._client_gone("client connection failed: %s" % (
-                type(error).__name__))
+        except ConnectionError as error:
+            self._client_gone("client disconnected (%s)" % type(error).__name__)
+        except socket.timeout:
+            self._client_gone("client stopped reading for client_timeout")
         except Exception as error:
             logger.debug("unexpected error", exc_info=True)
             self.log_fields["error"] = "internal error: %s: %s" % (
@@ -1684,8 +1693,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             except Exception as error:
                 return self._end_stream_with_error(upstream, error, at_line_start)
             if not line:
-                if self.tracked.client_gone:
-                    raise ClientDisconnected()
+                if not upstream_body_complete(response):
+                    return self._end_stream_with_error(
+                        upstream, http.client.IncompleteRead(b""), at_line_start)
                 break
             self._write_chunk(line)
             at_line_start = line.endswith((b"\n", b"\r"))
@@ -1730,6 +1740,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self._write_chunk(block)
         if self.tracked.client_gone:
             raise ClientDisconnected()
+        if not upstream_body_complete(response):
+            self.log_fields["error"] = "upstream dropped mid-body"
+            self.close_connection = True
+            return False
         self._finish_chunks()
         return True
 
@@ -1737,7 +1751,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         """Pool the upstream connection after a complete response, else close
         it at once (so an abandoned generation stops upstream)."""
         self.server.mark_busy(self.tracked, None)
-        if complete and response.isclosed() and not response.will_close:
+        if complete and response.isclosed() and upstream_body_complete(
+                response) and not response.will_close:
             self.server.pool.release(upstream, connection)
         else:
             response.close()
@@ -1877,6 +1892,19 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                                         else ("yes" if value else "no"))
                             for key, value in fields.items()),
                     " id=%s" % self._request_id if self._request_id else "")
+
+
+def upstream_body_complete(response):
+    """Return True when an upstream body ended where its framing says.
+
+    http.client's readline reports a chunked stream that was cut off as a
+    quiet end of file, so look at the framing state instead: chunk_left
+    becomes None only after the last chunk (RFC 9112 §7.1), and length
+    counts the bytes still due.  A close-delimited body always counts.
+    """
+    if response.chunked:
+        return getattr(response, "chunk_left", None) is None
+    return not response.length
 
 
 def read_response_body(response, upstream, max_bytes):
@@ -2242,10 +2270,9 @@ def resolve_config(path):
     return config, warnings, path
 
 
-def describe_listen(config):
-    host = config.listen_host
-    return "http://%s:%d" % ("[%s]" % host if ":" in host else host,
-                             config.listen_port)
+def describe_listen(host, port):
+    """Return the base URL form of a listen address, for messages."""
+    return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
 
 
 def main(argv=None):
@@ -2265,11 +2292,12 @@ def main(argv=None):
         server = make_server(config)
     except OSError as error:
         sys.stderr.write("llm_relay: error: cannot listen on %s: %s\n" % (
-            describe_listen(config), error.strerror or error))
+            describe_listen(config.listen_host, config.listen_port),
+            error.strerror or error))
         return 1
     install_signal_handlers(server, path)
     logger.info("llm-relay %s listening on %s, upstream %s, %d rules%s",
-                __version__, describe_listen(server.config),
+                __version__, describe_listen(server.config.listen_host, server.port),
                 server.config.upstreams[DEFAULT_UPSTREAM_NAME].url
                 if DEFAULT_UPSTREAM_NAME in server.config.upstreams else "-",
                 len(server.config.rules),

@@ -1,0 +1,1233 @@
+"""Tests for llm_relay.py: pure units first, then real sockets.
+
+Run from the repository root:  python3 -m unittest -v
+
+Every HTTP test starts the relay and a fake upstream on ephemeral 127.0.0.1
+ports and talks to them over real sockets with http.client.  Steps that must
+happen in order are synchronised with threading.Event, never with sleep; every
+wait has a timeout so a failure cannot hang the run.  Runs on CPython 3.6+;
+the tests with the official openai package are skipped where it is missing.
+"""
+
+import gzip
+import http.client
+import http.server
+import io
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import urllib.parse
+
+import llm_relay
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WAIT_SECONDS = 10.0  # upper bound for any wait; a test fails, never hangs
+
+# The relay logs through "llm_relay"; keep test output clean (assertLogs
+# still captures, since it installs its own handler).
+logging.getLogger("llm_relay").addHandler(logging.NullHandler())
+logging.getLogger("llm_relay").propagate = False
+
+try:
+    import openai
+except ImportError:  # pragma: no cover - depends on the environment
+    openai = None
+    OPENAI_MISSING = "the openai package is not installed (.ci/run installs it)"
+else:
+    OPENAI_MISSING = ""
+
+
+###############################################################################
+# Pure units ##################################################################
+###############################################################################
+
+def config_from(raw, environ=None):
+    """Validate a config dict; return the Config."""
+    config, _ = llm_relay.validate_config(raw, "test.jsonc", None, environ or {})
+    return config
+
+
+def config_error(text, environ=None):
+    """Return the ConfigError raised for JSONC text."""
+    try:
+        llm_relay.parse_config_text(text, "bad.jsonc", environ or {})
+    except llm_relay.ConfigError as error:
+        return error
+    raise AssertionError("no ConfigError for %r" % text)
+
+
+class StripJsoncTest(unittest.TestCase):
+
+    def strip_and_load(self, text):
+        return json.loads(llm_relay.strip_jsonc(text))
+
+    def test_line_and_block_comments_are_removed(self):
+        text = '{\n  // a comment\n  "a": 1, /* inline */ "b": /* x */ 2\n}'
+        self.assertEqual(self.strip_and_load(text), {"a": 1, "b": 2})
+
+    def test_comment_markers_inside_strings_are_data(self):
+        text = '{"url": "http://host/v1", "s": "a /* b */ c", "t": "x // y"}'
+        self.assertEqual(self.strip_and_load(text), {
+            "url": "http://host/v1", "s": "a /* b */ c", "t": "x // y"})
+
+    def test_escaped_quote_and_backslash_before_closing_quote(self):
+        text = r'{"q": "say \"hi\" // no", "b": "C:\\", "c": "\\\"/*"} // end'
+        self.assertEqual(self.strip_and_load(text), {
+            "q": 'say "hi" // no', "b": "C:\\", "c": '\\"/*'})
+
+    def test_trailing_commas_even_before_a_comment(self):
+        text = '{"a": [1, 2, // two\n], "b": {"c": 3,},}'
+        self.assertEqual(self.strip_and_load(text), {"a": [1, 2], "b": {"c": 3}})
+
+    def test_comma_inside_string_before_bracket_is_kept(self):
+        self.assertEqual(self.strip_and_load('{"a": ",]"}'), {"a": ",]"})
+
+    def test_bom_is_accepted(self):
+        self.assertEqual(self.strip_and_load('\ufeff{"a": 1}'), {"a": 1})
+
+    def test_lines_and_columns_survive(self):
+        text = '{\n /* one\n two */ "a": 1, // x\n "b": 2\n}'
+        stripped = llm_relay.strip_jsonc(text)
+        self.assertEqual(stripped.count("\n"), text.count("\n"))
+        self.assertEqual(len(stripped), len(text))
+        self.assertEqual(stripped.index('"b"'), text.index('"b"'))
+
+    def test_unterminated_block_comment_is_an_error_with_position(self):
+        error = config_error('{"a": 1,\n  /* never closed\n}')
+        self.assertEqual((error.line, error.column), (2, 3))
+        self.assertIn("unterminated", str(error))
+
+    def test_json_error_points_at_the_right_line(self):
+        error = config_error('// header\n{\n  /* c */ "a": 1\n  "b": 2\n}')
+        self.assertEqual(error.line, 4)
+        self.assertTrue(str(error).startswith("bad.jsonc:4:"), str(error))
+
+
+class ConfigValidationTest(unittest.TestCase):
+
+    def test_defaults(self):
+        config = config_from({})
+        self.assertEqual((config.listen_host, config.listen_port), ("0.0.0.0", 8080))
+        upstream = config.upstreams["default"]
+        self.assertEqual(upstream.url, "http://localhost:11434/v1")
+        self.assertEqual((upstream.host, upstream.port, upstream.base_path),
+                         ("localhost", 11434, "/v1"))
+        self.assertEqual((upstream.connect_timeout, upstream.read_timeout),
+                         (10.0, 600.0))
+        self.assertFalse(config.forward_auth)
+        self.assertEqual(config.rules, ())
+        self.assertEqual(config.api_keys, ())
+        self.assertEqual(config.max_body_bytes, 32 * 1024 * 1024)
+        self.assertEqual(config.max_connections, 512)
+        self.assertEqual(config.client_timeout, 60.0)
+        self.assertEqual(config.shutdown_grace, 30.0)
+
+    def test_shipped_example_config_is_valid_without_warnings(self):
+        config, warnings = llm_relay.load_config(os.path.join(HERE, "config.jsonc"))
+        self.assertEqual(warnings, [])
+        self.assertEqual([rule.match_model for rule in config.rules],
+                         [("gpt-3.5-turbo",), ("default",)])
+        self.assertEqual(config.rules[0].set["model"], "qwen2.5-72b-instruct")
+
+    def assert_config_error(self, text, path, message_part, line=None):
+        error = config_error(text)
+        self.assertEqual(error.path, path)
+        self.assertIn(message_part, str(error))
+        self.assertIn("bad.jsonc:", str(error))
+        if line is not None:
+            self.assertEqual(error.line, line, str(error))
+        return error
+
+    def test_type_errors_name_the_field_path_and_position(self):
+        self.assert_config_error(
+            '{"model_rules": [\n {"match_model": "a"},\n {"match_model": "b", '
+            '"unset": "x"}\n]}', "model_rules[1].unset",
+            "model_rules[1].unset: expected a list of strings", line=3)
+        self.assert_config_error('{"listen": "8080"}', "listen", "host:port", 1)
+        self.assert_config_error('{"listen": "h:99999"}', "listen", "host:port")
+        self.assert_config_error('{"upstream": "ftp://x"}', "upstream", "http")
+        self.assert_config_error('{"upstream": "localhost:11434"}', "upstream",
+                                 "http")
+        self.assert_config_error('{"model_rules": {}}', "model_rules", "a list")
+        self.assert_config_error('{"model_rules": [{"set": {}}]}', "model_rules[0]",
+                                 "match_model")
+        self.assert_config_error('{"model_rules": [{"match_model": 3}]}',
+                                 "model_rules[0].match_model", "match_model")
+        self.assert_config_error('{"model_rules": [{"match_model": "a", "set": []}]}',
+                                 "model_rules[0].set", "an object")
+        self.assert_config_error(
+            '{"model_rules": [{"match_model": "a", "extra": "x"}]}',
+            "model_rules[0].extra", "an object")
+        self.assert_config_error('{"forward_auth": "yes"}', "forward_auth",
+                                 "true or false")
+        self.assert_config_error('{"max_body_bytes": -1}', "max_body_bytes",
+                                 "positive integer")
+        self.assert_config_error('{"read_timeout": true}', "read_timeout",
+                                 "positive number")
+        self.assert_config_error('{"api_keys": "k"}', "api_keys", "list of strings")
+
+    def test_top_level_must_be_an_object(self):
+        self.assertIn("top level", str(config_error("[1, 2]")))
+
+    def test_unknown_keys_are_warnings_with_a_hint(self):
+        _, warnings = llm_relay.parse_config_text(
+            '{"lisen": "1.2.3.4:1",\n "model_rules": [{"match_model": "a", '
+            '"sett": {}}]}', "c.jsonc", {})
+        self.assertEqual(len(warnings), 2)
+        self.assertIn("c.jsonc:1:2: lisen: unknown key 'lisen' ignored "
+                      "(did you mean 'listen'?)", warnings[0])
+        self.assertIn("model_rules[0].sett", warnings[1])
+
+    def test_parse_listen(self):
+        self.assertEqual(llm_relay.parse_listen("127.0.0.1:80"), ("127.0.0.1", 80))
+        self.assertEqual(llm_relay.parse_listen("[::1]:8080"), ("::1", 8080))
+        self.assertEqual(llm_relay.parse_listen("localhost:0"), ("localhost", 0))
+        self.assertEqual(llm_relay.parse_listen(":9000"), ("0.0.0.0", 9000))
+        for bad in ("8080", "::1:8080", "host:", "host:port", "[::1]", "a:70000"):
+            with self.assertRaises(ValueError, msg=bad):
+                llm_relay.parse_listen(bad)
+
+    def test_upstream_url_keeps_its_path_prefix(self):
+        self.assertEqual(llm_relay.parse_upstream_url("http://h:11434/v1/"),
+                         ("http", "h", 11434, "/v1"))
+        self.assertEqual(llm_relay.parse_upstream_url("https://api.openai.com/v1"),
+                         ("https", "api.openai.com", 443, "/v1"))
+        self.assertEqual(llm_relay.parse_upstream_url("http://[::1]:8000"),
+                         ("http", "::1", 8000, ""))
+        for bad in ("http://", "h:1/v1", "http://u:p@h/v1", "http://h/v1?x=1",
+                    "http://h:notaport/"):
+            with self.assertRaises(ValueError, msg=bad):
+                llm_relay.parse_upstream_url(bad)
+
+    def test_environment_variables_are_substituted(self):
+        config = config_from({
+            "upstream_api_key": "${KEY}", "api_keys": ["${A:-fallback}", "$${LIT}"],
+            "upstream": "http://${HOST:-localhost}:1/v1"}, {"KEY": "sk-env"})
+        self.assertEqual(config.upstreams["default"].api_key, "sk-env")
+        self.assertEqual(config.api_keys, (b"fallback", b"${LIT}"))
+        self.assertEqual(config.upstreams["default"].host, "localhost")
+
+    def test_unset_environment_variable_is_an_error_naming_it(self):
+        error = config_error('{"model_rules": [{"match_model": "a",\n'
+                             ' "set": {"k": "${NOPE}"}}]}')
+        self.assertEqual(error.path, "model_rules[0].set.k")
+        self.assertIn("NOPE", error.message)
+        self.assertEqual(error.line, 2)
+
+    def test_load_config_reports_missing_and_non_utf8_files(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        with self.assertRaises(llm_relay.ConfigError) as caught:
+            llm_relay.load_config(os.path.join(directory, "missing.jsonc"))
+        self.assertIn("missing.jsonc", str(caught.exception))
+        path = os.path.join(directory, "latin.jsonc")
+        with open(path, "wb") as handle:
+            handle.write(b'{\n"a": "\xe9"}')
+        with self.assertRaises(llm_relay.ConfigError) as caught:
+            llm_relay.load_config(path)
+        self.assertIn("UTF-8", str(caught.exception))
+        self.assertEqual(caught.exception.line, 2)
+
+    def test_security_warnings(self):
+        _, warnings = llm_relay.validate_config(
+            {"api_keys": ["k"], "forward_auth": True}, "c", None, {})
+        self.assertTrue(any("forward_auth" in w for w in warnings), warnings)
+        _, warnings = llm_relay.validate_config(
+            {"listen": "0.0.0.0:1", "upstream_api_key": "sk"}, "c", None, {})
+        self.assertTrue(any("without api_keys" in w for w in warnings), warnings)
+        _, warnings = llm_relay.validate_config(
+            {"listen": "127.0.0.1:1", "upstream_api_key": "sk"}, "c", None, {})
+        self.assertEqual(warnings, [])
+        _, warnings = llm_relay.validate_config(
+            {"upstream_tls_verify": False}, "c", None, {})
+        self.assertTrue(any("upstream_tls_verify" in w for w in warnings), warnings)
+
+    def test_ca_file_that_cannot_be_read_is_an_error(self):
+        error = config_error('{"upstream": "https://h/v1",\n "upstream_ca_file": '
+                             '"/nonexistent.pem"}')
+        self.assertEqual(error.path, "upstream_ca_file")
+        self.assertEqual(error.line, 2)
+
+    def test_named_upstreams_and_unknown_names(self):
+        config = config_from({"upstreams": {"gpu": {"url": "http://g:1/v1",
+                                                    "read_timeout": 5}},
+                              "upstream_api_key": "main-key",
+                              "model_rules": [{"match_model": "m",
+                                               "upstream": ["gpu", "default"]}]})
+        self.assertEqual(list(config.upstreams), ["default", "gpu"])
+        self.assertEqual(config.upstreams["gpu"].read_timeout, 5.0)
+        self.assertIsNone(config.upstreams["gpu"].api_key)  # never lent
+        self.assertEqual(config.rules[0].upstreams, ("gpu", "default"))
+        error = config_error('{"model_rules": [{"match_model": "m",\n'
+                             ' "upstream": "nope"}]}')
+        self.assertEqual(error.path, "model_rules[0].upstream")
+        self.assertIn("unknown upstream 'nope'", error.message)
+        error = config_error('{"upstreams": {"x": {"url": 1}}}')
+        self.assertEqual(error.path, "upstreams.x.url")
+
+    def test_config_is_immutable_and_values_are_copied(self):
+        raw = {"model_rules": [{"match_model": "a", "extra": {"o": {"k": 1}}}]}
+        config = config_from(raw)
+        with self.assertRaises(AttributeError):
+            config.forward_auth = True
+        body = llm_relay.apply_rule({"o": {"j": 2}}, config.rules[0])
+        body["o"]["k"] = 99
+        self.assertEqual(config.rules[0].extra, {"o": {"k": 1}})
+
+
+def rule(match_model, **fields):
+    names = (match_model,) if isinstance(match_model, str) else tuple(match_model)
+    return llm_relay.Rule("model_rules[x]", names, tuple(fields.get("unset", ())),
+                          fields.get("defaults", {}), fields.get("set", {}),
+                          fields.get("extra", {}), ("default",))
+
+
+class SelectRuleTest(unittest.TestCase):
+
+    def select(self, rules, model):
+        return llm_relay.select_rule(llm_relay.index_rules(rules), model)
+
+    def test_first_exact_match_wins(self):
+        first, second = rule("a", set={"n": 1}), rule("a", set={"n": 2})
+        self.assertIs(self.select([first, second], "a"), first)
+
+    def test_default_applies_only_when_nothing_else_matches(self):
+        default, named = rule("default"), rule("a")
+        self.assertIs(self.select([default, named], "a"), named)
+        self.assertIs(self.select([default, named], "b"), default)
+        self.assertIsNone(self.select([named], "b"))
+
+    def test_body_without_string_model_gets_the_default(self):
+        default = rule("default")
+        self.assertIs(self.select([rule("a"), default], None), default)
+        self.assertIs(self.select([rule("a"), default], 3), default)
+        self.assertIsNone(self.select([rule("a")], None))
+
+    def test_match_is_exact_and_case_sensitive(self):
+        self.assertIsNone(self.select([rule("gpt-4")], "GPT-4"))
+        self.assertIsNone(self.select([rule("gpt-4")], "gpt-4 "))
+
+    def test_lists_and_shell_patterns_in_file_order(self):
+        listed = rule(["x", "y"])
+        pattern = rule("gpt-4*")
+        exact_later = rule("gpt-4o")
+        rules = [listed, pattern, exact_later, rule("*-embedding-?")]
+        self.assertIs(self.select(rules, "y"), listed)
+        self.assertIs(self.select(rules, "gpt-4o"), pattern)  # earlier wins
+        self.assertIs(self.select(rules, "text-embedding-3"), rules[3])
+        self.assertIsNone(self.select(rules, "text-embedding-33"))
+        self.assertIsNone(self.select(rules, "GPT-4o"))
+        early_exact = [rule("gpt-4o"), rule("gpt-4*")]
+        self.assertIs(self.select(early_exact, "gpt-4o"), early_exact[0])
+
+
+class ApplyRuleTest(unittest.TestCase):
+
+    def test_order_is_unset_defaults_set_extra(self):
+        body = {"model": "a", "drop": 1, "temperature": 0.1, "opts": {"x": 1}}
+        result = llm_relay.apply_rule(body, rule(
+            "a", unset=["drop", "absent", "temperature"],
+            defaults={"temperature": 0.5, "top_p": 0.9, "model": "ignored"},
+            set={"model": "b", "top_p": 0.95}, extra={"opts": {"y": 2}, "top_p": 1}))
+        self.assertEqual(result, {"model": "b", "opts": {"x": 1, "y": 2},
+                                  "temperature": 0.5, "top_p": 1})
+
+    def test_client_value_wins_over_defaults(self):
+        result = llm_relay.apply_rule({"max_tokens": 5}, rule(
+            "a", defaults={"max_tokens": 100, "stop": ["\n"]}))
+        self.assertEqual(result, {"max_tokens": 5, "stop": ["\n"]})
+
+    def test_key_order_is_kept(self):
+        body = {"model": "a", "messages": [], "stream": True, "top_p": 1}
+        result = llm_relay.apply_rule(body, rule("a", set={"model": "b", "new": 1}))
+        self.assertEqual(list(result), ["model", "messages", "stream", "top_p", "new"])
+
+    def test_inputs_are_not_mutated(self):
+        body = {"model": "a", "opts": {"x": 1}, "gone": 1}
+        the_rule = rule("a", unset=["gone"], set={"s": {"deep": [1]}},
+                        extra={"opts": {"y": {"z": 1}}})
+        before_body, before_rule = json.dumps(body), repr(the_rule)
+        result = llm_relay.apply_rule(body, the_rule)
+        result["opts"]["y"]["z"] = 2
+        result["s"]["deep"].append(2)
+        self.assertEqual(json.dumps(body), before_body)
+        self.assertEqual(repr(the_rule), before_rule)
+
+
+class DeepMergeTest(unittest.TestCase):
+
+    def test_objects_merge_recursively_and_other_values_replace(self):
+        base = {"a": {"b": 1, "c": {"d": 1}}, "l": [1, 2], "s": "x", "o": {"k": 1}}
+        overlay = {"a": {"c": {"e": 2}}, "l": [3], "s": {"now": "object"}, "o": 5}
+        self.assertEqual(llm_relay.deep_merge(base, overlay), {
+            "a": {"b": 1, "c": {"d": 1, "e": 2}}, "l": [3],
+            "s": {"now": "object"}, "o": 5})
+
+    def test_neither_input_is_mutated_and_nothing_is_shared_with_overlay(self):
+        base, overlay = {"a": {"b": 1}}, {"a": {"c": [1]}, "n": {"m": 1}}
+        merged = llm_relay.deep_merge(base, overlay)
+        merged["a"]["c"].append(2)
+        merged["n"]["m"] = 2
+        self.assertEqual(base, {"a": {"b": 1}})
+        self.assertEqual(overlay, {"a": {"c": [1]}, "n": {"m": 1}})
+
+
+class RewriteBodyTest(unittest.TestCase):
+
+    def test_no_rule_returns_the_client_bytes_unchanged(self):
+        raw = b'{ "model" : "m",  "x": 1.50 }'
+        data, model = llm_relay.rewrite_body(raw, json.loads(raw.decode()), None)
+        self.assertIs(data, raw)
+        self.assertEqual(model, "m")
+
+    def test_rewritten_body_is_compact_utf8(self):
+        raw = '{"model": "a", "content": "héllo ✓"}'.encode("utf-8")
+        data, model = llm_relay.rewrite_body(raw, json.loads(raw.decode()),
+                                             rule("a", set={"model": "b"}))
+        self.assertEqual(data, '{"model":"b","content":"héllo ✓"}'.encode("utf-8"))
+        self.assertEqual(model, "b")
+
+    def test_lone_surrogate_escapes_survive(self):
+        body = llm_relay.parse_json_body(b'{"model": "a", "t": "\\ud800x"}')
+        data, _ = llm_relay.rewrite_body(b"", body, rule("a", set={"k": 1}))
+        self.assertEqual(json.loads(data.decode("ascii"))["t"], "\ud800x")
+
+
+class ParseJsonBodyTest(unittest.TestCase):
+
+    def assert_rejected(self, raw, message_part):
+        with self.assertRaises(llm_relay.RelayError) as caught:
+            llm_relay.parse_json_body(raw)
+        self.assertEqual(caught.exception.status, 400)
+        self.assertIn(message_part, caught.exception.message)
+
+    def test_valid_object(self):
+        self.assertEqual(llm_relay.parse_json_body(b'{"a": [1, 2.5]}'),
+                         {"a": [1, 2.5]})
+
+    def test_bad_bodies_are_400(self):
+        self.assert_rejected(b'{"a": "\xff"}', "UTF-8")
+        self.assert_rejected(b"{'a': 1}", "not valid JSON")
+        self.assert_rejected(b"", "not valid JSON")
+        self.assert_rejected(b"[1]", "JSON object")
+        self.assert_rejected(b'"x"', "JSON object")
+        self.assert_rejected(b'{"a": NaN}', "not valid JSON")
+        self.assert_rejected(b'{"a": -Infinity}', "not valid JSON")
+        self.assert_rejected(b'{"a": 1e999}', "not valid JSON")
+        self.assert_rejected(b"[" * 100000 + b"]" * 100000, "nested")
+        self.assert_rejected(b'\xef\xbb\xbf{"a": 1}', "not valid JSON")
+
+
+class HeadersTest(unittest.TestCase):
+
+    def upstream(self, **changes):
+        return config_from({"upstream": "http://up.example:8000/v1"}).upstreams[
+            "default"]._replace(**changes)
+
+    def test_strip_hop_by_hop_includes_connection_tokens(self):
+        headers = [("Connection", "keep-alive, X-Secret-Hop"), ("Keep-Alive", "5"),
+                   ("X-Secret-Hop", "1"), ("TE", "trailers"), ("Trailer", "x"),
+                   ("Transfer-Encoding", "chunked"), ("Upgrade", "h2c"),
+                   ("Proxy-Connection", "x"), ("Proxy-Authorization", "Basic x"),
+                   ("Proxy-Authenticate", "x"), ("Content-Type", "text/plain")]
+        self.assertEqual(llm_relay.strip_hop_by_hop(headers),
+                         [("Content-Type", "text/plain")])
+        self.assertEqual(llm_relay.connection_tokens(headers),
+                         {"keep-alive", "x-secret-hop"})
+
+    def test_upstream_headers_without_forward_auth(self):
+        client = [("Host", "relay"), ("Authorization", "Bearer client"),
+                  ("X-Api-Key", "k"), ("Content-Length", "999"),
+                  ("Accept-Encoding", "gzip"), ("Connection", "close"),
+                  ("OpenAI-Organization", "org"), ("Content-Type", "application/json")]
+        headers = llm_relay.upstream_headers(
+            client, self.upstream(api_key="sk-up"), False, 12, "rid")
+        self.assertEqual(headers, [
+            ("Host", "up.example:8000"), ("OpenAI-Organization", "org"),
+            ("Content-Type", "application/json"), ("Authorization", "Bearer sk-up"),
+            ("Accept-Encoding", "identity"), ("Content-Length", "12"),
+            ("X-Request-Id", "rid")])
+
+    def test_upstream_headers_with_forward_auth(self):
+        headers = dict(llm_relay.upstream_headers(
+            [("Authorization", "Bearer client")], self.upstream(api_key="sk-up"),
+            True, None, "rid"))
+        self.assertEqual(headers["Authorization"], "Bearer client")
+        self.assertNotIn("Content-Length", headers)
+
+    def test_host_header(self):
+        self.assertEqual(llm_relay.host_header(self.upstream(port=80)), "up.example")
+        self.assertEqual(llm_relay.host_header(self.upstream(host="::1")),
+                         "[::1]:8000")
+
+    def test_client_headers_allowlist(self):
+        upstream = [("Content-Type", "text/event-stream"), ("Date", "x"),
+                    ("Server", "uvicorn"), ("Content-Length", "5"),
+                    ("Transfer-Encoding", "chunked"), ("Connection", "x-ratelimit-a"),
+                    ("x-ratelimit-a", "hop"), ("x-ratelimit-remaining-requests", "9"),
+                    ("openai-processing-ms", "3"), ("x-request-id", "req_up"),
+                    ("Set-Cookie", "a=b"), ("Content-Encoding", "gzip")]
+        self.assertEqual(llm_relay.client_headers(upstream, "mine"), [
+            ("Content-Type", "text/event-stream"),
+            ("x-ratelimit-remaining-requests", "9"),
+            ("openai-processing-ms", "3"),
+            ("X-Upstream-Request-Id", "req_up"), ("Content-Encoding", "gzip")])
+        self.assertEqual(llm_relay.client_headers([("X-Request-Id", "same")], "same"),
+                         [])
+
+    def test_event_stream_and_json_types(self):
+        self.assertTrue(llm_relay.is_event_stream("Text/Event-Stream; charset=utf-8"))
+        self.assertFalse(llm_relay.is_event_stream("application/json"))
+        self.assertFalse(llm_relay.is_event_stream(None))
+        self.assertTrue(llm_relay.is_json_type("application/json; charset=utf-8"))
+        self.assertTrue(llm_relay.is_json_type("application/problem+json"))
+        self.assertFalse(llm_relay.is_json_type("multipart/form-data; boundary=x"))
+
+
+class SmallHelpersTest(unittest.TestCase):
+
+    def test_openai_error_shape(self):
+        self.assertEqual(llm_relay.openai_error("m", "t", "c", "p"),
+                         {"error": {"message": "m", "type": "t", "param": "p",
+                                    "code": "c"}})
+
+    def test_encode_chunk_and_sse_error_event(self):
+        self.assertEqual(llm_relay.encode_chunk(b"data: x\n"), b"8\r\ndata: x\n\r\n")
+        self.assertEqual(llm_relay.encode_chunk(b"a" * 26)[:4], b"1a\r\n")
+        event = llm_relay.sse_error_event("gone", "server_error", "upstream_error")
+        self.assertTrue(event.startswith(b"data: ") and event.endswith(b"\n\n"))
+        self.assertEqual(json.loads(event[6:].decode()), llm_relay.openai_error(
+            "gone", "server_error", "upstream_error"))
+
+    def test_check_api_key(self):
+        keys = (b"k1", b"k2")
+        self.assertTrue(llm_relay.check_api_key("Bearer k2", keys))
+        self.assertTrue(llm_relay.check_api_key("bearer  k1 ", keys))
+        for bad in (None, "", "k1", "Basic k1", "Bearer k3", "Bearer k", "Bearer "):
+            self.assertFalse(llm_relay.check_api_key(bad, keys), bad)
+
+    def test_split_route(self):
+        self.assertEqual(llm_relay.split_route("/v1/chat/completions?x=1"),
+                         ("/chat/completions", "x=1"))
+        self.assertEqual(llm_relay.split_route("/chat/completions"),
+                         ("/chat/completions", ""))
+        self.assertEqual(llm_relay.split_route(
+            "http://elsewhere:9/v1/models"), ("/models", ""))
+        self.assertEqual(llm_relay.split_route("/v1x/models"), ("/v1x/models", ""))
+        for bad in ("/v1/../admin", "/v1/%2e%2e/x", "/v1/./x", "/v1/a/%2E",
+                    "*", "elsewhere/v1/models"):
+            with self.assertRaises(llm_relay.RelayError, msg=bad) as caught:
+                llm_relay.split_route(bad)
+            self.assertEqual(caught.exception.status, 400)
+
+    def test_sanitize_request_id(self):
+        self.assertEqual(llm_relay.sanitize_request_id("abc-123"), "abc-123")
+        for bad in (None, "", "a b", "x\r\nInjected: 1", "é", "a" * 129):
+            self.assertIsNone(llm_relay.sanitize_request_id(bad), bad)
+
+    def test_redact_for_log(self):
+        text = llm_relay.redact_for_log({"model": "m", "api_key": "sk-1",
+                                         "nested": {"Authorization": "Bearer x",
+                                                    "token": "t"},
+                                         "image": "A" * 5000})
+        self.assertNotIn("sk-1", text)
+        self.assertNotIn("Bearer x", text)
+        self.assertNotIn('"t"', text)
+        self.assertIn("5000 chars", text)
+        self.assertLess(len(llm_relay.redact_for_log(["x" * 150] * 100)), 4100)
+
+    def test_printable_escapes_control_characters(self):
+        self.assertEqual(llm_relay.printable("a\r\nb\x1b\x85"), "a\\x0d\\x0ab\\x1b\\x85")
+
+    def test_merge_model_lists(self):
+        config = config_from({"model_rules": [
+            {"match_model": ["alias", "up-1"]}, {"match_model": "gpt-*"},
+            {"match_model": "default"}]})
+        merged = llm_relay.merge_model_lists([
+            {"data": [{"id": "up-1", "object": "model"}, {"id": "up-2"}]},
+            {"data": [{"id": "up-2", "other": True}, "junk", {"id": "up-3"}]}],
+            config)
+        self.assertEqual([entry["id"] for entry in merged["data"]],
+                         ["up-1", "up-2", "up-3", "alias"])
+        self.assertEqual(merged["data"][3], {"id": "alias", "object": "model",
+                                             "created": config.created,
+                                             "owned_by": "llm-relay"})
+        self.assertEqual(merged["object"], "list")
+
+
+###############################################################################
+# Fake upstream ###############################################################
+###############################################################################
+
+class Recorded(object):
+    """One request as the fake upstream received it."""
+
+    def __init__(self, method, path, headers, body):
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.body = body
+
+    def json(self):
+        return json.loads(self.body.decode("utf-8"))
+
+
+def chat_completion(model="m", content="hello"):
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+            "model": model, "choices": [{"index": 0, "finish_reason": "stop",
+                                         "message": {"role": "assistant",
+                                                     "content": content}}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+
+
+def reply_json(handler, value, status=200, headers=()):
+    data = value if isinstance(value, bytes) else json.dumps(value).encode("utf-8")
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    for name, header_value in headers:
+        handler.send_header(name, header_value)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+def start_chunked(handler, status=200, content_type="text/event-stream",
+                  headers=()):
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Transfer-Encoding", "chunked")
+    for name, value in headers:
+        handler.send_header(name, value)
+    handler.end_headers()
+
+
+def write_chunk(handler, data):
+    handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+    handler.wfile.flush()
+
+
+def end_chunks(handler):
+    handler.wfile.write(b"0\r\n\r\n")
+    handler.wfile.flush()
+
+
+def sse_events(count, model="m"):
+    """Return the SSE lines of a chat completion stream with count tokens."""
+    lines = []
+    for index in range(count):
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1,
+                 "model": model, "choices": [{"index": 0, "delta": {
+                     "content": "tok%d " % index}, "finish_reason": None}]}
+        lines += [b"data: " + json.dumps(chunk).encode() + b"\n", b"\n"]
+    done = {"id": "c", "object": "chat.completion.chunk", "created": 1,
+            "model": model, "choices": [{"index": 0, "delta": {},
+                                         "finish_reason": "stop"}]}
+    return lines + [b"data: " + json.dumps(done).encode() + b"\n", b"\n",
+                    b"data: [DONE]\n", b"\n"]
+
+
+def reply_sse(handler, lines):
+    start_chunked(handler)
+    for line in lines:
+        write_chunk(handler, line)
+    end_chunks(handler)
+
+
+def openai_like(handler, recorded):
+    """Default behaviour: answer like an OpenAI-compatible server."""
+    if recorded.method == "GET" and recorded.path.endswith("/models"):
+        return reply_json(handler, {"object": "list", "data": [
+            {"id": "qwen2.5-72b-instruct", "object": "model", "created": 1,
+             "owned_by": "upstream"}]})
+    body = recorded.json() if recorded.body else {}
+    if body.get("stream"):
+        return reply_sse(handler, sse_events(3, body.get("model")))
+    if recorded.path.endswith("/completions") and "/chat/" not in recorded.path:
+        return reply_json(handler, {"id": "cmpl-1", "object": "text_completion",
+                                    "created": 1, "model": body.get("model"),
+                                    "choices": [{"index": 0, "text": "done",
+                                                 "finish_reason": "stop",
+                                                 "logprobs": None}]})
+    reply_json(handler, chat_completion(body.get("model"), "hello"))
+
+
+class _FakeHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        http.server.BaseHTTPRequestHandler.setup(self)
+        self.server.fake.connection_opened(self)
+
+    def finish(self):
+        try:
+            http.server.BaseHTTPRequestHandler.finish(self)
+        except OSError:
+            pass
+        self.server.fake.connection_closed(self)
+
+    def log_message(self, format, *args):
+        pass
+
+    def _any(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if not size:
+                    self.rfile.readline()
+                    break
+                body += self.rfile.read(size)
+                self.rfile.readline()
+        else:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        recorded = Recorded(self.command, self.path, self.headers, body)
+        fake = self.server.fake
+        fake.record(recorded)
+        try:
+            fake.behaviour(self, recorded)
+            self.wfile.flush()
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _any
+
+
+class _FakeServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def handle_error(self, request, client_address):
+        pass
+
+
+class FakeUpstream(object):
+    """An OpenAI-compatible upstream on 127.0.0.1:0 that records requests.
+
+    Each test sets behaviour(handler, recorded) to script the answer.
+    """
+
+    def __init__(self, test, behaviour=openai_like):
+        self.behaviour = behaviour
+        self.requests = []
+        self.lock = threading.Lock()
+        self.open_connections = 0
+        self.connections_opened = 0
+        self.connection_closed_event = threading.Event()
+        self.sockets = set()
+        self.server = _FakeServer(("127.0.0.1", 0), _FakeHandler)
+        self.server.fake = self
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05})
+        self.thread.daemon = True
+        self.thread.start()
+        test.addCleanup(self.stop)
+
+    @property
+    def port(self):
+        return self.server.server_address[1]
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d/v1" % self.port
+
+    def record(self, recorded):
+        with self.lock:
+            self.requests.append(recorded)
+
+    def connection_opened(self, handler):
+        with self.lock:
+            self.open_connections += 1
+            self.connections_opened += 1
+            self.sockets.add(handler.connection)
+
+    def connection_closed(self, handler):
+        with self.lock:
+            self.open_connections -= 1
+            self.sockets.discard(handler.connection)
+        self.connection_closed_event.set()
+
+    def last(self):
+        with self.lock:
+            return self.requests[-1]
+
+    def stop(self):
+        """Stop listening and close every open connection (as a crash would)."""
+        if self.thread.is_alive():
+            self.server.shutdown()
+            self.server.server_close()
+            self.thread.join(WAIT_SECONDS)
+        with self.lock:
+            sockets = list(self.sockets)
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+###############################################################################
+# Relay fixture ###############################################################
+###############################################################################
+
+class RelayTestCase(unittest.TestCase):
+    """Starts a fake upstream and helps each test start a relay before it."""
+
+    def setUp(self):
+        self.upstream = FakeUpstream(self)
+
+    def start_relay(self, **raw):
+        """Start a relay with config raw (listen and upstream filled in)."""
+        raw.setdefault("listen", "127.0.0.1:0")
+        if "upstream" not in raw and "upstreams" not in raw:
+            raw["upstream"] = self.upstream.url
+        config, _ = llm_relay.validate_config(raw, "test", None, {})
+        return self.start_server(config)
+
+    def start_server(self, config):
+        self.relay = llm_relay.make_server(config)
+        thread = threading.Thread(target=self.relay.serve_forever,
+                                  kwargs={"poll_interval": 0.05})
+        thread.daemon = True
+        thread.start()
+
+        def stop():
+            self.relay.shutdown()
+            self.relay.server_close()
+            thread.join(WAIT_SECONDS)
+        self.addCleanup(stop)
+        return self.relay
+
+    def connect(self, timeout=WAIT_SECONDS):
+        connection = http.client.HTTPConnection("127.0.0.1", self.relay.port,
+                                                timeout=timeout)
+        self.addCleanup(connection.close)
+        return connection
+
+    def request(self, method, path, body=None, headers=None, connection=None):
+        """Send one request; return (status, headers dict lowercased, bytes)."""
+        connection = connection or self.connect()
+        headers = dict(headers or {})
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode("utf-8")
+            headers.setdefault("Content-Type", "application/json")
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        data = response.read()
+        return response.status, dict((k.lower(), v) for k, v in
+                                     response.getheaders()), data
+
+    def chat(self, body, headers=None, path="/v1/chat/completions", connection=None):
+        return self.request("POST", path, body, headers, connection)
+
+    def raw_exchange(self, data, read_until_close=True):
+        """Send raw bytes on a new socket; return everything read back."""
+        sock = socket.create_connection(("127.0.0.1", self.relay.port),
+                                        timeout=WAIT_SECONDS)
+        self.addCleanup(sock.close)
+        sock.sendall(data)
+        chunks = []
+        while read_until_close:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def assert_openai_error(self, status, data, expected_status, code=None):
+        self.assertEqual(status, expected_status, data)
+        error = json.loads(data.decode("utf-8"))["error"]
+        self.assertEqual(set(error), {"message", "type", "param", "code"})
+        self.assertTrue(error["message"])
+        if code is not None:
+            self.assertEqual(error["code"], code)
+        return error
+
+
+def read_sse_lines(response):
+    """Read an SSE response line by line until its end; return the lines."""
+    lines = []
+    while True:
+        line = response.readline()
+        if not line:
+            return lines
+        lines.append(line)
+
+
+###############################################################################
+# HTTP behaviour ##############################################################
+###############################################################################
+
+class RelayEndpointsTest(RelayTestCase):
+
+    def test_health_does_not_touch_the_upstream(self):
+        self.start_relay()
+        status, headers, data = self.request("GET", "/health")
+        self.assertEqual((status, json.loads(data.decode())), (200, {"status": "ok"}))
+        self.assertEqual(headers["content-type"], "application/json")
+        self.assertEqual(self.upstream.requests, [])
+        status, headers, data = self.request("HEAD", "/health")
+        self.assertEqual((status, data), (200, b""))
+
+    def test_chat_completion_is_rewritten_and_relayed(self):
+        self.start_relay(model_rules=[{
+            "match_model": "gpt-3.5-turbo", "unset": ["presence_penalty"],
+            "set": {"model": "qwen", "temperature": 0.7}, "extra": {"opts": {"a": 1}}}])
+        status, headers, data = self.chat({
+            "model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "é"}],
+            "presence_penalty": 1, "opts": {"b": 2}})
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(data.decode())["choices"][0]["message"]["content"],
+                         "hello")
+        sent = self.upstream.last()
+        self.assertEqual(sent.path, "/v1/chat/completions")
+        self.assertEqual(sent.body, '{"model":"qwen","messages":[{"role":"user",'
+                         '"content":"é"}],"opts":{"b":2,"a":1},"temperature":0.7}'
+                         .encode("utf-8"))
+        self.assertEqual(sent.headers["Content-Length"], str(len(sent.body)))
+        self.assertEqual(headers["content-length"], str(len(data)))
+
+    def test_unmatched_request_is_forwarded_byte_for_byte(self):
+        self.start_relay(model_rules=[{"match_model": "other", "set": {"x": 1}}])
+        raw = b'{ "model" : "m",\n "messages": [], "t": 1.50 }'
+        status, _, _ = self.chat(raw, {"Content-Type": "application/json"})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.upstream.last().body, raw)
+
+    def test_paths_without_v1_prefix_and_completions(self):
+        self.start_relay(model_rules=[{"match_model": "default",
+                                       "set": {"model": "base"}}])
+        status, _, data = self.request("POST", "/completions", {"model": "x",
+                                                                "prompt": "hi"})
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(data.decode())["object"], "text_completion")
+        self.assertEqual(self.upstream.last().path, "/v1/completions")
+        self.assertEqual(self.upstream.last().json()["model"], "base")
+        status, _, _ = self.chat({"model": "x", "messages": []},
+                                 path="/chat/completions")
+        self.assertEqual((status, self.upstream.last().path),
+                         (200, "/v1/chat/completions"))
+
+    def test_upstream_path_prefix_and_query_are_kept(self):
+        self.start_relay(upstream="http://127.0.0.1:%d/openai/deployments/x"
+                         % self.upstream.port)
+        self.chat({"model": "m", "messages": []},
+                  path="/v1/chat/completions?api-version=2024-06-01")
+        self.assertEqual(self.upstream.last().path,
+                         "/openai/deployments/x/chat/completions?api-version=2024-06-01")
+
+    def test_models_lists_upstream_models_and_aliases(self):
+        self.start_relay(model_rules=[
+            {"match_model": "gpt-3.5-turbo", "set": {"model": "qwen2.5-72b-instruct"}},
+            {"match_model": "qwen2.5-72b-instruct"}, {"match_model": "default"}])
+        for path in ("/v1/models", "/models"):
+            status, _, data = self.request("GET", path)
+            self.assertEqual(status, 200)
+            listing = json.loads(data.decode())
+            self.assertEqual(listing["object"], "list")
+            self.assertEqual([m["id"] for m in listing["data"]],
+                             ["qwen2.5-72b-instruct", "gpt-3.5-turbo"])
+            for entry in listing["data"]:
+                self.assertEqual(set(entry), {"id", "object", "created", "owned_by"})
+                self.assertEqual(entry["object"], "model")
+        self.assertEqual(self.upstream.last().path, "/v1/models")
+
+    def test_models_relays_an_upstream_error_and_502_when_unreachable(self):
+        self.upstream.behaviour = lambda handler, recorded: reply_json(
+            handler, {"error": {"message": "bad key"}}, 401)
+        self.start_relay()
+        status, _, data = self.request("GET", "/v1/models")
+        self.assertEqual((status, json.loads(data.decode())),
+                         (401, {"error": {"message": "bad key"}}))
+        self.upstream.stop()
+        status, _, data = self.request("GET", "/v1/models")
+        self.assert_openai_error(status, data, 502, "upstream_unreachable")
+
+    def test_unknown_path_is_404_and_wrong_method_405_in_openai_shape(self):
+        self.start_relay()
+        status, _, data = self.request("GET", "/nope")
+        self.assert_openai_error(status, data, 404)
+        status, headers, data = self.request("GET", "/v1/chat/completions")
+        self.assert_openai_error(status, data, 405)
+        self.assertEqual(headers["allow"], "POST")
+        status, headers, data = self.request("POST", "/health", b"{}")
+        self.assert_openai_error(status, data, 405)
+        self.assertEqual(headers["allow"], "GET, HEAD")
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_malformed_request_line_gets_json_not_html(self):
+        self.start_relay()
+        reply = self.raw_exchange(b"GARBAGE\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply)
+        self.assertIn(b'"error"', reply)
+        self.assertNotIn(b"<html", reply.lower())
+        reply = self.raw_exchange(b"BREW /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 501"), reply)
+        self.assertIn(b'"error"', reply)
+
+
+class RelayErrorsTest(RelayTestCase):
+
+    def test_invalid_bodies_are_400_and_never_forwarded(self):
+        self.start_relay()
+        for raw in (b"not json", b"[1,2]", b'{"a": NaN}', b'{"a": "\xff\xfe"}',
+                    b"[" * 50000 + b"]" * 50000, b'{"a": Infinity}', b""):
+            status, _, data = self.chat(raw, {"Content-Type": "application/json"})
+            self.assert_openai_error(status, data, 400, "invalid_json")
+        self.assertEqual(self.upstream.requests, [])
+        status, _, _ = self.chat({"model": "m", "messages": []})
+        self.assertEqual(status, 200)
+
+    def test_upstream_error_status_and_body_reach_the_client_unchanged(self):
+        body = b'{"error": {"message": "model not found", "type": "x"}}'
+        self.upstream.behaviour = lambda handler, recorded: reply_json(
+            handler, body, 404, [("x-ratelimit-remaining-requests", "7")])
+        self.start_relay()
+        for stream in (False, True):
+            status, headers, data = self.chat({"model": "m", "stream": stream})
+            self.assertEqual((status, data), (404, body))
+            self.assertEqual(headers["x-ratelimit-remaining-requests"], "7")
+
+    def test_upstream_refused_is_502_naming_the_upstream(self):
+        self.start_relay()
+        self.upstream.stop()
+        status, _, data = self.chat({"model": "m"})
+        error = self.assert_openai_error(status, data, 502, "upstream_unreachable")
+        self.assertIn("127.0.0.1:%d" % self.upstream.port, error["message"])
+        self.assertIn("refused", error["message"])
+
+    def test_dns_failure_is_502(self):
+        self.start_relay(upstream="http://does-not-exist.invalid:1/v1")
+        status, _, data = self.chat({"model": "m"})
+        self.assert_openai_error(status, data, 502, "upstream_unreachable")
+
+    def test_upstream_silence_beyond_read_timeout_is_504(self):
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        def silent(handler, recorded):
+            release.wait(WAIT_SECONDS)
+        self.upstream.behaviour = silent
+        self.start_relay(read_timeout=0.3)
+        status, _, data = self.chat({"model": "m"})
+        error = self.assert_openai_error(status, data, 504, "upstream_timeout")
+        self.assertIn("0.3", error["message"])
+
+
+class StreamingTest(RelayTestCase):
+
+    def test_each_event_reaches_the_client_before_the_next_is_sent(self):
+        lines = sse_events(4)
+        gates = [threading.Event() for _ in lines]
+
+        def gated(handler, recorded):
+            start_chunked(handler)
+            for line, gate in zip(lines, gates):
+                write_chunk(handler, line)
+                if not gate.wait(WAIT_SECONDS):
+                    return  # the test failed; stop streaming
+            end_chunks(handler)
+        self.upstream.behaviour = gated
+        self.start_relay()
+        connection = self.connect(timeout=5)
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(
+            {"model": "m", "stream": True}), headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.getheader("Content-Type"), "text/event-stream")
+        self.assertEqual(response.getheader("Transfer-Encoding"), "chunked")
+        for line, gate in zip(lines, gates):
+            # The upstream holds the next line until this one has arrived.
+            self.assertEqual(response.readline(), line)
+            gate.set()
+        self.assertEqual(response.read(), b"")
+        # The same connection serves the next request (keep-alive).
+        status, _, _ = self.chat({"model": "m"}, connection=connection)
+        self.assertEqual(status, 200)
+
+    def test_stream_is_relayed_byte_exact_through_done(self):
+        self.start_relay()
+        connection = self.connect()
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(
+            {"model": "m", "stream": True}), headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        self.assertEqual(read_sse_lines(response), sse_events(3, "m"))
+
+    def test_http10_client_gets_a_close_delimited_stream(self):
+        self.start_relay()
+        body = b'{"model": "m", "stream": true}'
+        reply = self.raw_exchange(b"POST /v1/chat/completions HTTP/1.0\r\n"
+                                  b"Content-Type: application/json\r\n"
+                                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        head, _, payload = reply.partition(b"\r\n\r\n")
+        self.assertNotIn(b"chunked", head.lower())
+        self.assertEqual(payload, b"".join(sse_events(3, "m")))
+
+    def test_upstream_drop_mid_stream_ends_with_an_error_event(self):
+        def dropping(handler, recorded):
+            start_chunked(handler)
+            write_chunk(handler, sse_events(1)[0])
+            write_chunk(handler, b"\n")
+            write_chunk(handler, b"data: {\"partial")
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+        self.upstream.behaviour = dropping
+        self.start_relay()
+        connection = self.connect()
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            connection.request("POST", "/v1/chat/completions", body=json.dumps(
+                {"model": "m", "stream": True}),
+                headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            lines = read_sse_lines(response)
+            self.wait_for_access_log(logs)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(lines[:3], [sse_events(1)[0], b"\n", b"data: {\"partial\n"])
+        self.assertEqual(lines[3], b"\n")
+        error = json.loads(lines[4][len(b"data: "):].decode())["error"]
+        self.assertEqual(set(error), {"message", "type", "param", "code"})
+        self.assertIn("mid-stream", error["message"])
+        self.assertTrue(any("mid-stream" in line for line in logs.output), logs.output)
+        status, _, _ = self.chat({"model": "m"})  # the relay keeps serving
+        self.assertEqual(status, 200)
+
+    def wait_for_access_log(self, logs):
+        deadline = time.monotonic() + WAIT_SECONDS
+        while time.monotonic() < deadline and not any(
+                "POST /v1/chat/completions" in line for line in logs.output):
+            time.sleep(0.01)
+
+    def test_upstream_silence_mid_stream_ends_with_an_error_event(self):
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        def stalls(handler, recorded):
+            start_chunked(handler)
+            write_chunk(handler, b"data: {}\n")
+            write_chunk(handler, b"\n")
+            release.wait(WAIT_SECONDS)
+        self.upstream.behaviour = stalls
+        self.start_relay(read_timeout=0.3)
+        connection = self.connect()
+        connection.request("POST", "/v1/chat/completions", body=b'{"stream":true}',
+                           headers={"Content-Type": "application/json"})
+        lines = read_sse_lines(connection.getresponse())
+        self.assertEqual(lines[:2], [b"data: {}\n", b"\n"])
+        error = json.loads(lines[2][6:].decode())["error"]
+        self.assertEqual(error["code"], "upstream_timeout")
+
+    def test_client_disconnect_closes_the_upstream_connection(self):
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+        first_sent = threading.Event()
+
+        def endless(handler, recorded):
+            start_chunked(handler)
+            while not stop.is_set():
+                write_chunk(handler, b"data: {\"tick\": 1}\n\n")
+                first_sent.set()
+                stop.wait(0.05)
+        self.upstream.behaviour = endless
+        self.start_relay()
+        threads_before = threading.active_count()
+        sock = socket.create_connection(("127.0.0.1", self.relay.port))
+        body = b'{"model":"m","stream":true}'
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.assertTrue(first_sent.wait(WAIT_SECONDS))
+        self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 200"))
+        self.upstream.connection_closed_event.clear()
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            sock.close()
+            # The upstream sees its connection closed within a second.
+            self.assertTrue(self.upstream.connection_closed_event.wait(1.0))
+            deadline = time.monotonic() + WAIT_SECONDS
+            while threading.active_count() > threads_before and \
+                    time.monotonic() < deadline:
+                time.sleep(0.01)
+        self.assertEqual(threading.active_count(), threads_before)
+        self.assertTrue(any("client disconnected" in line for line in logs.output),
+                        logs.output)
+
+
+class HeadersOverHttpTest(RelayTestCase):
+
+    def test_hop_by_hop_headers_do_not_cross_in_either_direction(self):
+        def answer(handler, recorded):
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Connection", "X-Up-Hop")
+            handler.send_header("X-Up-Hop", "secret")
+            handler.send_header("Keep-Alive", "timeout=5")
+            handler.send_header("Upgrade", "h2c")
+            handler.send_header("x-request-id", "req_123")
+            handler.send_header("openai-processing-ms", "12")
+            handler.send_header("Content-Length", "2")
+            handler.end_headers()
+            handler.wfile.write(b"{}")
+        self.upstream.behaviour = answer
+        self.start_relay()
+        status, headers, data = self.chat({"model": "m"}, {
+            "Connection": "keep-alive, X-Client-Hop", "X-Client-Hop": "1",
+            "Keep-Alive": "300", "TE": "trailers", "Upgrade": "websocket",
+            "Proxy-Authorization": "Basic eA==", "Proxy-Connection": "keep-alive",
+            "Authorization": "Bearer client-key", "X-Custom": "passes",
+            "Accept-Encoding": "gzip, br"})
+        sent = self.upstream.last().headers
+        for name in ("X-Client-Hop", "Keep-Alive", "TE", "Upgrade",
+                     "Proxy-Authorization", "Proxy-Connection", "Authorization"):
+            self.assertIsNone(sent.get(name), name)
+        self.assertNotIn("keep-alive", (sent.get("Connection") or "").lower())
+        self.assertEqual(sent["Host"], "127.0.0.1:%d" % self.upstream.port)
+        self.assertEqual(sent["Accept-Encoding"], "identity")
+        self.assertEqual(sent["X-Custom"], "passes")
+        self.assertEqual((status, data), (200, b"{}"))
+        for name in ("x-up-hop", "keep-alive", "upgrade"):
+            self.assertNotIn(name, headers)
+        self.assertEqual(headers["x-upstream-request-id"], "req_123")
+        self.assertEqual(headers["openai-processing-ms"], "12")
+        self.assertEqual(len(headers["x-request-id"]), 32)
+
+    def test_forward_auth_true_sends_the_client_authorization(self):
+        self.start_relay(forward_auth=True)
+        self.chat({"model": "m"}, {"Authorization": "Bearer client-key"})
+        self.assertEqual(self.upstream.last().headers["Authorization"],
+                         "Bearer client-key")
+
+    def test_upstream_api_key_is_sent_when_not_forwarding(self):
+        self.start_relay(upstream_api_key="sk-relay")
+        self.chat({"model": "m"}, {"Authorization": "Bearer client-key"})
+        self.assertEqual(self.upstream.last().headers["Authorization"],
+                         "Bearer sk-relay")
+
+    def test_compressed_upstream_body_reaches_the_client_intact(self):
+        compressed = gzip.compress(json.dumps(chat_completion()).encode())
+        self.upstream.behaviour = lambda handler, recorded: reply_json(
+            handler, compressed, headers=[("Content-Encoding", "gzip")])
+        self.start_relay()
+        status, headers, data = self.chat({"model": "m"})
+        self.assertEqual((status, headers["content-encoding"]), (200, "gzip"))
+        self.assertEqual(data, compressed)
+        self.assertEqual(json.loads(gzip.decompress(data).decode()), chat_completion())
+
+    def test_keep_alive_reuses_one_client_connection(self):
+        self.start_relay()
+        connection = self.connect()
+        for _ in range(3):
+            self.assertEqual(self.chat({"model": "m"}, connection=connection)[0], 200)
+            self.assertEqual(self.request("GET", "/health", connection=connection)[0],
+                             200)
+        status, _, data = self.chat(b"bad", connection=connection)
+        self.assertEqual(status, 400)
+        self.assertEqual(self.chat({"model": "m"}, connection=connection)[0], 200)
+        self.assertEqual(self.relay.active_connections(), 1)
