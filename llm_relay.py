@@ -1915,6 +1915,8 @@ def read_response_body(response, upstream, max_bytes):
     """
     try:
         data = response.read(max_bytes + 1)
+        if len(data) <= max_bytes and not upstream_body_complete(response):
+            raise http.client.IncompleteRead(data)
     except http.client.IncompleteRead:
         raise RelayError(502, "upstream %s (%s) closed the connection before the "
                          "end of the response body." % (upstream.name, upstream.url),
@@ -2145,9 +2147,12 @@ class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     def drain(self, grace_seconds):
         """Close idle connections now; wait up to grace_seconds for the others.
 
-        Call after shutdown() has stopped accepting.  Returns True when every
-        connection finished in time; the rest are then closed.
+        Call after serve_forever() has returned.  The listening socket is
+        closed first, so new connections are refused rather than left
+        waiting in the backlog.  Returns True when every connection finished
+        in time; the rest are then closed.
         """
+        self.socket.close()
         deadline = time.monotonic() + grace_seconds
         with self._lock:
             self.draining = True

@@ -1231,3 +1231,788 @@ class HeadersOverHttpTest(RelayTestCase):
         self.assertEqual(status, 400)
         self.assertEqual(self.chat({"model": "m"}, connection=connection)[0], 200)
         self.assertEqual(self.relay.active_connections(), 1)
+
+
+###############################################################################
+# Hardening: access, secrets, limits, faults ##################################
+###############################################################################
+
+class AccessControlTest(RelayTestCase):
+
+    def test_api_keys_are_required_except_on_health(self):
+        self.start_relay(api_keys=["relay-key-1", "relay-key-2"])
+        for path, method, body in (("/v1/chat/completions", "POST", {"model": "m"}),
+                                   ("/v1/models", "GET", None),
+                                   ("/v1/embeddings", "POST", {"model": "m"})):
+            for headers in ({}, {"Authorization": "Bearer wrong"},
+                            {"Authorization": "relay-key-1"},
+                            {"Authorization": "Basic cmVsYXkta2V5LTE="}):
+                status, response_headers, data = self.request(method, path, body,
+                                                              headers)
+                self.assert_openai_error(status, data, 401, "invalid_api_key")
+                self.assertEqual(response_headers["www-authenticate"], "Bearer")
+        self.assertEqual(self.upstream.requests, [])
+        self.assertEqual(self.request("GET", "/health")[0], 200)
+        status, _, _ = self.chat({"model": "m"}, {"Authorization": "Bearer relay-key-2"})
+        self.assertEqual(status, 200)
+        self.assertIsNone(self.upstream.last().headers.get("Authorization"))
+
+    def test_relay_key_is_not_sent_upstream_but_upstream_key_is(self):
+        self.start_relay(api_keys=["relay-key"], upstream_api_key="sk-upstream")
+        self.chat({"model": "m"}, {"Authorization": "Bearer relay-key"})
+        self.assertEqual(self.upstream.last().headers["Authorization"],
+                         "Bearer sk-upstream")
+
+    def test_no_secret_appears_in_any_log_line(self):
+        secrets = ["relay-secret-1", "sk-upstream-secret", "wrong-secret-xyz",
+                   "body-secret-123", "x-api-secret-9"]
+        self.upstream.behaviour = lambda handler, recorded: (
+            reply_json(handler, {"error": {"message": "no"}}, 500)
+            if b"fail" in recorded.body else openai_like(handler, recorded))
+        self.start_relay(api_keys=["relay-secret-1"], upstream_api_key="sk-upstream-secret",
+                         model_rules=[{"match_model": "m", "set": {"k": 1}}])
+        logger = logging.getLogger("llm_relay")
+        with self.assertLogs("llm_relay", "DEBUG") as logs:
+            self.assertEqual(logger.getEffectiveLevel(), logging.DEBUG)
+            good = {"Authorization": "Bearer relay-secret-1", "X-Api-Key": secrets[4]}
+            self.chat({"model": "m", "api_key": "body-secret-123"}, good)
+            self.chat({"model": "m", "stream": True, "token": "body-secret-123"}, good)
+            self.chat({"model": "m", "fail": True, "secret": "body-secret-123"}, good)
+            self.chat({"model": "m"}, {"Authorization": "Bearer wrong-secret-xyz"})
+            self.request("GET", "/v1/models", None, good)
+            self.raw_exchange(b"POST /v1/chat/completions HTTP/1.1\r\nAuthorization: "
+                              b"Bearer relay-secret-1\r\nContent-Length: 5\r\n"
+                              b"Connection: close\r\n\r\n{bad}")
+        text = "\n".join(logs.output)
+        self.assertIn("body sent", text)  # the verbose body log was exercised
+        for secret in secrets:
+            self.assertNotIn(secret, text)
+
+    def test_upstream_redirect_is_relayed_not_followed(self):
+        self.upstream.behaviour = lambda handler, recorded: reply_json(
+            handler, {"moved": True}, 307, [("Location", "http://127.0.0.1:1/v1/x")])
+        self.start_relay()
+        status, headers, data = self.chat({"model": "m"})
+        self.assertEqual((status, headers["location"]), (307, "http://127.0.0.1:1/v1/x"))
+        self.assertEqual(json.loads(data.decode()), {"moved": True})
+        self.assertEqual(len(self.upstream.requests), 1)
+
+    def test_absolute_form_target_does_not_change_the_destination(self):
+        self.start_relay()
+        body = b'{"model": "m"}'
+        reply = self.raw_exchange(
+            b"POST http://elsewhere.invalid:9/v1/chat/completions HTTP/1.1\r\n"
+            b"Host: elsewhere.invalid\r\nContent-Length: %d\r\nConnection: close\r\n"
+            b"\r\n%s" % (len(body), body))
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply)
+        self.assertEqual(self.upstream.last().path, "/v1/chat/completions")
+        self.assertEqual(self.upstream.last().headers["Host"],
+                         "127.0.0.1:%d" % self.upstream.port)
+
+
+def make_certificate(directory):
+    """Create a self-signed certificate for 127.0.0.1; return (cert, key)."""
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    subprocess.check_call(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", key, "-out", cert],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return cert, key
+
+
+@unittest.skipUnless(shutil.which("openssl"), "the openssl command is needed to "
+                     "make a test certificate")
+class TlsUpstreamTest(RelayTestCase):
+
+    def setUp(self):
+        RelayTestCase.setUp(self)
+        import ssl
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        self.cert, key = make_certificate(directory)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, key)
+        self.upstream.server.socket = context.wrap_socket(
+            self.upstream.server.socket, server_side=True,
+            do_handshake_on_connect=False)
+        self.url = "https://127.0.0.1:%d/v1" % self.upstream.port
+
+    def test_certificates_are_verified_by_default(self):
+        self.start_relay(upstream=self.url)
+        status, _, data = self.chat({"model": "m"})
+        error = self.assert_openai_error(status, data, 502)
+        self.assertIn("TLS", error["message"])
+
+    def test_private_ca_file(self):
+        self.start_relay(upstream=self.url, upstream_ca_file=self.cert)
+        status, _, data = self.chat({"model": "m", "stream": True})
+        self.assertEqual((status, data), (200, b"".join(sse_events(3, "m"))))
+
+    def test_verification_can_be_turned_off_with_a_warning(self):
+        config, warnings = llm_relay.validate_config(
+            {"listen": "127.0.0.1:0", "upstream": self.url,
+             "upstream_tls_verify": False}, "t", None, {})
+        self.assertTrue(any("upstream_tls_verify" in w for w in warnings))
+        self.start_server(config)
+        self.assertEqual(self.chat({"model": "m"})[0], 200)
+
+
+class LimitsTest(RelayTestCase):
+
+    def test_oversized_content_length_is_413_before_the_body_is_read(self):
+        self.start_relay(max_body_bytes=1000)
+        reply = self.raw_exchange(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                  b"Content-Length: 5000\r\n\r\n")  # no body sent
+        self.assertTrue(reply.startswith(b"HTTP/1.1 413"), reply)
+        self.assertIn(b"max_body_bytes", reply)
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_post_without_length_is_411(self):
+        self.start_relay()
+        reply = self.raw_exchange(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                  b"Connection: close\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 411"), reply)
+
+    def test_chunked_request_body_is_decoded_and_counted(self):
+        self.start_relay(max_body_bytes=100)
+        body = b'{"model": "m", "messages": []}'
+        chunked = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(part), part)
+                           for part in (body[:7], body[7:])) + b"0\r\nX-T: 1\r\n\r\n"
+        reply = self.raw_exchange(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                  b"Transfer-Encoding: chunked\r\nConnection: close"
+                                  b"\r\n\r\n" + chunked)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply)
+        self.assertEqual(self.upstream.last().body, body)
+        self.assertEqual(self.upstream.last().headers["Content-Length"], str(len(body)))
+        too_big = b"40\r\n" + b"x" * 64 + b"\r\n" + b"40\r\n" + b"x" * 64 + b"\r\n0\r\n\r\n"
+        reply = self.raw_exchange(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                  b"Transfer-Encoding: chunked\r\n\r\n" + too_big)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 413"), reply)
+        reply = self.raw_exchange(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                  b"Transfer-Encoding: chunked\r\n\r\nzz\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply)
+
+    def test_expect_100_continue(self):
+        self.start_relay(max_body_bytes=1000)
+        body = b'{"model": "m"}'
+        sock = socket.create_connection(("127.0.0.1", self.relay.port),
+                                        timeout=WAIT_SECONDS)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: "
+                     b"100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        self.assertEqual(sock.recv(1024), b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(self.upstream.last().body, body)
+        reply = self.raw_exchange(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                  b"Expect: 100-continue\r\nContent-Length: 5000\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 413"), reply)  # no 100 first
+
+    def test_connections_beyond_max_connections_get_503(self):
+        self.start_relay(max_connections=2)
+        held = [self.connect(), self.connect()]
+        for connection in held:  # both are accepted and served, then idle
+            self.assertEqual(self.request("GET", "/health", connection=connection)[0],
+                             200)
+        reply = self.raw_exchange(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 503"), reply)
+        self.assertIn(b"Retry-After: 1", reply)
+        self.assertIn(b'"overloaded"', reply)
+        held[0].close()
+        deadline = time.monotonic() + WAIT_SECONDS
+        while self.relay.active_connections() > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(self.request("GET", "/health")[0], 200)
+
+    def test_a_burst_of_500_connections_is_not_refused(self):
+        self.start_relay()
+        self.assertGreaterEqual(self.relay.request_queue_size, 500)
+        sockets = []
+        try:
+            for _ in range(500):
+                sockets.append(socket.create_connection(
+                    ("127.0.0.1", self.relay.port), timeout=WAIT_SECONDS))
+            sockets[-1].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertTrue(sockets[-1].recv(100).startswith(b"HTTP/1.1 200"))
+        finally:
+            for sock in sockets:
+                sock.close()
+
+    def test_slow_and_idle_clients_are_closed_after_client_timeout(self):
+        self.start_relay(client_timeout=0.5)
+        slow = socket.create_connection(("127.0.0.1", self.relay.port),
+                                        timeout=WAIT_SECONDS)
+        self.addCleanup(slow.close)
+        idle = self.connect()
+        self.assertEqual(self.request("GET", "/health", connection=idle)[0], 200)
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: 100\r\n\r\n{")
+        started = time.monotonic()
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            self.assertEqual(slow.recv(100), b"")  # closed by the relay
+        self.assertLess(time.monotonic() - started, WAIT_SECONDS)
+        self.assertTrue(any("client_timeout" in line for line in logs.output))
+        self.assertEqual(idle.sock.recv(100), b"")
+        self.assertEqual(self.upstream.requests, [])
+
+
+def listen_but_never_accept():
+    """Return a listening socket whose backlog is full: connects time out."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(server.getsockname())
+        fillers.append(filler)
+    time.sleep(0.1)  # let the kernel complete the fillers' handshakes
+    return server, fillers
+
+
+class UpstreamFaultsTest(RelayTestCase):
+
+    def assert_relay_still_serves(self):
+        self.upstream.behaviour = openai_like
+        status, _, data = self.chat({"model": "m", "messages": []})
+        self.assertEqual(status, 200, data)
+
+    def test_connect_timeout_is_504(self):
+        server, fillers = listen_but_never_accept()
+        for sock in [server] + fillers:
+            self.addCleanup(sock.close)
+        self.start_relay(upstream="http://127.0.0.1:%d/v1" % server.getsockname()[1],
+                         connect_timeout=0.3)
+        status, _, data = self.chat({"model": "m"})
+        error = self.assert_openai_error(status, data, 504, "upstream_timeout")
+        self.assertIn("accept the connection within 0.3 s", error["message"])
+
+    def test_upstream_that_accepts_but_never_answers_is_504(self):
+        release = threading.Event()
+        self.addCleanup(release.set)
+        self.upstream.behaviour = lambda handler, recorded: release.wait(WAIT_SECONDS)
+        self.start_relay(read_timeout=0.3)
+        self.assert_openai_error(*self.chat({"model": "m"})[::2],
+                                 expected_status=504)
+        release.set()
+        self.assert_relay_still_serves()
+
+    def test_garbage_that_is_not_http_is_502(self):
+        def garbage(handler, recorded):
+            handler.wfile.write(b"\x00\x01 this is not HTTP\r\n\r\n")
+            handler.close_connection = True
+        self.upstream.behaviour = garbage
+        self.start_relay()
+        status, _, data = self.chat({"model": "m"})
+        error = self.assert_openai_error(status, data, 502)
+        self.assertIn("invalid HTTP", error["message"])
+        self.assert_relay_still_serves()
+
+    def test_upstream_closing_mid_body_is_502(self):
+        def short_body(handler, recorded):
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", "100")
+            handler.end_headers()
+            handler.wfile.write(b'{"id": "x", ')
+            handler.close_connection = True
+
+        def short_chunked(handler, recorded):
+            start_chunked(handler, content_type="application/json")
+            write_chunk(handler, b'{"id": ')
+            handler.close_connection = True
+        for behaviour in (short_body, short_chunked):
+            self.upstream.behaviour = behaviour
+            if not hasattr(self, "relay"):
+                self.start_relay()
+            status, _, data = self.chat({"model": "m"})
+            error = self.assert_openai_error(status, data, 502, "upstream_error")
+            self.assertIn("before the end", error["message"])
+            self.assert_relay_still_serves()
+
+    def test_sse_framing_variants_are_relayed_byte_exact(self):
+        pieces = [b"retry: 1000\r\n", b": ping\r\n", b"\r\n",
+                  b"event: message\r\ndata: first line\r\ndata: second line\r\n\r\n",
+                  b'data: {"content": "caf', "é 漢".encode("utf-8")[:2],
+                  "é 漢".encode("utf-8")[2:6], "é 漢".encode("utf-8")[6:] +
+                  b'"}\n\n', b"data: " + b"x" * 100000 + b"\n\n", b"data: [DONE]\n\n"]
+
+        def fragmented(handler, recorded):
+            handler.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            handler.send_response(200)
+            handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            handler.send_header("Connection", "close")
+            handler.end_headers()
+            handler.wfile.flush()
+            for piece in pieces:  # close-delimited, one TCP write each
+                handler.connection.sendall(piece)
+                time.sleep(0.01)
+            handler.close_connection = True
+        self.upstream.behaviour = fragmented
+        self.start_relay()
+        status, headers, data = self.chat({"model": "m", "stream": True})
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["content-type"], "text/event-stream; charset=utf-8")
+        self.assertEqual(data, b"".join(pieces))
+        self.assert_relay_still_serves()
+
+    def test_a_fault_in_one_request_does_not_disturb_another(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+
+        def mixed(handler, recorded):
+            if recorded.json().get("model") == "slow":
+                start_chunked(handler)
+                write_chunk(handler, b"data: 1\n\n")
+                gate.wait(WAIT_SECONDS)
+                write_chunk(handler, b"data: [DONE]\n\n")
+                end_chunks(handler)
+            else:
+                handler.wfile.write(b"garbage\r\n\r\n")
+                handler.close_connection = True
+        self.upstream.behaviour = mixed
+        self.start_relay()
+        streaming = self.connect()
+        streaming.request("POST", "/v1/chat/completions", body=b'{"model": "slow"}',
+                          headers={"Content-Type": "application/json"})
+        response = streaming.getresponse()
+        self.assertEqual(response.readline(), b"data: 1\n")
+        self.assertEqual(self.chat({"model": "bad"})[0], 502)
+        self.assertEqual(self.request("POST", "/v1/chat/completions", b"{")[0], 400)
+        gate.set()
+        self.assertEqual(response.read(), b"\ndata: [DONE]\n\n")
+
+
+###############################################################################
+# Lifecycle: the real process, signals, reload ################################
+###############################################################################
+
+class RelayProcess(object):
+    """python3 llm_relay.py --config PATH as a child process on port 0."""
+
+    def __init__(self, test, config_text, extra_args=()):
+        self.directory = tempfile.mkdtemp()
+        test.addCleanup(shutil.rmtree, self.directory, True)
+        self.config_path = os.path.join(self.directory, "config.jsonc")
+        self.write_config(config_text)
+        self.lines = []
+        self.lines_changed = threading.Condition()
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "llm_relay.py"), "--config",
+             self.config_path] + list(extra_args),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.directory)
+        test.addCleanup(self.kill)
+        reader = threading.Thread(target=self._read_stderr)
+        reader.daemon = True
+        reader.start()
+        self.port = None
+        line = self.wait_for_line("listening on http://")
+        if line is not None:
+            self.port = int(line.split("listening on http://")[1].split(",")[0]
+                            .rsplit(":", 1)[1])
+
+    def write_config(self, text):
+        with open(self.config_path, "w") as handle:
+            handle.write(text)
+
+    def _read_stderr(self):
+        for raw in self.process.stderr:
+            with self.lines_changed:
+                self.lines.append(raw.decode("utf-8", "replace"))
+                self.lines_changed.notify_all()
+        with self.lines_changed:
+            self.lines.append(None)  # end of output
+            self.lines_changed.notify_all()
+
+    def wait_for_line(self, text, start=0):
+        """Return the first stderr line from index start containing text."""
+        deadline = time.monotonic() + WAIT_SECONDS
+        with self.lines_changed:
+            while time.monotonic() < deadline:
+                for line in self.lines[start:]:
+                    if line is None:
+                        return None
+                    if text in line:
+                        return line
+                self.lines_changed.wait(0.1)
+        return None
+
+    def stderr_text(self):
+        with self.lines_changed:
+            return "".join(line for line in self.lines if line)
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(WAIT_SECONDS)
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+
+def config_text(upstream_url, **extra):
+    raw = {"listen": "127.0.0.1:0", "upstream": upstream_url}
+    raw.update(extra)
+    return "// test config\n" + json.dumps(raw, indent=2) + "\n"
+
+
+class LifecycleTest(RelayTestCase):
+
+    def open_stream(self, port, model="m"):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT_SECONDS)
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(
+            {"model": model, "stream": True}), headers={"Content-Type": "application/json"})
+        return connection.getresponse()
+
+    def gated_stream(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+
+        def behaviour(handler, recorded):
+            if not recorded.json().get("stream"):
+                return openai_like(handler, recorded)
+            start_chunked(handler)
+            write_chunk(handler, b"data: before\n\n")
+            gate.wait(WAIT_SECONDS)
+            write_chunk(handler, b"data: after\n\n")
+            write_chunk(handler, b"data: [DONE]\n\n")
+            end_chunks(handler)
+        self.upstream.behaviour = behaviour
+        return gate
+
+    def test_sigterm_lets_streams_finish_and_closes_idle_connections_at_once(self):
+        gate = self.gated_stream()
+        relay = RelayProcess(self, config_text(self.upstream.url))
+        idle = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=WAIT_SECONDS)
+        self.addCleanup(idle.close)
+        idle.request("GET", "/health")
+        self.assertEqual(idle.getresponse().read(), b'{"status":"ok"}')
+        stream = self.open_stream(relay.port)
+        self.assertEqual(stream.readline(), b"data: before\n")
+        relay.process.send_signal(signal.SIGTERM)
+        self.assertIsNotNone(relay.wait_for_line("shutting down"))
+        self.assertEqual(idle.sock.recv(10), b"")  # closed at once, not after grace
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", relay.port), timeout=1).close()
+        gate.set()
+        self.assertEqual(stream.read(), b"\ndata: after\n\ndata: [DONE]\n\n")
+        self.assertEqual(relay.process.wait(WAIT_SECONDS), 0)
+        self.assertNotIn("Traceback", relay.stderr_text())
+
+    def test_idle_keep_alive_connections_never_delay_the_exit(self):
+        relay = RelayProcess(self, config_text(self.upstream.url, shutdown_grace=60))
+        idle = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=WAIT_SECONDS)
+        self.addCleanup(idle.close)
+        idle.request("GET", "/health")
+        idle.getresponse().read()
+        relay.process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        self.assertEqual(relay.process.wait(WAIT_SECONDS), 0)
+        self.assertNotIn("Traceback", relay.stderr_text())
+
+    def test_grace_period_ends_streams_that_do_not_finish(self):
+        self.gated_stream()
+        relay = RelayProcess(self, config_text(self.upstream.url, shutdown_grace=0.5))
+        stream = self.open_stream(relay.port)
+        self.assertEqual(stream.readline(), b"data: before\n")
+        relay.process.send_signal(signal.SIGTERM)
+        self.assertEqual(relay.process.wait(WAIT_SECONDS), 0)
+        self.assertIsNotNone(relay.wait_for_line("grace ended"))
+        self.assertNotIn("Traceback", relay.stderr_text())
+
+    def test_sighup_reloads_rules_without_disturbing_streams(self):
+        gate = self.gated_stream()
+        relay = RelayProcess(self, config_text(self.upstream.url, model_rules=[
+            {"match_model": "m", "set": {"model": "old"}}]))
+        stream = self.open_stream(relay.port)
+        self.assertEqual(stream.readline(), b"data: before\n")
+        relay.write_config(config_text(self.upstream.url, model_rules=[
+            {"match_model": "m", "set": {"model": "new"}}]))
+        seen = len(relay.lines)
+        relay.process.send_signal(signal.SIGHUP)
+        self.assertIsNotNone(relay.wait_for_line("reloaded", seen))
+        connection = http.client.HTTPConnection("127.0.0.1", relay.port,
+                                                timeout=WAIT_SECONDS)
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/chat/completions", body=b'{"model": "m"}',
+                           headers={"Content-Type": "application/json"})
+        connection.getresponse().read()
+        self.assertEqual(self.upstream.last().json()["model"], "new")
+        gate.set()
+        self.assertEqual(stream.read(), b"\ndata: after\n\ndata: [DONE]\n\n")
+
+        relay.write_config('{"model_rules": [{"match_model": 1}]}')
+        seen = len(relay.lines)
+        relay.process.send_signal(signal.SIGHUP)
+        line = relay.wait_for_line("reload failed", seen)
+        self.assertIn("model_rules[0].match_model", line)
+        connection.request("POST", "/v1/chat/completions", body=b'{"model": "m"}',
+                           headers={"Content-Type": "application/json"})
+        connection.getresponse().read()
+        self.assertEqual(self.upstream.last().json()["model"], "new")
+
+        relay.write_config(config_text(self.upstream.url).replace(
+            "127.0.0.1:0", "127.0.0.1:1"))
+        seen = len(relay.lines)
+        relay.process.send_signal(signal.SIGHUP)
+        self.assertIsNotNone(relay.wait_for_line("restart", seen))
+        relay.process.send_signal(signal.SIGTERM)
+        self.assertEqual(relay.process.wait(WAIT_SECONDS), 0)
+
+
+class CommandLineTest(unittest.TestCase):
+
+    def run_relay(self, args, cwd=None):
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, "llm_relay.py")]
+                                   + args, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, cwd=cwd or HERE)
+        out, err = process.communicate(timeout=WAIT_SECONDS)
+        return process.returncode, out.decode(), err.decode()
+
+    def test_invalid_config_exits_2_with_one_line_before_binding(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "broken.jsonc")
+        with open(path, "w") as handle:
+            handle.write('{\n  "listen": "127.0.0.1:0",\n  "upstream": "x" "y"\n}\n')
+        status, out, err = self.run_relay(["--config", path])
+        self.assertEqual(status, 2)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn("broken.jsonc:3:19: Expecting ',' delimiter", err)
+        self.assertNotIn("listening", err)
+        with open(path, "w") as handle:
+            handle.write('{"model_rules": [{"match_model": "a"}, {"match_model": "b",'
+                         '\n "unset": "x"}]}')
+        status, out, err = self.run_relay(["--config", path])
+        self.assertEqual(status, 2)
+        self.assertIn("broken.jsonc:2:11: model_rules[1].unset: expected a list of "
+                      "strings", err)
+
+    def test_missing_config_file_exits_2(self):
+        status, out, err = self.run_relay(["--config", "/nonexistent/relay.jsonc"])
+        self.assertEqual(status, 2)
+        self.assertIn("/nonexistent/relay.jsonc", err)
+        self.assertNotIn("Traceback", err)
+
+    def test_version_and_help(self):
+        status, out, err = self.run_relay(["--version"])
+        self.assertEqual((status, out.strip()), (0, "llm-relay " + llm_relay.__version__))
+        status, out, err = self.run_relay(["--help"])
+        self.assertEqual(status, 0)
+        for option in ("--config", "--verbose", "--version", "config.jsonc"):
+            self.assertIn(option, out)
+
+    def test_port_in_use_is_a_clear_error(self):
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "c.jsonc")
+        with open(path, "w") as handle:
+            handle.write('{"listen": "127.0.0.1:%d"}' % holder.getsockname()[1])
+        status, out, err = self.run_relay(["--config", path])
+        self.assertEqual(status, 1)
+        self.assertIn("cannot listen", err)
+        self.assertNotIn("Traceback", err)
+
+
+###############################################################################
+# Upstream connection reuse ###################################################
+###############################################################################
+
+class UpstreamPoolTest(RelayTestCase):
+
+    def test_upstream_connections_are_reused(self):
+        self.start_relay()
+        for body in ({"model": "m"}, {"model": "m", "stream": True}, {"model": "m"}):
+            self.assertEqual(self.chat(body)[0], 200)
+        self.assertEqual(self.request("GET", "/v1/models")[0], 200)
+        self.assertEqual(self.upstream.connections_opened, 1)
+        self.assertEqual(len(self.upstream.requests), 4)
+
+    def test_connection_closed_by_the_upstream_while_idle_is_not_reused(self):
+        self.start_relay()
+        self.assertEqual(self.chat({"model": "m"})[0], 200)
+        with self.upstream.lock:
+            sockets = list(self.upstream.sockets)
+        self.upstream.connection_closed_event.clear()
+        for sock in sockets:
+            sock.shutdown(socket.SHUT_RDWR)
+        self.assertTrue(self.upstream.connection_closed_event.wait(WAIT_SECONDS))
+        self.assertEqual(self.chat({"model": "m"})[0], 200)
+        self.assertEqual(self.upstream.connections_opened, 2)
+        self.assertEqual(len(self.upstream.requests), 2)
+
+    def test_stale_connection_is_retried_once_on_a_fresh_one(self):
+        def closes_second_request_on_a_connection(handler, recorded):
+            served = getattr(handler, "served", 0)
+            handler.served = served + 1
+            if served == 1:  # as if the keep-alive timer fired: no answer
+                handler.close_connection = True
+                return
+            openai_like(handler, recorded)
+        self.upstream.behaviour = closes_second_request_on_a_connection
+        self.start_relay()
+        self.assertEqual(self.chat({"model": "m"})[0], 200)
+        self.assertEqual(self.chat({"model": "m"})[0], 200)
+        self.assertEqual(self.upstream.connections_opened, 2)
+        self.assertEqual(len(self.upstream.requests), 3)
+
+    def test_a_fresh_connection_is_never_retried(self):
+        def never_answers(handler, recorded):
+            handler.close_connection = True
+        self.upstream.behaviour = never_answers
+        self.start_relay()
+        status, _, data = self.chat({"model": "m"})
+        self.assert_openai_error(status, data, 502)
+        self.assertEqual(len(self.upstream.requests), 1)
+
+    def test_environment_proxy_variables_are_ignored(self):
+        self.start_relay()
+        saved = dict((name, os.environ.get(name)) for name in (
+            "http_proxy", "HTTP_PROXY", "https_proxy", "ALL_PROXY"))
+        try:
+            for name in saved:
+                os.environ[name] = "http://127.0.0.1:9"  # nothing listens there
+            self.assertEqual(self.chat({"model": "m"})[0], 200)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        self.assertEqual(len(self.upstream.requests), 1)
+
+
+###############################################################################
+# Soak ########################################################################
+###############################################################################
+
+def open_descriptors():
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # not Linux
+        return None
+
+
+class SoakTest(RelayTestCase):
+    """200 concurrent streams and 2,000 buffered requests, some abandoned."""
+
+    STREAMS = 200
+    BUFFERED = 2000
+    CLIENTS = 8
+
+    def test_soak(self):
+        stream_lines = sse_events(20)
+        expected_stream = b"".join(stream_lines)
+        expected_json = json.dumps(chat_completion("m", "x" * 200)).encode()
+
+        def behaviour(handler, recorded):
+            if b'"stream": true' in recorded.body:
+                start_chunked(handler)
+                for line in stream_lines:
+                    write_chunk(handler, line)
+                    time.sleep(0.002)
+                end_chunks(handler)
+            else:
+                reply_json(handler, expected_json)
+        self.upstream.behaviour = behaviour
+        self.start_relay(max_connections=1000)
+        gc_settle()
+        threads_before, fds_before = threading.active_count(), open_descriptors()
+        failures, completed = [], [0, 0]
+        lock = threading.Lock()
+        rng = random.Random(7)
+        abandon_streams = set(rng.sample(range(self.STREAMS), 10))
+        abandon_buffered = set(rng.sample(range(self.BUFFERED), 20))
+        deadline = time.monotonic() + 50
+
+        def stream_client(index):
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", self.relay.port,
+                                                        timeout=30)
+                connection.request("POST", "/v1/chat/completions",
+                                   body=b'{"model": "m", "stream": true}')
+                response = connection.getresponse()
+                if index in abandon_streams:
+                    response.readline()
+                    connection.sock.shutdown(socket.SHUT_RDWR)
+                    connection.close()
+                    return
+                data = response.read()
+                connection.close()
+                if data != expected_stream:
+                    raise AssertionError("stream %d differs" % index)
+                with lock:
+                    completed[0] += 1
+            except Exception as error:
+                with lock:
+                    failures.append("stream %d: %r" % (index, error))
+
+        def buffered_client(indexes):
+            connection = http.client.HTTPConnection("127.0.0.1", self.relay.port,
+                                                    timeout=30)
+            for index in indexes:
+                if time.monotonic() > deadline:
+                    failures.append("soak ran out of time")
+                    return
+                try:
+                    connection.request("POST", "/v1/chat/completions",
+                                       body=b'{"model": "m"}')
+                    if index in abandon_buffered:
+                        connection.close()  # before reading the answer
+                        continue
+                    response = connection.getresponse()
+                    data = response.read()
+                    if response.status != 200 or data != expected_json:
+                        raise AssertionError("status %d" % response.status)
+                    with lock:
+                        completed[1] += 1
+                except Exception as error:
+                    with lock:
+                        failures.append("request %d: %r" % (index, error))
+                    connection.close()
+            connection.close()
+
+        workers = [threading.Thread(target=stream_client, args=(index,))
+                   for index in range(self.STREAMS)]
+        workers += [threading.Thread(target=buffered_client, args=(
+            range(client, self.BUFFERED, self.CLIENTS),))
+            for client in range(self.CLIENTS)]
+        for worker in workers:
+            worker.daemon = True
+            worker.start()
+        for worker in workers:
+            worker.join(max(0.1, deadline - time.monotonic()))
+        self.assertEqual(failures, [])
+        self.assertEqual(completed, [self.STREAMS - len(abandon_streams),
+                                     self.BUFFERED - len(abandon_buffered)])
+        # Idle pooled upstream connections are a bounded cache, not a leak.
+        self.assertLessEqual(sum(len(idle) for idle in self.relay.pool._idle.values()),
+                             llm_relay.POOL_MAX_IDLE_PER_UPSTREAM)
+        self.relay.pool.close_all()
+        wait_until(lambda: threading.active_count() <= threads_before and
+                   self.relay.active_connections() == 0 and
+                   self.upstream.open_connections == 0)
+        gc_settle()
+        self.assertEqual(self.relay.active_connections(), 0)
+        self.assertLessEqual(threading.active_count(), threads_before)
+        if fds_before is not None:
+            self.assertLessEqual(open_descriptors(), fds_before)
+
+
+def gc_settle():
+    import gc
+    gc.collect()
+
+
+def wait_until(predicate, timeout=WAIT_SECONDS):
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return predicate()
