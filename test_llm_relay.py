@@ -844,6 +844,12 @@ class RelayTestCase(unittest.TestCase):
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def wait_for_log(self, logs, text):
+        """Wait for a log line containing text; the access line of a request
+        is written just after its response has been sent."""
+        self.assertTrue(wait_until(lambda: any(text in line for line in logs.output)),
+                        "no log line with %r in %r" % (text, logs.output))
+
     def assert_openai_error(self, status, data, expected_status, code=None):
         self.assertEqual(status, expected_status, data)
         error = json.loads(data.decode("utf-8"))["error"]
@@ -1090,7 +1096,7 @@ class StreamingTest(RelayTestCase):
                 headers={"Content-Type": "application/json"})
             response = connection.getresponse()
             lines = read_sse_lines(response)
-            self.wait_for_access_log(logs)
+            self.wait_for_log(logs, "POST /v1/chat/completions")
         self.assertEqual(response.status, 200)
         self.assertEqual(lines[:3], [sse_events(1)[0], b"\n", b"data: {\"partial\n"])
         self.assertEqual(lines[3], b"\n")
@@ -1100,12 +1106,6 @@ class StreamingTest(RelayTestCase):
         self.assertTrue(any("mid-stream" in line for line in logs.output), logs.output)
         status, _, _ = self.chat({"model": "m"})  # the relay keeps serving
         self.assertEqual(status, 200)
-
-    def wait_for_access_log(self, logs):
-        deadline = time.monotonic() + WAIT_SECONDS
-        while time.monotonic() < deadline and not any(
-                "POST /v1/chat/completions" in line for line in logs.output):
-            time.sleep(0.01)
 
     def test_upstream_silence_mid_stream_ends_with_an_error_event(self):
         release = threading.Event()
@@ -1151,13 +1151,9 @@ class StreamingTest(RelayTestCase):
             sock.close()
             # The upstream sees its connection closed within a second.
             self.assertTrue(self.upstream.connection_closed_event.wait(1.0))
-            deadline = time.monotonic() + WAIT_SECONDS
-            while threading.active_count() > threads_before and \
-                    time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: threading.active_count() <= threads_before)
+            self.wait_for_log(logs, "client disconnected")
         self.assertEqual(threading.active_count(), threads_before)
-        self.assertTrue(any("client disconnected" in line for line in logs.output),
-                        logs.output)
 
 
 class HeadersOverHttpTest(RelayTestCase):
@@ -1453,8 +1449,8 @@ class LimitsTest(RelayTestCase):
         started = time.monotonic()
         with self.assertLogs("llm_relay", "INFO") as logs:
             self.assertEqual(slow.recv(100), b"")  # closed by the relay
+            self.wait_for_log(logs, "client_timeout")
         self.assertLess(time.monotonic() - started, WAIT_SECONDS)
-        self.assertTrue(any("client_timeout" in line for line in logs.output))
         self.assertEqual(idle.sock.recv(100), b"")
         self.assertEqual(self.upstream.requests, [])
 
@@ -2016,3 +2012,356 @@ def wait_until(predicate, timeout=WAIT_SECONDS):
     while not predicate() and time.monotonic() < deadline:
         time.sleep(0.02)
     return predicate()
+
+
+###############################################################################
+# Several upstreams, richer rules, every endpoint, browsers ###################
+###############################################################################
+
+class RoutingTest(RelayTestCase):
+
+    def setUp(self):
+        RelayTestCase.setUp(self)
+        self.second = FakeUpstream(self)
+
+    def start_routed(self, chain, **raw):
+        raw.setdefault("upstreams", {"second": {"url": self.second.url,
+                                                "api_key": "sk-second"}})
+        raw.setdefault("model_rules", [{"match_model": "routed", "upstream": chain}])
+        return self.start_relay(upstream=self.upstream.url, **raw)
+
+    def test_a_rule_sends_its_model_to_a_named_upstream(self):
+        self.start_routed("second", upstream_api_key="sk-main")
+        self.assertEqual(self.chat({"model": "routed"})[0], 200)
+        self.assertEqual(self.chat({"model": "other"})[0], 200)
+        self.assertEqual([r.json()["model"] for r in self.second.requests], ["routed"])
+        self.assertEqual([r.json()["model"] for r in self.upstream.requests], ["other"])
+        self.assertEqual(self.second.last().headers["Authorization"], "Bearer sk-second")
+        self.assertEqual(self.upstream.last().headers["Authorization"], "Bearer sk-main")
+
+    def test_fallback_on_refused_5xx_429_and_timeout_before_headers(self):
+        release = threading.Event()
+        self.addCleanup(release.set)
+        behaviours = [
+            lambda handler, recorded: reply_json(handler, {"error": {}}, 503),
+            lambda handler, recorded: reply_json(handler, {"error": {}}, 429),
+            lambda handler, recorded: release.wait(WAIT_SECONDS),
+        ]
+        self.start_routed(["default", "second"], read_timeout=0.3)
+        for behaviour in behaviours:
+            self.upstream.behaviour = behaviour
+            with self.assertLogs("llm_relay", "INFO") as logs:
+                status, _, data = self.chat({"model": "routed", "x": 1})
+                self.wait_for_log(logs, "upstream=default>second")
+            self.assertEqual(status, 200, data)
+            self.assertEqual(self.second.last().json(), {"model": "routed", "x": 1})
+        self.upstream.stop()
+        self.assertEqual(self.chat({"model": "routed"})[0], 200)
+        self.assertEqual(len(self.second.requests), 4)
+
+    def test_last_upstream_answer_is_relayed_when_all_fail(self):
+        self.upstream.behaviour = self.second.behaviour = (
+            lambda handler, recorded: reply_json(handler, {"error": {"m": 1}}, 503))
+        self.start_routed(["default", "second"])
+        status, _, data = self.chat({"model": "routed"})
+        self.assertEqual((status, json.loads(data.decode())), (503, {"error": {"m": 1}}))
+        self.assertEqual((len(self.upstream.requests), len(self.second.requests)), (1, 1))
+
+    def test_nothing_is_retried_once_bytes_reached_the_client(self):
+        def drops(handler, recorded):
+            start_chunked(handler)
+            write_chunk(handler, b"data: 1\n\n")
+            handler.close_connection = True
+        self.upstream.behaviour = drops
+        self.start_routed(["default", "second"])
+        status, _, data = self.chat({"model": "routed", "stream": True})
+        self.assertEqual(status, 200)
+        self.assertIn(b'"error"', data)
+        self.assertEqual(self.second.requests, [])
+
+    def test_models_merges_routed_upstreams_and_skips_unreachable_ones(self):
+        self.second.behaviour = lambda handler, recorded: reply_json(handler, {
+            "object": "list", "data": [{"id": "on-second", "object": "model",
+                                        "created": 2, "owned_by": "b"},
+                                       {"id": "qwen2.5-72b-instruct"}]})
+        self.start_routed("second", model_rules=[
+            {"match_model": ["routed", "gpt-4*"], "upstream": "second"},
+            {"match_model": "alias"}])
+        status, _, data = self.request("GET", "/v1/models")
+        self.assertEqual([m["id"] for m in json.loads(data.decode())["data"]],
+                         ["qwen2.5-72b-instruct", "on-second", "routed", "alias"])
+        self.second.stop()
+        with self.assertLogs("llm_relay", "WARNING") as logs:
+            status, _, data = self.request("GET", "/v1/models")
+        self.assertEqual(status, 200)
+        self.assertIn("left out upstream second", "".join(logs.output))
+        self.assertEqual([m["id"] for m in json.loads(data.decode())["data"]],
+                         ["qwen2.5-72b-instruct", "routed", "alias"])
+        self.upstream.stop()
+        status, _, data = self.request("GET", "/v1/models")
+        self.assert_openai_error(status, data, 502)
+
+
+class RichRulesOverHttpTest(RelayTestCase):
+
+    def test_patterns_lists_and_defaults(self):
+        self.start_relay(model_rules=[
+            {"match_model": ["a", "b"], "set": {"model": "ab"}},
+            {"match_model": "gpt-4*", "defaults": {"temperature": 0.2, "top_p": 1},
+             "set": {"model": "big"}},
+            {"match_model": "default", "set": {"model": "fallback"}}])
+        cases = [({"model": "b"}, {"model": "ab"}),
+                 ({"model": "gpt-4o", "temperature": 0.9},
+                  {"model": "big", "temperature": 0.9, "top_p": 1}),
+                 ({"model": "GPT-4o"}, {"model": "fallback"})]
+        for sent, expected in cases:
+            self.chat(sent)
+            self.assertEqual(self.upstream.last().json(), expected)
+
+
+class PassThroughTest(RelayTestCase):
+
+    def test_json_endpoints_go_through_rules_and_routing(self):
+        self.upstream.behaviour = lambda handler, recorded: reply_json(
+            handler, {"object": "list", "data": [{"embedding": [0.1]}]})
+        self.start_relay(model_rules=[{"match_model": "embed",
+                                       "set": {"model": "nomic-embed-text"}}])
+        for path in ("/v1/embeddings", "/v1/moderations", "/v1/rerank"):
+            status, _, data = self.request("POST", path, {"model": "embed",
+                                                          "input": "hi"})
+            self.assertEqual(status, 200)
+            self.assertEqual(self.upstream.last().path, path)
+            self.assertEqual(self.upstream.last().json(),
+                             {"model": "nomic-embed-text", "input": "hi"})
+
+    def test_multipart_upload_and_binary_response_stream_through(self):
+        audio = bytes(range(256)) * 4096  # 1 MiB of binary
+
+        def transcribe_or_speak(handler, recorded):
+            if recorded.path.endswith("/speech"):
+                handler.send_response(200)
+                handler.send_header("Content-Type", "audio/mpeg")
+                handler.send_header("Transfer-Encoding", "chunked")
+                handler.end_headers()
+                for start in range(0, len(audio), 100000):
+                    write_chunk(handler, audio[start:start + 100000])
+                end_chunks(handler)
+            else:
+                reply_json(handler, {"text": "%d bytes, %s" % (
+                    len(recorded.body), recorded.headers["Content-Type"])})
+        self.upstream.behaviour = transcribe_or_speak
+        self.start_relay(model_rules=[{"match_model": "default",
+                                       "set": {"model": "never-applied"}}])
+        upload = (b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; "
+                  b"filename=\"a.wav\"\r\n\r\n" + audio + b"\r\n--XyZ--\r\n")
+        status, _, data = self.request(
+            "POST", "/v1/audio/transcriptions", upload,
+            {"Content-Type": "multipart/form-data; boundary=XyZ"})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.upstream.last().body, upload)
+        self.assertEqual(json.loads(data.decode())["text"],
+                         "%d bytes, multipart/form-data; boundary=XyZ" % len(upload))
+        status, headers, data = self.request("POST", "/v1/audio/speech",
+                                             {"model": "tts", "input": "hi"})
+        self.assertEqual((status, headers["content-type"]), (200, "audio/mpeg"))
+        self.assertEqual(data, audio)
+
+    def test_sse_from_any_path_is_relayed_line_by_line(self):
+        lines = [b"event: response.created\n", b"data: {}\n", b"\n",
+                 b"event: response.completed\n", b"data: {}\n", b"\n"]
+        gates = [threading.Event() for _ in lines]
+
+        def responses(handler, recorded):
+            start_chunked(handler)
+            for line, gate in zip(lines, gates):
+                write_chunk(handler, line)
+                gate.wait(WAIT_SECONDS)
+            end_chunks(handler)
+        self.upstream.behaviour = responses
+        self.start_relay()
+        connection = self.connect()
+        connection.request("POST", "/v1/responses", body=b'{"model": "m", "stream": true}',
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        for line, gate in zip(lines, gates):
+            self.assertEqual(response.readline(), line)
+            gate.set()
+
+    def test_model_by_id_alias_here_others_upstream(self):
+        self.start_relay(model_rules=[{"match_model": "alias", "set": {"model": "x"}}])
+        status, _, data = self.request("GET", "/v1/models/alias")
+        self.assertEqual(json.loads(data.decode())["id"], "alias")
+        self.assertEqual(self.upstream.requests, [])
+        self.request("GET", "/v1/models/qwen2.5-72b-instruct")
+        self.assertEqual(self.upstream.last().path, "/v1/models/qwen2.5-72b-instruct")
+
+    def test_dot_segments_are_refused(self):
+        self.start_relay()
+        for path in ("/v1/../admin", "/v1/files/%2e%2e/x", "/v1/./models",
+                     "/v1/a/%2E%2E%2Fb"):
+            status, _, data = self.request("GET", path)
+            self.assert_openai_error(status, data, 400, "invalid_path")
+        self.assertEqual(self.upstream.requests, [])
+
+
+class BrowsersAndRequestIdTest(RelayTestCase):
+
+    def test_preflight_is_answered_here_and_keys_still_guard_requests(self):
+        self.start_relay(cors_origins=["https://app.example"], api_keys=["k"])
+        status, headers, _ = self.request("OPTIONS", "/v1/chat/completions", None, {
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        self.assertEqual(status, 204)
+        self.assertEqual(headers["access-control-allow-origin"], "https://app.example")
+        self.assertIn("POST", headers["access-control-allow-methods"])
+        self.assertEqual(headers["access-control-allow-headers"],
+                         "authorization, content-type")
+        self.assertEqual(self.upstream.requests, [])
+        status, headers, _ = self.chat({"model": "m"}, {"Origin": "https://app.example"})
+        self.assertEqual(status, 401)
+        self.assertEqual(headers["access-control-allow-origin"], "https://app.example")
+        status, headers, _ = self.chat({"model": "m"}, {
+            "Origin": "https://app.example", "Authorization": "Bearer k"})
+        self.assertEqual(status, 200)
+        self.assertIn("X-Request-Id", headers["access-control-expose-headers"])
+        status, headers, _ = self.chat({"model": "m"}, {
+            "Origin": "https://evil.example", "Authorization": "Bearer k"})
+        self.assertNotIn("access-control-allow-origin", headers)
+
+    def test_no_cors_headers_by_default_and_star_allows_any(self):
+        self.start_relay()
+        self.assertNotIn("access-control-allow-origin", self.chat(
+            {"model": "m"}, {"Origin": "https://a.example"})[1])
+        self.relay.config = self.relay.config._replace(cors_origins=frozenset(["*"]))
+        self.assertEqual(self.chat({"model": "m"}, {"Origin": "https://a.example"})[1][
+            "access-control-allow-origin"], "https://a.example")
+
+    def test_request_id_is_kept_or_made_sent_upstream_returned_and_logged(self):
+        self.start_relay()
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            _, headers, _ = self.chat({"model": "m"}, {"X-Request-Id": "client-id-1"})
+            self.wait_for_log(logs, "id=client-id-1")
+        self.assertEqual(headers["x-request-id"], "client-id-1")
+        self.assertEqual(self.upstream.last().headers["X-Request-Id"], "client-id-1")
+        _, headers, _ = self.chat({"model": "m"}, {"X-Request-Id": "bad id\x7f"})
+        self.assertRegex(headers["x-request-id"], "^[0-9a-f]{32}$")
+        self.assertEqual(self.upstream.last().headers["X-Request-Id"],
+                         headers["x-request-id"])
+
+
+###############################################################################
+# Real clients: the official openai package, LangChain ########################
+###############################################################################
+
+@unittest.skipUnless(openai, OPENAI_MISSING)
+class OpenAIClientTest(RelayTestCase):
+
+    def setUp(self):
+        RelayTestCase.setUp(self)
+        self.start_relay(model_rules=[{"match_model": "gpt-3.5-turbo",
+                                       "set": {"model": "qwen2.5-72b-instruct"}}])
+        self.client = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % self.relay.port,
+                                    api_key="unused", max_retries=0, timeout=WAIT_SECONDS)
+        self.addCleanup(self.client.close)
+
+    def test_models_list(self):
+        ids = [model.id for model in self.client.models.list()]
+        self.assertEqual(ids, ["qwen2.5-72b-instruct", "gpt-3.5-turbo"])
+
+    def test_chat_completion(self):
+        completion = self.client.chat.completions.create(
+            model="gpt-3.5-turbo", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(completion.choices[0].message.content, "hello")
+        self.assertEqual(completion.model, "qwen2.5-72b-instruct")
+
+    def test_streamed_chat_completion(self):
+        stream = self.client.chat.completions.create(
+            model="gpt-3.5-turbo", messages=[{"role": "user", "content": "hi"}],
+            stream=True)
+        tokens = [chunk.choices[0].delta.content for chunk in stream
+                  if chunk.choices and chunk.choices[0].delta.content]
+        self.assertEqual(tokens, ["tok0 ", "tok1 ", "tok2 "])
+
+    def test_completion(self):
+        completion = self.client.completions.create(model="gpt-3.5-turbo",
+                                                    prompt="Say hi")
+        self.assertEqual(completion.choices[0].text, "done")
+
+    def test_errors_surface_as_sdk_exceptions(self):
+        self.upstream.behaviour = lambda handler, recorded: reply_json(
+            handler, {"error": {"message": "no such model", "type": "x",
+                                "param": None, "code": "model_not_found"}}, 404)
+        with self.assertRaises(openai.NotFoundError) as caught:
+            self.client.chat.completions.create(model="nope", messages=[])
+        self.assertIn("no such model", str(caught.exception))
+
+
+try:
+    import langchain_openai
+except ImportError:  # pragma: no cover - depends on the environment
+    langchain_openai = None
+
+
+@unittest.skipUnless(langchain_openai, "langchain-openai is not installed "
+                     "(.ci/run installs it)")
+class LangChainClientTest(RelayTestCase):
+
+    def test_invoke_and_stream(self):
+        self.start_relay()
+        chat = langchain_openai.ChatOpenAI(
+            base_url="http://127.0.0.1:%d/v1" % self.relay.port, api_key="unused",
+            model="m", max_retries=0, timeout=WAIT_SECONDS)
+        self.assertEqual(chat.invoke("hi").content, "hello")
+        self.assertEqual("".join(chunk.content for chunk in chat.stream("hi")),
+                         "tok0 tok1 tok2 ")
+
+
+###############################################################################
+# The quick start with the shipped config.jsonc ###############################
+###############################################################################
+
+class QuickStartTest(RelayTestCase):
+    """The README's quick start: the shipped config, a real client, streaming."""
+
+    def start_shipped_config(self):
+        with open(os.path.join(HERE, "config.jsonc")) as handle:
+            text = handle.read()
+        self.assertIn('"http://localhost:11434/v1"', text)
+        self.assertIn('"0.0.0.0:8080"', text)
+        text = text.replace('"http://localhost:11434/v1"', json.dumps(self.upstream.url))
+        text = text.replace('"0.0.0.0:8080"', '"127.0.0.1:0"')
+        config, warnings = llm_relay.parse_config_text(text, "config.jsonc", {})
+        self.assertEqual(warnings, [])
+        return self.start_server(config)
+
+    def expected_upstream_body(self, body):
+        self.assertEqual(body["model"], "qwen2.5-72b-instruct")
+        self.assertEqual((body["temperature"], body["top_p"]), (0.7, 0.9))
+        self.assertEqual(body["custom_param"], "value")
+        self.assertNotIn("presence_penalty", body)
+
+    @unittest.skipUnless(openai, OPENAI_MISSING)
+    def test_openai_client_streams_through_the_shipped_config(self):
+        self.start_shipped_config()
+        client = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % self.relay.port,
+                               api_key="unused", max_retries=0, timeout=WAIT_SECONDS)
+        self.addCleanup(client.close)
+        stream = client.chat.completions.create(
+            model="gpt-3.5-turbo", presence_penalty=0.5, stream=True,
+            messages=[{"role": "user", "content": "Hello"}])
+        tokens = [chunk.choices[0].delta.content for chunk in stream
+                  if chunk.choices and chunk.choices[0].delta.content]
+        self.assertEqual(tokens, ["tok0 ", "tok1 ", "tok2 "])
+        self.expected_upstream_body(self.upstream.last().json())
+        self.assertTrue(self.upstream.last().json()["stream"])
+
+    def test_http_client_through_the_shipped_config(self):
+        self.start_shipped_config()
+        status, _, data = self.chat({"model": "gpt-3.5-turbo", "presence_penalty": 0.5,
+                                     "stream": True, "messages": []})
+        self.assertEqual((status, data), (200, b"".join(
+            sse_events(3, "qwen2.5-72b-instruct"))))
+        self.expected_upstream_body(self.upstream.last().json())
+        self.chat({"model": "llama3", "temperature": 0.1, "messages": []})
+        self.assertEqual(self.upstream.last().json(), {
+            "model": "llama3", "temperature": 0.7, "messages": [], "top_p": 0.95})
