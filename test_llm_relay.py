@@ -2365,3 +2365,43 @@ class QuickStartTest(RelayTestCase):
         self.chat({"model": "llama3", "temperature": 0.1, "messages": []})
         self.assertEqual(self.upstream.last().json(), {
             "model": "llama3", "temperature": 0.7, "messages": [], "top_p": 0.95})
+
+
+###############################################################################
+# The README's promises #######################################################
+###############################################################################
+
+def readme_code_blocks(after):
+    """Return the fenced code blocks of README.md that follow a phrase."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    text = text[text.index(after):]
+    return [block.split("\n", 1)[1] for block in text.split("```")[1::2]]
+
+
+class ReadmeTest(unittest.TestCase):
+
+    def test_rule_example_gives_the_documented_body(self):
+        rule_text, client_body, upstream_body = readme_code_blocks(
+            "Example. With this rule:")[:3]
+        config, _ = llm_relay.parse_config_text(
+            '{"model_rules": [%s]}' % rule_text, "README.md", {})
+        body = llm_relay.parse_json_body(client_body.strip().encode())
+        data, _ = llm_relay.rewrite_body(client_body.encode(), body,
+                                         llm_relay.select_rule(config.rule_index,
+                                                               body["model"]))
+        self.assertEqual(data.decode(), upstream_body.strip())
+
+    def test_every_config_key_is_documented(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
+            text = handle.read()
+        for key in llm_relay.TOP_LEVEL_KEYS + llm_relay.RULE_KEYS + \
+                llm_relay.UPSTREAM_KEYS:
+            self.assertIn("`%s`" % key, text)
+
+    def test_several_upstreams_example_is_a_valid_config(self):
+        example = readme_code_blocks("## Several upstreams")[0]
+        config, warnings = llm_relay.parse_config_text(
+            example, "README.md", {"OPENAI_API_KEY": "sk-x"})
+        self.assertEqual(warnings, [])
+        self.assertEqual(config.rules[1].upstreams, ("vllm", "openai"))
