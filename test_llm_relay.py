@@ -2402,6 +2402,6 @@ class ReadmeTest(unittest.TestCase):
     def test_several_upstreams_example_is_a_valid_config(self):
         example = readme_code_blocks("## Several upstreams")[0]
         config, warnings = llm_relay.parse_config_text(
-            example, "README.md", {"OPENAI_API_KEY": "sk-x"})
+            example, "README.md", {"OPENAI_API_KEY": "sk-x", "RELAY_KEY": "k"})
         self.assertEqual(warnings, [])
         self.assertEqual(config.rules[1].upstreams, ("vllm", "openai"))
