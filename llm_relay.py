@@ -64,7 +64,11 @@ MAX_BUFFERED_RESPONSE_BYTES = 16 * 1024 * 1024  # larger bodies stream through
 MAX_CHUNK_SIZE_LINE_BYTES = 4096
 MAX_REQUEST_ID_CHARS = 128
 MAX_LOGGED_BODY_CHARS = 4000
-MODELS_TIMEOUT_SECONDS = 10.0
+READY_TIMEOUT_SECONDS = 2.0  # each upstream's /models, for /health/ready
+DURATION_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                            5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+MAX_MODEL_LABELS = 200  # distinct model label values; then "other"
+LOG_FORMATS = ("text", "json")
 
 # RFC 9110 §7.6.1: these apply to one connection only and are never relayed,
 # in either direction, together with every header named in Connection.
@@ -100,11 +104,14 @@ PHASE_IDLE, PHASE_READING, PHASE_BUSY = "idle", "reading", "busy"
 # Other paths under /v1 are passed through to the upstream unchanged.
 ENDPOINTS = collections.OrderedDict((
     ("/health", ("GET", "HEAD")),
+    ("/health/ready", ("GET", "HEAD")),
+    ("/metrics", ("GET",)),
     ("/models", ("GET",)),
     ("/chat/completions", ("POST",)),
     ("/completions", ("POST",)),
 ))
-LOCAL_PATHS = frozenset(("/health",))
+# Liveness and readiness probes need no key; everything else does.
+UNAUTHENTICATED_PATHS = frozenset(("/health", "/health/ready"))
 CORS_ALLOWED_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 
 logger = logging.getLogger("llm_relay")
@@ -315,6 +322,8 @@ Config = collections.namedtuple("Config", [
     "client_timeout",  # float seconds
     "shutdown_grace",  # float seconds
     "cors_origins",    # frozenset of str ("*" allows any)
+    "metrics",         # bool: serve GET /metrics
+    "log_format",      # "text" or "json"
     "created",         # int Unix seconds: load time, for alias model entries
 ])
 
@@ -323,6 +332,7 @@ TOP_LEVEL_KEYS = (
     "upstream_tls_verify", "upstreams", "forward_auth", "api_keys",
     "model_rules", "max_body_bytes", "max_connections", "client_timeout",
     "connect_timeout", "read_timeout", "shutdown_grace", "cors_origins",
+    "metrics", "log_format",
 )
 RULE_KEYS = ("match_model", "unset", "defaults", "set", "extra", "upstream")
 UPSTREAM_KEYS = ("url", "api_key", "connect_timeout", "read_timeout")
@@ -413,6 +423,8 @@ def validate_config(raw, source="<config>", text=None, environ=None):
         shutdown_grace=checker.number(raw, ("shutdown_grace",),
                                       DEFAULT_SHUTDOWN_GRACE_SECONDS, minimum=0),
         cors_origins=frozenset(checker.string_list(raw, ("cors_origins",), [])),
+        metrics=checker.typed(raw, ("metrics",), bool, "true or false", True),
+        log_format=checker.choice(raw, ("log_format",), LOG_FORMATS, "text"),
         created=int(time.time()),
     )
     checker.warnings.extend(security_warnings(config, raw))
@@ -506,6 +518,13 @@ class _ConfigChecker(object):
         if not isinstance(value, list) or not all(
                 isinstance(item, str) for item in value):
             raise self.error(path, "expected a list of strings")
+        return value
+
+    def choice(self, mapping, path, choices, default):
+        value = mapping.get(path[-1], default)
+        if value not in choices:
+            raise self.error(path, "expected one of %s" % ", ".join(
+                json.dumps(choice) for choice in choices))
         return value
 
     def number(self, mapping, path, default, integer=False, minimum=None):
@@ -1214,6 +1233,194 @@ def upstream_failure(upstream, error, connecting=False):
 
 
 ###############################################################################
+# Metrics and readiness #######################################################
+###############################################################################
+
+def prometheus_label(value):
+    """Escape a label value for the Prometheus text format 0.0.4."""
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace(
+        '"', '\\"')
+
+
+def metrics_path(route, known):
+    """Return the bounded path label for a request: known endpoints as
+    /v1/..., other /v1 paths by their first segment, else "other"."""
+    if route is None:
+        return "other"
+    if known:
+        return route if route.startswith(("/health", "/metrics")) else "/v1" + route
+    first = route.split("/")[1] if route.count("/") else ""
+    return "/v1/" + first + ("/*" if route.count("/") > 1 else "") if first else "other"
+
+
+class Metrics(object):
+    """Request, upstream error and token counters, thread-safe.
+
+    render() gives the Prometheus text exposition format 0.0.4.  Model label
+    values are capped at MAX_MODEL_LABELS distinct ones (then "other"), so
+    clients cannot grow memory by inventing model names.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._requests = collections.Counter()  # (path, status, model) -> count
+        self._durations = {}  # path -> [count per bucket..., sum, count]
+        self._in_flight = 0
+        self._upstream_errors = collections.Counter()  # (upstream, kind) -> count
+        self._tokens = collections.Counter()  # (model, kind) -> tokens
+        self._models = set()
+
+    def _model_label(self, model):
+        if model is None:
+            return ""
+        label = printable(model)[:100]
+        if label not in self._models:
+            if len(self._models) >= MAX_MODEL_LABELS:
+                return "other"
+            self._models.add(label)
+        return label
+
+    def request_started(self):
+        with self._lock:
+            self._in_flight += 1
+
+    def request_finished(self, path, status, model, seconds):
+        with self._lock:
+            self._in_flight -= 1
+            self._requests[(path, str(status), self._model_label(model))] += 1
+            buckets = self._durations.setdefault(
+                path, [0] * len(DURATION_BUCKETS_SECONDS) + [0.0, 0])
+            for index, bound in enumerate(DURATION_BUCKETS_SECONDS):
+                if seconds <= bound:
+                    buckets[index] += 1
+            buckets[-2] += seconds
+            buckets[-1] += 1
+
+    def upstream_error(self, upstream_name, kind):
+        """Count a failure of kind refused, timeout, 5xx, dropped or invalid."""
+        with self._lock:
+            self._upstream_errors[(upstream_name, kind)] += 1
+
+    def add_usage(self, model, usage):
+        """Add an OpenAI usage object's prompt and completion tokens."""
+        if not isinstance(usage, dict):
+            return
+        with self._lock:
+            label = self._model_label(model)
+            for kind in ("prompt", "completion"):
+                tokens = usage.get(kind + "_tokens")
+                if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0:
+                    self._tokens[(label, kind)] += tokens
+
+    def render(self):
+        """Return the metrics as Prometheus text format 0.0.4 bytes."""
+        with self._lock:
+            requests = sorted(self._requests.items())
+            durations = sorted((path, list(values))
+                               for path, values in self._durations.items())
+            in_flight = self._in_flight
+            errors = sorted(self._upstream_errors.items())
+            tokens = sorted(self._tokens.items())
+        lines = []
+
+        def family(name, kind, help_text, samples):
+            lines.append("# HELP %s %s" % (name, help_text))
+            lines.append("# TYPE %s %s" % (name, kind))
+            for labels, value in samples:
+                label_text = ",".join('%s="%s"' % (key, prometheus_label(item))
+                                      for key, item in labels)
+                lines.append("%s%s %s" % (name, "{%s}" % label_text if label_text
+                                          else "", repr(float(value))
+                                          if isinstance(value, float) else value))
+        family("llm_relay_requests_total", "counter",
+               "Requests answered, by path, status and model alias.",
+               [((("path", path), ("status", status), ("model", model)), count)
+                for (path, status, model), count in requests])
+        lines.append("# HELP llm_relay_request_duration_seconds Time from request "
+                     "to the end of the response, by path.")
+        lines.append("# TYPE llm_relay_request_duration_seconds histogram")
+        for path, values in durations:
+            label = prometheus_label(path)
+            for bound, count in zip(DURATION_BUCKETS_SECONDS, values):
+                lines.append('llm_relay_request_duration_seconds_bucket{path="%s",'
+                             'le="%r"} %d' % (label, bound, count))
+            lines.append('llm_relay_request_duration_seconds_bucket{path="%s",'
+                         'le="+Inf"} %d' % (label, values[-1]))
+            lines.append('llm_relay_request_duration_seconds_sum{path="%s"} %r'
+                         % (label, values[-2]))
+            lines.append('llm_relay_request_duration_seconds_count{path="%s"} %d'
+                         % (label, values[-1]))
+        family("llm_relay_requests_in_flight", "gauge",
+               "Requests being answered now.", [((), in_flight)])
+        family("llm_relay_upstream_errors_total", "counter",
+               "Upstream failures by upstream and kind (refused, timeout, 5xx, "
+               "dropped, invalid).",
+               [((("upstream", name), ("kind", kind)), count)
+                for (name, kind), count in errors])
+        family("llm_relay_tokens_total", "counter",
+               "Tokens reported in upstream usage, by model alias and kind.",
+               [((("model", model), ("kind", kind)), count)
+                for (model, kind), count in tokens])
+        return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def usage_from_json(data):
+    """Return the "usage" object of an OpenAI JSON body (bytes), or None.
+
+    Bodies without the bytes "prompt_tokens" are not parsed at all.
+    """
+    if b'"prompt_tokens"' not in data:
+        return None
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except ValueError:
+        return None
+    return value.get("usage") if isinstance(value, dict) else None
+
+
+def check_upstream_ready(upstream, timeout_seconds=READY_TIMEOUT_SECONDS):
+    """Return None when an upstream answers GET <base>/models with 200 within
+    timeout_seconds, else a short reason (str)."""
+    connection_class = (http.client.HTTPSConnection if upstream.scheme == "https"
+                        else http.client.HTTPConnection)
+    options = {"context": upstream.ssl_context} if upstream.ssl_context else {}
+    connection = connection_class(upstream.host, upstream.port,
+                                  timeout=timeout_seconds, **options)
+    headers = {"Host": host_header(upstream), "Accept-Encoding": "identity"}
+    if upstream.api_key:
+        headers["Authorization"] = "Bearer " + upstream.api_key
+    try:
+        connection.request("GET", upstream.base_path + "/models", headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return None if response.status == 200 else "answered %d" % response.status
+    except Exception as error:
+        failure = upstream_failure(upstream, error) if isinstance(
+            error, (OSError, http.client.HTTPException)) else error
+        return getattr(failure, "kind", None) or type(error).__name__
+    finally:
+        connection.close()
+
+
+def check_readiness(config):
+    """Check every configured upstream at once; return {name: reason or None}."""
+    results = dict((name, "no answer within %g s" % READY_TIMEOUT_SECONDS)
+                   for name in config.upstreams)
+
+    def check(name, upstream):
+        results[name] = check_upstream_ready(upstream)
+    threads = [threading.Thread(target=check, args=item)
+               for item in config.upstreams.items()]
+    for thread in threads:
+        thread.daemon = True
+        thread.start()
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS + 0.5
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return dict(results)
+
+
+###############################################################################
 # Request handler #############################################################
 ###############################################################################
 
@@ -1271,6 +1478,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._started = time.monotonic()
         self._body_read = False
         self._request_id = None
+        self._route = None
+        self._model_asked = None
         self._parsed_body = None
         self._chunked = False
         self.headers = None  # not the previous request's on keep-alive
@@ -1299,6 +1508,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     def _dispatch(self):
         config = self.server.config
         self._in_dispatch = True
+        self.server.metrics.request_started()
         try:
             self._handle(config)
         except UpstreamAnswer as answer:
@@ -1325,6 +1535,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self._in_dispatch = False
             self.server.mark_busy(self.tracked, None)
             self._log_access()
+            self.server.metrics.request_finished(
+                metrics_path(self._route, self._route in ENDPOINTS),
+                self._status or 0, self._model_asked,
+                time.monotonic() - self._started)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = (
         _dispatch)
@@ -1339,6 +1553,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             return self._answer_options(config)
         if route == "/health":
             return self._send_json(200, {"status": "ok"})
+        if route == "/health/ready":
+            return self._serve_readiness(config)
+        if route == "/metrics":
+            return self._serve_metrics(config)
         if route == "/models" and self.command == "GET":
             return self._serve_models(config)
         if route.startswith("/models/") and self.command == "GET":
@@ -1353,6 +1571,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         missing or too large Content-Length.
         """
         route, query = split_route(self.path)
+        self._route = route
         allowed = ENDPOINTS.get(route)
         if self.command == "OPTIONS":
             return route, query
@@ -1363,7 +1582,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             raise RelayError(405, "Method %s is not allowed on %s; use %s." % (
                 self.command, printable(route), ", ".join(allowed)),
                 code="method_not_allowed", headers=[("Allow", ", ".join(allowed))])
-        if config.api_keys and route not in LOCAL_PATHS and not check_api_key(
+        if config.api_keys and route not in UNAUTHENTICATED_PATHS and not check_api_key(
                 self.headers.get("Authorization"), config.api_keys):
             raise RelayError(401, "Incorrect or missing API key. Send "
                              "'Authorization: Bearer <key>' with one of the "
@@ -1488,6 +1707,23 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if not self._body_read:
             self._read_body(config)
 
+    def _serve_readiness(self, config):
+        """Answer GET /health/ready: 200 when every upstream answers /models."""
+        results = check_readiness(config)
+        failing = sorted(name for name, reason in results.items() if reason)
+        self._send_json(503 if failing else 200, {
+            "status": "not ready" if failing else "ready",
+            "upstreams": dict((name, reason or "ok") for name, reason in results.items()),
+            "failing": failing})
+
+    def _serve_metrics(self, config):
+        """Answer GET /metrics in the Prometheus text format 0.0.4."""
+        if not config.metrics:
+            raise RelayError(404, "Metrics are turned off (\"metrics\": false).",
+                             code="unknown_url")
+        self._send_buffered(200, [("Content-Type", "text/plain; version=0.0.4; "
+                                   "charset=utf-8")], self.server.metrics.render())
+
     def _serve_models(self, config):
         """Answer GET /v1/models: the upstreams' lists plus rule aliases."""
         self._discard_body(config)
@@ -1545,6 +1781,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     def _forward(self, config, route, query):
         """Rewrite the body by its model's rule and relay the upstream answer."""
         body, model = self._prepare_body(config)
+        self._model_asked = model
         rule = select_rule(config.rule_index, model)
         if body.blocks is None and self._parsed_body is not None:
             data, model_sent = rewrite_body(body.data, self._parsed_body, rule)
@@ -1619,6 +1856,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 response, connection, sock = self._send_watched(
                     upstream, target_suffix, headers, body)
             except RelayError as error:
+                self._count_upstream_failure(upstream, error.kind)
                 if last or not error.retryable or not body.replayable:
                     raise
                 logger.warning("%s upstream %s failed, trying %s: %s",
@@ -1627,6 +1865,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 continue
             logger.debug("%s upstream %s answered %d", self._request_id, name,
                          response.status)
+            if response.status >= 500:
+                self._count_upstream_failure(upstream, "5xx")
             if not last and body.replayable and (
                     response.status >= 500 or response.status == 429):
                 logger.warning("%s upstream %s answered %d, trying %s",
@@ -1637,6 +1877,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 continue
             return upstream, response, connection, sock
         raise AssertionError("empty upstream chain")  # validate_config forbids
+
+    def _count_upstream_failure(self, upstream, kind):
+        if kind is not None:
+            self.server.metrics.upstream_error(upstream.name, kind)
 
     def _send_watched(self, upstream, target_suffix, headers, body):
         """Send upstream while the housekeeping thread watches the client."""
@@ -1670,10 +1914,17 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                       and response.status != 204 and self.command != "HEAD"):
                 complete = self._relay_passthrough(upstream, response, headers)
             else:
-                data = read_response_body(response, upstream,
-                                          MAX_BUFFERED_RESPONSE_BYTES)
+                try:
+                    data = read_response_body(response, upstream,
+                                              MAX_BUFFERED_RESPONSE_BYTES)
+                except RelayError as error:
+                    self._count_upstream_failure(upstream, error.kind)
+                    raise
                 complete = True
                 self._send_buffered(response.status, headers, data)
+                if response.status == 200 and self.server.config.metrics:
+                    self.server.metrics.add_usage(self._model_asked,
+                                                  usage_from_json(data))
         finally:
             self._finish_upstream(upstream, response, connection, complete)
 
@@ -1699,6 +1950,11 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 break
             self._write_chunk(line)
             at_line_start = line.endswith((b"\n", b"\r"))
+            if b'"prompt_tokens"' in line and self.server.config.metrics:
+                # The final usage chunk (stream_options.include_usage); other
+                # lines are never parsed.
+                self.server.metrics.add_usage(self._model_asked,
+                                              usage_from_json(line[5:].strip()))
         self._finish_chunks()
         return True
 
@@ -1710,6 +1966,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             502, "upstream %s (%s) closed the connection mid-stream." % (
                 upstream.name, upstream.url), code="upstream_error", kind="dropped")
         self.log_fields["error"] = failure.message
+        self._count_upstream_failure(upstream, failure.kind)
         logger.warning("%s stream ended early: %s", self._request_id, failure.message)
         event = sse_error_event(failure.message, failure.error_type, failure.code)
         self._write_chunk(event if at_line_start else b"\n\n" + event)
@@ -1882,16 +2139,24 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         logger.debug("%s %s", self.client_address[0], printable(format % args))
 
     def _log_access(self):
+        """Write the request's one access line; with log_format "json" its
+        fields become one JSON object (see JsonLogFormatter)."""
         fields = self.log_fields
         duration_ms = (time.monotonic() - self._started) * 1000.0
-        logger.info("%s %s %s %s %.1fms%s%s", self.client_address[0],
-                    getattr(self, "command", None) or "-",
-                    printable(getattr(self, "path", "-"))[:300],
-                    self._status or "-", duration_ms,
+        access = collections.OrderedDict((
+            ("client", self.client_address[0]),
+            ("method", getattr(self, "command", None) or "-"),
+            ("path", printable(self.path or "-")[:300]),
+            ("status", self._status), ("duration_ms", round(duration_ms, 1))))
+        access.update(fields)
+        access["id"] = self._request_id
+        logger.info("%s %s %s %s %.1fms%s%s", access["client"], access["method"],
+                    access["path"], self._status or "-", duration_ms,
                     "".join(" %s=%s" % (key, printable(value) if key != "stream"
                                         else ("yes" if value else "no"))
                             for key, value in fields.items()),
-                    " id=%s" % self._request_id if self._request_id else "")
+                    " id=%s" % self._request_id if self._request_id else "",
+                    extra={"access": access})
 
 
 def upstream_body_complete(response):
@@ -2013,6 +2278,7 @@ class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.address_family = (socket.AF_INET6 if ":" in config.listen_host
                                else socket.AF_INET)
         self.pool = UpstreamPool()
+        self.metrics = Metrics()
         self.draining = False
         self._lock = threading.Condition()
         self._connections = set()
@@ -2230,6 +2496,10 @@ def reload_config(server, path):
     for warning in warnings:
         logger.warning("%s", warning)
     old = server.config
+    if config.log_format != old.log_format:
+        logger.warning("log_format changed to %s; it takes effect only after a "
+                       "restart", config.log_format)
+        config = config._replace(log_format=old.log_format)
     if (config.listen_host, config.listen_port) != (old.listen_host, old.listen_port):
         logger.warning("listen changed to %s:%d; it takes effect only after a "
                        "restart", config.listen_host, config.listen_port)
@@ -2244,6 +2514,91 @@ def reload_config(server, path):
 # CLI #########################################################################
 ###############################################################################
 
+class JsonLogFormatter(logging.Formatter):
+    """Format each log record as one JSON object per line (log_format "json").
+
+    Access lines carry their fields (client, method, path, status,
+    duration_ms, stream, model, upstream, error, id); other lines a message.
+    """
+
+    def format(self, record):
+        entry = collections.OrderedDict((
+            ("time", time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+             + ".%03dZ" % record.msecs),
+            ("level", record.levelname)))
+        access = getattr(record, "access", None)
+        if access is not None:
+            entry["event"] = "request"
+            entry.update(access)
+        else:
+            entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def configure_logging(verbose, log_format):
+    """Send log records to stderr as text lines or JSON objects."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def mask_secret(secret):
+    """Return a key shown safely: only its last 4 characters, if long enough."""
+    if not secret:
+        return "-"
+    return "****" + secret[-4:] if len(secret) >= 16 else "****"
+
+
+def describe_config(config, warnings):
+    """Return the --check-config report: effective settings (keys masked) and
+    a table of rules (match, upstream, what each removes, fills, sets, merges)."""
+    lines = ["config: %s (valid)" % config.source,
+             "listen: %s" % describe_listen(config.listen_host, config.listen_port)]
+    for name, upstream in config.upstreams.items():
+        lines.append("upstream %s: %s (api_key %s, connect_timeout %g s, "
+                     "read_timeout %g s)" % (name, upstream.url,
+                                             mask_secret(upstream.api_key),
+                                             upstream.connect_timeout,
+                                             upstream.read_timeout))
+    lines += [
+        "forward_auth: %s" % str(config.forward_auth).lower(),
+        "api_keys: %s" % (", ".join(mask_secret(key.decode("utf-8"))
+                                    for key in config.api_keys) or "none (open)"),
+        "max_body_bytes: %d" % config.max_body_bytes,
+        "max_connections: %d" % config.max_connections,
+        "client_timeout: %g s" % config.client_timeout,
+        "shutdown_grace: %g s" % config.shutdown_grace,
+        "cors_origins: %s" % (", ".join(sorted(config.cors_origins)) or "none"),
+        "metrics: %s" % ("on" if config.metrics else "off"),
+        "log_format: %s" % config.log_format,
+        "rules: %d" % len(config.rules)]
+    rows = [("#", "match_model", "upstream", "unset", "defaults", "set", "extra")]
+    for position, rule in enumerate(config.rules):
+        rows.append((str(position), ", ".join(rule.match_model),
+                     " > ".join(rule.upstreams), ", ".join(rule.unset) or "-",
+                     describe_assignments(rule.defaults),
+                     describe_assignments(rule.set),
+                     json.dumps(rule.extra, ensure_ascii=False) if rule.extra else "-"))
+    if config.rules:
+        widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+        lines += ["  " + "  ".join(cell.ljust(width) for cell, width
+                                   in zip(row, widths)).rstrip() for row in rows]
+    lines += ["warning: %s" % warning for warning in warnings]
+    return "\n".join(lines) + "\n"
+
+
+def describe_assignments(values):
+    return ", ".join("%s=%s" % (key, json.dumps(value, ensure_ascii=False))
+                     for key, value in values.items()) or "-"
+
+
 def build_arg_parser():
     parser = argparse.ArgumentParser(
         prog="llm_relay.py",
@@ -2257,6 +2612,9 @@ def build_arg_parser():
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging: rewritten bodies (keys redacted) "
                              "and upstream statuses (default: off)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the config, print the effective settings "
+                             "(keys masked) and rules, and exit: 0 valid, 2 not")
     parser.add_argument("--version", action="version",
                         version="llm-relay " + __version__)
     return parser
@@ -2283,14 +2641,15 @@ def describe_listen(host, port):
 def main(argv=None):
     """Run the relay; return the process exit status (0 ok, 2 bad config)."""
     args = build_arg_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
     try:
         config, warnings, path = resolve_config(args.config)
     except ConfigError as error:
         sys.stderr.write("llm_relay: error: %s\n" % error)
         return 2
+    if args.check_config:
+        sys.stdout.write(describe_config(config, warnings))
+        return 0
+    configure_logging(args.verbose, config.log_format)
     for warning in warnings:
         logger.warning("%s", warning)
     try:

@@ -789,8 +789,7 @@ class RelayTestCase(unittest.TestCase):
     def start_relay(self, **raw):
         """Start a relay with config raw (listen and upstream filled in)."""
         raw.setdefault("listen", "127.0.0.1:0")
-        if "upstream" not in raw and "upstreams" not in raw:
-            raw["upstream"] = self.upstream.url
+        raw.setdefault("upstream", self.upstream.url)
         config, _ = llm_relay.validate_config(raw, "test", None, {})
         return self.start_server(config)
 
@@ -2397,7 +2396,7 @@ class ReadmeTest(unittest.TestCase):
             text = handle.read()
         for key in llm_relay.TOP_LEVEL_KEYS + llm_relay.RULE_KEYS + \
                 llm_relay.UPSTREAM_KEYS:
-            self.assertIn("`%s`" % key, text)
+            self.assertTrue("`%s`" % key in text, "README lacks `%s`" % key)
 
     def test_several_upstreams_example_is_a_valid_config(self):
         example = readme_code_blocks("## Several upstreams")[0]
@@ -2405,3 +2404,182 @@ class ReadmeTest(unittest.TestCase):
             example, "README.md", {"OPENAI_API_KEY": "sk-x", "RELAY_KEY": "k"})
         self.assertEqual(warnings, [])
         self.assertEqual(config.rules[1].upstreams, ("vllm", "openai"))
+
+
+###############################################################################
+# Operating it: metrics, JSON logs, config check, readiness ###################
+###############################################################################
+
+try:
+    from prometheus_client.parser import text_string_to_metric_families
+except ImportError:  # pragma: no cover - depends on the environment
+    text_string_to_metric_families = None
+
+
+class MetricsTest(RelayTestCase):
+
+    def metrics(self, headers=None):
+        status, response_headers, data = self.request("GET", "/metrics", None, headers)
+        self.assertEqual(status, 200, data)
+        self.assertEqual(response_headers["content-type"],
+                         "text/plain; version=0.0.4; charset=utf-8")
+        return data.decode("utf-8")
+
+    def samples(self, text):
+        """Return {(name, frozenset(labels)): value} parsed by prometheus_client."""
+        found = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+        return found
+
+    @unittest.skipUnless(text_string_to_metric_families, "prometheus_client is not "
+                         "installed (.ci/run installs it)")
+    def test_exposition_parses_and_counts_requests_errors_and_tokens(self):
+        usage_line = (b'data: {"choices": [], "usage": {"prompt_tokens": 11, '
+                      b'"completion_tokens": 5, "total_tokens": 16}}\n')
+
+        def behaviour(handler, recorded):
+            body = recorded.json() if recorded.body else {}
+            if body.get("model") == "broken":
+                return reply_json(handler, {"error": {}}, 500)
+            if body.get("stream"):
+                return reply_sse(handler, sse_events(2)[:-2] + [
+                    usage_line, b"\n", b"data: [DONE]\n", b"\n"])
+            openai_like(handler, recorded)
+        self.upstream.behaviour = behaviour
+        self.start_relay(model_rules=[{"match_model": "gpt-3.5-turbo",
+                                       "set": {"model": "qwen"}}])
+        self.chat({"model": "gpt-3.5-turbo", "messages": []})
+        self.chat({"model": "gpt-3.5-turbo", "stream": True})
+        self.chat({"model": "broken"})
+        self.chat(b"{bad", {"Content-Type": "application/json"})
+        self.request("GET", "/health")
+        self.request("GET", '/v1/odd"path\\x')
+        wait_until(lambda: 'path="/health"' in self.metrics())
+        found = self.samples(self.metrics())
+
+        def value(name, **labels):
+            return found.get((name, frozenset(labels.items())))
+        self.assertEqual(value("llm_relay_requests_total", path="/v1/chat/completions",
+                               status="200", model="gpt-3.5-turbo"), 2)
+        self.assertEqual(value("llm_relay_requests_total", path="/v1/chat/completions",
+                               status="500", model="broken"), 1)
+        self.assertEqual(value("llm_relay_requests_total", path="/v1/chat/completions",
+                               status="400", model=""), 1)
+        self.assertEqual(value("llm_relay_requests_total", path="/health",
+                               status="200", model=""), 1)
+        self.assertEqual(value("llm_relay_upstream_errors_total", upstream="default",
+                               kind="5xx"), 1)
+        self.assertEqual(value("llm_relay_tokens_total", model="gpt-3.5-turbo",
+                               kind="prompt"), 3 + 11)
+        self.assertEqual(value("llm_relay_tokens_total", model="gpt-3.5-turbo",
+                               kind="completion"), 1 + 5)
+        self.assertEqual(value("llm_relay_requests_in_flight"), 1)  # this scrape
+        self.assertEqual(value("llm_relay_request_duration_seconds_count",
+                               path="/v1/chat/completions"), 4)
+        self.assertEqual(value("llm_relay_request_duration_seconds_bucket",
+                               path="/v1/chat/completions", le="+Inf"), 4)
+        self.upstream.stop()
+        self.chat({"model": "x"})
+        found = self.samples(self.metrics())
+        self.assertEqual(found[("llm_relay_upstream_errors_total", frozenset(
+            {"upstream": "default", "kind": "refused"}.items()))], 1)
+
+    def test_model_labels_are_bounded(self):
+        self.start_relay()
+        metrics = llm_relay.Metrics()
+        for index in range(llm_relay.MAX_MODEL_LABELS + 50):
+            metrics.request_finished("/v1/chat/completions", 200, "m%d" % index, 0.1)
+        text = metrics.render().decode()
+        self.assertIn('model="other"} 50', text)
+
+    def test_metrics_need_a_key_and_can_be_turned_off(self):
+        self.start_relay(api_keys=["k"])
+        self.assertEqual(self.request("GET", "/metrics")[0], 401)
+        self.assertIn("llm_relay_requests_total", self.metrics(
+            {"Authorization": "Bearer k"}))
+        self.relay.config = self.relay.config._replace(metrics=False)
+        status, _, data = self.request("GET", "/metrics", None,
+                                       {"Authorization": "Bearer k"})
+        self.assert_openai_error(status, data, 404)
+
+
+class ReadinessTest(RelayTestCase):
+
+    def test_ready_only_when_every_upstream_answers(self):
+        second = FakeUpstream(self)
+        self.start_relay(upstreams={"second": {"url": second.url}}, api_keys=["k"])
+        status, _, data = self.request("GET", "/health/ready")
+        self.assertEqual((status, json.loads(data.decode())), (200, {
+            "status": "ready", "upstreams": {"default": "ok", "second": "ok"},
+            "failing": []}))
+        second.stop()
+        release = threading.Event()
+        self.addCleanup(release.set)
+        self.upstream.behaviour = lambda handler, recorded: release.wait(WAIT_SECONDS)
+        started = time.monotonic()
+        status, _, data = self.request("GET", "/health/ready")
+        self.assertLess(time.monotonic() - started, WAIT_SECONDS)
+        answer = json.loads(data.decode())
+        self.assertEqual((status, answer["failing"]), (503, ["default", "second"]), answer)
+        self.assertEqual(answer["upstreams"]["second"], "refused")
+        self.assertEqual(answer["upstreams"]["default"], "timeout")
+        self.assertEqual(self.request("GET", "/health")[0], 200)
+
+
+class OperatorCommandLineTest(CommandLineTest):
+
+    def write(self, text):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "c.jsonc")
+        with open(path, "w") as handle:
+            handle.write(text)
+        return path
+
+    def test_check_config_prints_settings_and_rules_with_keys_masked(self):
+        path = self.write(json.dumps({
+            "listen": "127.0.0.1:1", "upstream_api_key": "sk-secret-upstream-key-1234",
+            "api_keys": ["relay-secret-key-abcd"], "lisen": 1,
+            "model_rules": [{"match_model": "gpt-3.5-turbo", "unset": ["presence_penalty"],
+                             "set": {"model": "qwen"}, "extra": {"o": {"a": 1}}}]}))
+        status, out, err = self.run_relay(["--check-config", "--config", path])
+        self.assertEqual(status, 0, err)
+        for secret in ("sk-secret-upstream", "relay-secret-key"):
+            self.assertNotIn(secret, out)
+        self.assertIn("****1234", out)
+        self.assertIn("listen: http://127.0.0.1:1", out)
+        rule_line = [line for line in out.splitlines() if "gpt-3.5-turbo" in line][0]
+        for part in ("default", "presence_penalty", 'model="qwen"', '{"o": {"a": 1}}'):
+            self.assertIn(part, rule_line)
+        self.assertIn("warning:", out)
+        self.assertIn("unknown key 'lisen'", out)
+        status, out, err = self.run_relay(["--check-config", "--config",
+                                           self.write('{"listen": 5}')])
+        self.assertEqual(status, 2)
+        self.assertIn("c.jsonc:1:12: listen: expected a string", err)
+
+    def test_json_log_format_writes_one_object_per_line(self):
+        upstream = FakeUpstream(self)
+        relay = RelayProcess(self, config_text(upstream.url, log_format="json"))
+        self.assertIsNotNone(relay.port)
+        connection = http.client.HTTPConnection("127.0.0.1", relay.port,
+                                                timeout=WAIT_SECONDS)
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/chat/completions", body=b'{"model": "m"}',
+                           headers={"X-Request-Id": "rid-1"})
+        connection.getresponse().read()
+        line = relay.wait_for_line('"rid-1"')
+        relay.process.send_signal(signal.SIGTERM)
+        relay.process.wait(WAIT_SECONDS)
+        entries = [json.loads(text) for text in relay.stderr_text().splitlines()]
+        access = json.loads(line)
+        self.assertEqual((access["event"], access["method"], access["path"],
+                          access["status"], access["model"], access["upstream"],
+                          access["id"]), ("request", "POST", "/v1/chat/completions",
+                                          200, "m", "default", "rid-1"))
+        self.assertIsInstance(access["duration_ms"], float)
+        self.assertTrue(any("listening on" in entry.get("message", "")
+                            for entry in entries))
+        self.assertTrue(all(entry["time"].endswith("Z") for entry in entries))
