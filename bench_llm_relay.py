@@ -35,11 +35,16 @@ ratio = relay / direct; added = relay - direct, percentile by percentile):
                         time embedded in the event (same CLOCK_MONOTONIC).
   event mismatches      events not byte-identical to what the upstream sent,
                         plus missing events (rebuilt from their stamp).
-  20 MB body            a chat request with a base64 image, send to response;
-                        the upstream checks length and CRC-32 of what arrived.
+  20 MB body            a chat request with a base64 image, send to response
+                        (first request, and median of several); the upstream
+                        reports length and CRC-32 of what arrived, checked here.
   20 MB RSS growth      relay VmHWM after the first 20 MB request minus VmRSS
                         before it (peak reset through /proc/PID/clear_refs).
   RSS per open stream   (relay VmRSS with 500 slow streams open - before) / 500.
+  relay CPU per event   relay utime+stime over the 100-stream run / its events.
+
+The header shows the relay's sha256, the load average before the run and a
+pure-Python calibration time, to tell a slower machine from a slower relay.
 
 Loads go only to 127.0.0.1, are bounded in count and time, and every child
 process is stopped on exit.  Exit status: 0 when the benchmark ran (missed
@@ -51,6 +56,7 @@ import argparse
 import asyncio
 import atexit
 import base64
+import hashlib
 import json
 import math
 import os
@@ -96,15 +102,15 @@ MODES = {
     },
     "quick": {
         "startup_runs": 2,
-        "c1_requests": 500,
-        "c32_seconds": 1.0,
+        "c1_requests": 300,
+        "c32_seconds": 0.8,
         "single_stream_runs": 2,
-        "single_stream_events": 100,
+        "single_stream_events": 50,
         "single_stream_interval": 0.002,
         "streams": 100,
-        "stream_events": 50,
+        "stream_events": 40,
         "stream_interval": 0.02,
-        "big_body_runs": 1,
+        "big_body_runs": 3,
         "open_streams": 500,
     },
 }
@@ -293,10 +299,11 @@ def spawn(argv, **kwargs):
     return process
 
 
-def stop(process):
-    """SIGTERM, then SIGKILL after 3 s; safe to call twice."""
+def stop(process, graceful=True):
+    """SIGTERM (SIGKILL unless graceful), then SIGKILL after 3 s; safe to
+    call twice."""
     if process.poll() is None:
-        process.terminate()
+        process.terminate() if graceful else process.kill()
         try:
             process.wait(3)
         except subprocess.TimeoutExpired:
@@ -368,8 +375,8 @@ class Relay(object):
         with open(self.log_path, "rb") as log:
             return b"".join(log.readlines()[-lines:]).decode("utf-8", "replace")
 
-    def stop(self):
-        stop(self.process)
+    def stop(self, graceful=True):
+        stop(self.process, graceful)
 
 
 def get_health(port):
@@ -735,20 +742,34 @@ async def hold_streams(port, count, measure):
 # Measurements ################################################################
 ###############################################################################
 
+TIME_UNITS = ("s", "ms", "us")
+
+
 class Report(object):
     """Figures, in order, as dicts; see figure()."""
 
     def __init__(self):
         self.figures = []
+        self.section_seconds = {}
+
+    def section(self, name, function, *args):
+        """Run function(*args) and remember its wall time under name."""
+        started = time.perf_counter()
+        try:
+            return function(*args)
+        finally:
+            self.section_seconds[name] = round(time.perf_counter() - started, 2)
 
     def figure(self, key, label, unit, relay, direct=None, target=None,
                passed=None, scale=1.0):
         """Add one figure.  Values are in base units (s, bytes...) and are
         multiplied by scale for display in unit; target is a text and passed
         True, False or None (no target)."""
-        shown = (lambda value: None if value is None else value * scale)
+        shown = (lambda value: value if value is None or scale == 1 else value * scale)
         ratio = (relay / direct) if relay is not None and direct else None
-        added = (relay - direct) if relay is not None and direct is not None else None
+        added = None
+        if unit in TIME_UNITS and relay is not None and direct is not None:
+            added = relay - direct
         self.figures.append({
             "key": key, "label": label, "unit": unit, "direct": shown(direct),
             "relay": shown(relay), "ratio": ratio, "added": shown(added),
@@ -760,7 +781,7 @@ def measure_startup(relay_path, upstream_port, workdir, runs):
     for _ in range(runs):
         relay = Relay(relay_path, upstream_port, workdir)
         samples.append(relay.startup)
-        relay.stop()
+        relay.stop(graceful=False)  # a graceful stop waits for its poll interval
     return samples
 
 
@@ -793,8 +814,10 @@ def measure_big_body(report, relay, upstream_port, runs):
     through += [send_big_body(relay.port, raw, len(body), crc)
                 for _ in range(runs - 1)]
     took = median(through)
-    report.figure("big_body_s", "20 MB body end to end", "s", took, median(direct),
-                  target="< 0.5 s", passed=took < 0.5)
+    report.figure("big_body_first_s", "20 MB body, first request", "s",
+                  through[0], direct[0])
+    report.figure("big_body_s", "20 MB body, median of %d" % runs, "s", took,
+                  median(direct), target="< 0.5 s", passed=took < 0.5)
     report.figure("big_body_rss_growth_x", "20 MB body peak RSS growth%s" % (
         "" if exact else " (HWM since start)"), "x body", growth / float(len(body)),
         target="< 3x body", passed=growth < 3 * len(body))
@@ -904,15 +927,20 @@ def run_benchmark(relay_path, mode_name):
     upstream, upstream_port = start_upstream(workdir)
     relay = None
     try:
-        startup = measure_startup(relay_path, upstream_port, workdir,
-                                  mode["startup_runs"] - 1)
+        startup = report.section("startup", measure_startup, relay_path,
+                                 upstream_port, workdir, mode["startup_runs"] - 1)
         relay = Relay(relay_path, upstream_port, workdir)
-        measure_idle(report, relay, startup + [relay.startup])
-        measure_big_body(report, relay, upstream_port, mode["big_body_runs"])
-        measure_concurrency_1(report, relay, upstream_port, mode["c1_requests"])
-        measure_concurrency_32(report, relay, upstream_port, mode["c32_seconds"])
-        mismatches = measure_streams(report, relay, upstream_port, mode)
-        measure_open_streams(report, relay, mode["open_streams"])
+        report.section("idle", measure_idle, report, relay, startup + [relay.startup])
+        report.section("big_body", measure_big_body, report, relay, upstream_port,
+                       mode["big_body_runs"])
+        report.section("concurrency_1", measure_concurrency_1, report, relay,
+                       upstream_port, mode["c1_requests"])
+        report.section("concurrency_32", measure_concurrency_32, report, relay,
+                       upstream_port, mode["c32_seconds"])
+        mismatches = report.section("streams", measure_streams, report, relay,
+                                    upstream_port, mode)
+        report.section("open_streams", measure_open_streams, report, relay,
+                       mode["open_streams"])
         if relay.process.poll() is not None:
             raise BenchError("the relay exited; its log:\n" + relay.log_tail())
     finally:
@@ -937,7 +965,7 @@ def remove_tree(path):
 def format_value(value):
     if value is None:
         return "-"
-    if value == int(value) and abs(value) >= 1:
+    if isinstance(value, int):
         return "%d" % value
     for digits, limit in ((1, 100), (2, 10), (3, 0)):
         if abs(value) >= limit:
@@ -966,14 +994,34 @@ def format_table(report, header):
     return "\n".join(lines)
 
 
-def summary(report, mismatches, mode_name, relay_path, wall):
+def calibration_us():
+    """This machine's pure-Python speed: best time of sum(range(1000)), in us
+    (to compare runs across machines; lower is faster)."""
+    best = float("inf")
+    for _ in range(200):
+        started = time.perf_counter()
+        sum(range(1000))
+        best = min(best, time.perf_counter() - started)
+    return best * 1e6
+
+
+def file_digest(path):
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()[:12]
+
+
+def summary(report, mismatches, mode_name, relay_path, wall, load):
     return {
         "mode": mode_name,
         "relay": relay_path,
+        "relay_sha256": file_digest(relay_path),
+        "load_average_before": load,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "parameters": MODES[mode_name],
         "wall_seconds": round(wall, 2),
+        "section_seconds": report.section_seconds,
+        "calibration_us": round(calibration_us(), 1),
         "figures": report.figures,
         "targets_missed": sum(1 for item in report.figures if item["pass"] is False),
         "event_mismatches": mismatches,
@@ -1022,23 +1070,29 @@ def main(argv=None):
         return 2
     raise_fd_limit()
     mode_name = "quick" if args.quick else "full"
+    relay_path = os.path.abspath(args.relay)
+    load = round(os.getloadavg()[0], 2)  # other work on the machine skews figures
     started = time.perf_counter()
     try:
-        report, mismatches = run_benchmark(os.path.abspath(args.relay), mode_name)
+        report, mismatches = run_benchmark(relay_path, mode_name)
     except (BenchError, OSError, asyncio.TimeoutError, ValueError) as error:
         sys.stderr.write("bench_llm_relay: benchmark failed: %s: %s\n" % (
             type(error).__name__, error))
         return 2
     wall = time.perf_counter() - started
-    result = summary(report, mismatches, mode_name, args.relay, wall)
+    result = summary(report, mismatches, mode_name, relay_path, wall, load)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         mode = MODES[mode_name]
         print(format_table(report, (
-            "llm_relay benchmark (%s, Python %s, %d CPUs, %.1f s): streams of "
-            "%d events every %g ms (1 stream: %d runs of %d events every %g ms)"
-            % (mode_name, result["python"], result["cpus"], wall,
+            "llm_relay benchmark (%s, %.1f s): %s (sha256 %s), Python %s, %d CPUs, "
+            "load average before %.2f,\ncalibration sum(range(1000)) = %.1f us; "
+            "streams of %d events every %g ms (1 stream: %d runs of %d events "
+            "every %g ms)"
+            % (mode_name, wall, os.path.basename(relay_path),
+               result["relay_sha256"], result["python"], result["cpus"], load,
+               result["calibration_us"],
                mode["stream_events"], mode["stream_interval"] * 1e3,
                mode["single_stream_runs"], mode["single_stream_events"],
                mode["single_stream_interval"] * 1e3))))

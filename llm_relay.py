@@ -58,6 +58,7 @@ LISTEN_BACKLOG = 1024  # socketserver's default of 5 refuses bursts
 POOL_MAX_IDLE_PER_UPSTREAM = 32
 POOL_IDLE_SECONDS = 30.0  # idle upstream connections are closed after this
 HOUSEKEEPING_INTERVAL_SECONDS = 0.25  # client deadlines, disconnects, pool
+ABORT_WAIT_SECONDS = 1.0  # after the grace, for cut requests to end and log
 MAX_SSE_LINE_BYTES = 64 * 1024  # longer lines are relayed in pieces
 COPY_BLOCK_BYTES = 64 * 1024
 MAX_BUFFERED_RESPONSE_BYTES = 16 * 1024 * 1024  # larger bodies stream through
@@ -371,16 +372,28 @@ def load_config(path, environ=None):
 
 def parse_config_text(text, source="<config>", environ=None):
     """Parse and validate JSONC config text; see load_config."""
+    duplicates = []
+
+    def keep_last_and_note_duplicates(pairs):
+        value = {}
+        for key, item in pairs:
+            if key in value:
+                duplicates.append(key)
+            value[key] = item
+        return value
     try:
         json_text = strip_jsonc(text)
-        raw = json.loads(json_text, parse_constant=_reject_json_constant)
+        raw = json.loads(json_text, parse_constant=_reject_json_constant,
+                         object_pairs_hook=keep_last_and_note_duplicates)
     except ConfigError as error:
         error.source = source
         raise
     except ValueError as error:  # json.JSONDecodeError or a constant
         line, column = getattr(error, "lineno", None), getattr(error, "colno", None)
         raise ConfigError(getattr(error, "msg", str(error)), source, line, column)
-    return validate_config(raw, source, json_text, environ)
+    config, warnings = validate_config(raw, source, json_text, environ)
+    return config, ["%s: duplicate key %r: the last value is used" % (source, key)
+                    for key in duplicates] + warnings
 
 
 def _reject_json_constant(name):
@@ -405,6 +418,7 @@ def validate_config(raw, source="<config>", text=None, environ=None):
     rules = tuple(checker.rule(rule, ("model_rules", position), upstreams)
                   for position, rule in enumerate(
                       checker.typed(raw, ("model_rules",), list, "a list", [])))
+    checker.warn_shadowed_rules(rules)
     api_keys = checker.string_list(raw, ("api_keys",), [])
     if any(not key for key in api_keys):
         raise checker.error(("api_keys",), "keys must not be empty")
@@ -497,6 +511,18 @@ class _ConfigChecker(object):
                                    "${%s:-fallback} for a default)" % (name, name))
         return _ENV_REFERENCE.sub(substitute, value)
 
+    def warn_shadowed_rules(self, rules):
+        first_rule = {}
+        for rule in rules:
+            for name in rule.match_model:
+                if name in first_rule:
+                    self.warnings.append(
+                        "%s: never applies to %r: %s matches it first" % (
+                            self.where(tuple(_parse_rule_path(rule.path))),
+                            name, first_rule[name]))
+                else:
+                    first_rule[name] = rule.path
+
     def warn_unknown_keys(self, mapping, path, known):
         for key in mapping:
             if key not in known:
@@ -556,6 +582,8 @@ class _ConfigChecker(object):
             "read_timeout": raw.get("read_timeout", DEFAULT_READ_TIMEOUT_SECONDS),
         }
         context = LazyValue(lambda: self.ssl_context(raw))
+        if raw.get("upstream_ca_file") is not None:
+            context.get()  # a CA file that cannot be loaded is an error now
         upstreams = collections.OrderedDict()
         if DEFAULT_UPSTREAM_NAME not in named or "upstream" in raw:
             upstreams[DEFAULT_UPSTREAM_NAME] = self.upstream(
@@ -621,6 +649,10 @@ class _ConfigChecker(object):
         unset = self.string_list(raw_rule, path + ("unset",), [])
         objects = [self.typed(raw_rule, path + (key,), dict, "an object", {})
                    for key in ("defaults", "set", "extra")]
+        for key, values in zip(("defaults", "set"), objects):
+            if "model" in values and not isinstance(values["model"], str):
+                raise self.error(path + (key, "model"), "expected a model name "
+                                 "(a string)")
         chain = raw_rule.get("upstream", DEFAULT_UPSTREAM_NAME)
         chain = [chain] if isinstance(chain, str) else chain
         if not isinstance(chain, list) or not chain or not all(
@@ -649,6 +681,12 @@ class LazyValue(object):
         if not self._done:
             self._value, self._done = self._compute(), True
         return self._value
+
+
+def _parse_rule_path(text):
+    """Turn "model_rules[3]" back into ("model_rules", 3)."""
+    name, _, index = text.rstrip("]").partition("[")
+    return (name, int(index))
 
 
 def parse_listen(value):
@@ -942,6 +980,13 @@ def client_headers(response_headers, request_id):
 def is_event_stream(content_type):
     """Return True for a text/event-stream Content-Type (WHATWG HTML SSE)."""
     return (content_type or "").split(";")[0].strip().lower() == "text/event-stream"
+
+
+def is_streamed_body_type(content_type):
+    """Return True for request bodies relayed unread: uploads and binary."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media.startswith(("multipart/", "audio/", "image/", "video/")) or \
+        media == "application/octet-stream"
 
 
 def is_json_type(content_type):
@@ -1580,7 +1625,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 self.command, printable(self.path)[:200]), code="unknown_url")
         if allowed is not None and self.command not in allowed:
             raise RelayError(405, "Method %s is not allowed on %s; use %s." % (
-                self.command, printable(route), ", ".join(allowed)),
+                self.command, printable(urllib.parse.urlsplit(self.path).path)[:200],
+                ", ".join(allowed)),
                 code="method_not_allowed", headers=[("Allow", ", ".join(allowed))])
         if config.api_keys and route not in UNAUTHENTICATED_PATHS and not check_api_key(
                 self.headers.get("Authorization"), config.api_keys):
@@ -1801,18 +1847,21 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     def _prepare_body(self, config):
         """Read the body; parse it when it is JSON.  Returns (RequestBody, model).
 
-        JSON bodies (chat completions always) must be objects (else 400);
-        other bodies, such as multipart uploads, stream through unread.
+        Completions bodies, bodies typed as JSON and untyped or mistyped
+        bodies that start with "{" (curl -d sends form encoding) must be JSON
+        objects (else 400).  Uploads and binary bodies (multipart/*, audio/*,
+        ...) stream through unread; other bodies pass as they are.
         """
         self._parsed_body = None
         content_type = self.headers.get("Content-Type")
         length = self._body_length(config)
         must_be_json = self.command == "POST" and urllib.parse.urlsplit(
             self.path).path.rstrip("/").split("/")[-1] in ("completions",)
-        if not (must_be_json or is_json_type(content_type)) and length != 0:
+        if not must_be_json and length != 0 and is_streamed_body_type(content_type):
             return RequestBody(blocks=self._body_blocks(length), length=length), None
         raw_body = self._read_body(config)
-        if not raw_body and not must_be_json:
+        if not must_be_json and not is_json_type(content_type) and \
+                raw_body.lstrip()[:1] != b"{":
             return RequestBody(raw_body), None
         self._parsed_body = parse_json_body(raw_body)
         self.log_fields["stream"] = self._parsed_body.get("stream") is True
@@ -1849,7 +1898,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             last = position == len(chain) - 1
             declared_length = body.length if (
                 body.length or self.command in ("POST", "PUT", "PATCH")) else None
-            headers = upstream_headers(list(self.headers.items()), upstream,
+            headers = upstream_headers(self._client_header_list(), upstream,
                                        config.forward_auth, declared_length,
                                        self._request_id)
             try:
@@ -1877,6 +1926,17 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 continue
             return upstream, response, connection, sock
         raise AssertionError("empty upstream chain")  # validate_config forbids
+
+    def _client_header_list(self):
+        """Return the client's headers as (name, value) pairs; a body parsed
+        as JSON is labelled application/json whatever the client said."""
+        headers = list(self.headers.items())
+        if self._parsed_body is not None and not is_json_type(
+                self.headers.get("Content-Type")):
+            headers = [(name, value) for name, value in headers
+                       if name.lower() != "content-type"]
+            headers.append(("Content-Type", "application/json"))
+        return headers
 
     def _count_upstream_failure(self, upstream, kind):
         if kind is not None:
@@ -1944,6 +2004,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             except Exception as error:
                 return self._end_stream_with_error(upstream, error, at_line_start)
             if not line:
+                if self.tracked.client_gone:
+                    raise ClientDisconnected()
                 if not upstream_body_complete(response):
                     return self._end_stream_with_error(
                         upstream, http.client.IncompleteRead(b""), at_line_start)
@@ -1961,10 +2023,19 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     def _end_stream_with_error(self, upstream, error, at_line_start):
         if self.tracked.client_gone:
             raise ClientDisconnected()
-        failure = upstream_failure(upstream, error) if not isinstance(
-            error, http.client.IncompleteRead) else RelayError(
-            502, "upstream %s (%s) closed the connection mid-stream." % (
-                upstream.name, upstream.url), code="upstream_error", kind="dropped")
+        where = "upstream %s (%s)" % (upstream.name, upstream.url)
+        if self.tracked.aborted:
+            failure = RelayError(503, "The relay is shutting down; the stream was "
+                                 "cut.", code="shutting_down")
+        elif isinstance(error, socket.timeout):
+            failure = RelayError(504, "%s sent nothing for read_timeout = %g s "
+                                 "mid-stream." % (where, upstream.read_timeout),
+                                 code="upstream_timeout", kind="timeout")
+        elif isinstance(error, http.client.IncompleteRead):
+            failure = RelayError(502, "%s closed the connection mid-stream." % where,
+                                 code="upstream_error", kind="dropped")
+        else:
+            failure = upstream_failure(upstream, error)
         self.log_fields["error"] = failure.message
         self._count_upstream_failure(upstream, failure.kind)
         logger.warning("%s stream ended early: %s", self._request_id, failure.message)
@@ -2032,7 +2103,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         for name, value in headers:
             self.send_header(name, value)
-        self.send_header("X-Request-Id", self._request_id or "-")
+        self._request_id = self._request_id or uuid.uuid4().hex
+        self.send_header("X-Request-Id", self._request_id)
         for name, value in self._cors_headers():
             self.send_header(name, value)
         if self.server.draining:
@@ -2098,6 +2170,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     def _send_relay_error(self, error):
         """Answer a RelayError in OpenAI's error shape, or end a started stream."""
+        if self.tracked.aborted:
+            error = RelayError(503, "The relay is shutting down.",
+                               code="shutting_down")
         self.log_fields.setdefault("error", error.message)
         if self._headers_sent:
             self.close_connection = True
@@ -2129,7 +2204,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     def _client_gone(self, cause):
         self.close_connection = True
-        self.log_fields["error"] = cause
+        self.log_fields["error"] = (
+            "closed by the relay's shutdown" if self.tracked.aborted else cause)
         self._status = self._status if self._headers_sent else 499
 
     def log_request(self, code="-", size="-"):
@@ -2248,10 +2324,12 @@ class TrackedConnection(object):
 
     phase is idle (waiting for a request), reading (a request is arriving,
     deadline applies) or busy; upstream_sock is the upstream socket while a
-    response is pending; client_gone is set when the client disconnects.
+    response is pending; client_gone is set when the client disconnects and
+    aborted when a shutdown cuts the request.
     """
 
-    __slots__ = ("sock", "phase", "deadline", "upstream_sock", "client_gone")
+    __slots__ = ("sock", "phase", "deadline", "upstream_sock", "client_gone",
+                 "aborted")
 
     def __init__(self, sock, deadline):
         self.sock = sock
@@ -2259,6 +2337,7 @@ class TrackedConnection(object):
         self.deadline = deadline
         self.upstream_sock = None
         self.client_gone = False
+        self.aborted = False  # cut by the end of the shutdown grace
 
 
 class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -2280,6 +2359,8 @@ class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.pool = UpstreamPool()
         self.metrics = Metrics()
         self.draining = False
+        self._grace_deadline = 0.0
+        self._grace_ended = False
         self._lock = threading.Condition()
         self._connections = set()
         self._active = 0
@@ -2419,21 +2500,47 @@ class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         in time; the rest are then closed.
         """
         self.socket.close()
-        deadline = time.monotonic() + grace_seconds
         with self._lock:
+            if not self._grace_ended:  # a second signal may already have come
+                self._grace_deadline = time.monotonic() + grace_seconds
             self.draining = True
             for tracked in self._connections:
                 if tracked.phase == PHASE_IDLE:
                     shutdown_socket(tracked.sock, socket.SHUT_RD)
-            while self._active and time.monotonic() < deadline:
-                self._lock.wait(min(0.1, max(0.0, deadline - time.monotonic())))
-            finished = not self._active
+            finished = self._wait_for_connections(lambda: self._grace_deadline)
+            leftovers = list(self._connections)
+            for tracked in leftovers:
+                tracked.aborted = True
+        if finished:
+            return True
+        # Cut the upstream side first: each stream then ends with a final SSE
+        # error event and its handler writes its access line.
+        for tracked in leftovers:
+            if tracked.upstream_sock is not None:
+                shutdown_socket(tracked.upstream_sock)
+        cut_deadline = time.monotonic() + ABORT_WAIT_SECONDS
+        with self._lock:
+            self._wait_for_connections(lambda: cut_deadline)
             leftovers = list(self._connections)
         for tracked in leftovers:
             shutdown_socket(tracked.sock)
-            if tracked.upstream_sock is not None:
-                shutdown_socket(tracked.upstream_sock)
-        return finished
+        final_deadline = time.monotonic() + ABORT_WAIT_SECONDS
+        with self._lock:
+            self._wait_for_connections(lambda: final_deadline)
+        return False
+
+    def _wait_for_connections(self, deadline):
+        """Wait (holding the lock) until no connection is left or the time
+        deadline() returns has passed; return True when none is left."""
+        while self._active and time.monotonic() < deadline():
+            self._lock.wait(0.05)
+        return not self._active
+
+    def end_grace(self):
+        """Stop waiting for running requests (a second SIGTERM/SIGINT)."""
+        with self._lock:
+            self._grace_ended = True
+            self._grace_deadline = 0.0
 
     def server_close(self):
         self._stop_housekeeping.set()
@@ -2685,7 +2792,7 @@ def install_signal_handlers(server, path):
 
     def stop(signum, frame):
         if stopping:  # a second signal: stop waiting for streams
-            server.drain(0)
+            server.end_grace()
             return
         stopping.append(signum)
         threading.Thread(target=server.shutdown, name="llm-relay-stop").start()

@@ -177,6 +177,25 @@ class ConfigValidationTest(unittest.TestCase):
                                  "positive number")
         self.assert_config_error('{"api_keys": "k"}', "api_keys", "list of strings")
 
+    def test_likely_mistakes_are_errors_or_warnings(self):
+        _, warnings = llm_relay.parse_config_text(
+            '{"listen": "127.0.0.1:1", "listen": "127.0.0.1:2", "model_rules": ['
+            '{"match_model": ["a", "default"]}, {"match_model": "default"},\n'
+            '{"match_model": ["b", "a"]}]}', "c.jsonc", {})
+        self.assertIn("c.jsonc: duplicate key 'listen': the last value is used",
+                      warnings)
+        self.assertTrue(any("c.jsonc:2:1: model_rules[2]: never applies to 'a': "
+                            "model_rules[0] matches it first" in w for w in warnings),
+                        warnings)
+        self.assertTrue(any("model_rules[1]: never applies to 'default'" in w
+                            for w in warnings), warnings)
+        error = config_error('{"model_rules": [{"match_model": "a", "set": '
+                             '{"model": 5}}]}')
+        self.assertEqual(error.path, "model_rules[0].set.model")
+        error = config_error('{"upstream": "http://h/v1", "upstream_ca_file": '
+                             '"/nonexistent.pem"}')
+        self.assertEqual(error.path, "upstream_ca_file")
+
     def test_top_level_must_be_an_object(self):
         self.assertIn("top level", str(config_error("[1, 2]")))
 
@@ -963,8 +982,9 @@ class RelayEndpointsTest(RelayTestCase):
         status, _, data = self.request("GET", "/nope")
         self.assert_openai_error(status, data, 404)
         status, headers, data = self.request("GET", "/v1/chat/completions")
-        self.assert_openai_error(status, data, 405)
+        error = self.assert_openai_error(status, data, 405)
         self.assertEqual(headers["allow"], "POST")
+        self.assertIn("GET is not allowed on /v1/chat/completions", error["message"])
         status, headers, data = self.request("POST", "/health", b"{}")
         self.assert_openai_error(status, data, 405)
         self.assertEqual(headers["allow"], "GET, HEAD")
@@ -976,6 +996,7 @@ class RelayEndpointsTest(RelayTestCase):
         self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply)
         self.assertIn(b'"error"', reply)
         self.assertNotIn(b"<html", reply.lower())
+        self.assertRegex(reply, b"X-Request-Id: [0-9a-f]{32}\r\n")
         reply = self.raw_exchange(b"BREW /health HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(reply.startswith(b"HTTP/1.1 501"), reply)
         self.assertIn(b'"error"', reply)
@@ -1126,14 +1147,32 @@ class StreamingTest(RelayTestCase):
         self.assertEqual(error["code"], "upstream_timeout")
 
     def test_client_disconnect_closes_the_upstream_connection(self):
+        self.check_client_disconnect(close_delimited=False)
+
+    def test_client_disconnect_during_a_close_delimited_stream(self):
+        self.check_client_disconnect(close_delimited=True)
+
+    def check_client_disconnect(self, close_delimited):
         stop = threading.Event()
         self.addCleanup(stop.set)
         first_sent = threading.Event()
 
         def endless(handler, recorded):
-            start_chunked(handler)
+            if close_delimited:
+                handler.send_response(200)
+                handler.send_header("Content-Type", "text/event-stream")
+                handler.send_header("Connection", "close")
+                handler.end_headers()
+                handler.close_connection = True
+            else:
+                start_chunked(handler)
             while not stop.is_set():
-                write_chunk(handler, b"data: {\"tick\": 1}\n\n")
+                line = b"data: {\"tick\": 1}\n\n"
+                if close_delimited:
+                    handler.wfile.write(line)
+                    handler.wfile.flush()
+                else:
+                    write_chunk(handler, line)
                 first_sent.set()
                 stop.wait(0.05)
         self.upstream.behaviour = endless
@@ -1711,11 +1750,27 @@ class LifecycleTest(RelayTestCase):
     def test_grace_period_ends_streams_that_do_not_finish(self):
         self.gated_stream()
         relay = RelayProcess(self, config_text(self.upstream.url, shutdown_grace=0.5))
+        self.check_cut_stream(relay, [signal.SIGTERM])
+
+    def test_a_second_signal_stops_waiting(self):
+        self.gated_stream()
+        relay = RelayProcess(self, config_text(self.upstream.url, shutdown_grace=60))
+        self.check_cut_stream(relay, [signal.SIGTERM, signal.SIGTERM])
+
+    def check_cut_stream(self, relay, signals):
         stream = self.open_stream(relay.port)
         self.assertEqual(stream.readline(), b"data: before\n")
-        relay.process.send_signal(signal.SIGTERM)
+        for number in signals:
+            relay.process.send_signal(number)
+            self.assertIsNotNone(relay.wait_for_line("shutting down"))
+        rest = stream.read()  # the stream ends properly, with an error event
         self.assertEqual(relay.process.wait(WAIT_SECONDS), 0)
+        self.assertTrue(rest.startswith(b"\ndata: {"), rest)
+        error = json.loads(rest[len(b"\ndata: "):].decode())["error"]
+        self.assertEqual(error["code"], "shutting_down")
         self.assertIsNotNone(relay.wait_for_line("grace ended"))
+        access = relay.wait_for_line("POST /v1/chat/completions")
+        self.assertIn("error=The relay is shutting down", access)
         self.assertNotIn("Traceback", relay.stderr_text())
 
     def test_sighup_reloads_rules_without_disturbing_streams(self):
@@ -2132,6 +2187,29 @@ class PassThroughTest(RelayTestCase):
             self.assertEqual(self.upstream.last().path, path)
             self.assertEqual(self.upstream.last().json(),
                              {"model": "nomic-embed-text", "input": "hi"})
+
+    def test_json_sent_with_a_form_content_type_still_gets_rules_and_checks(self):
+        self.upstream.behaviour = lambda handler, recorded: reply_json(handler, {})
+        self.start_relay(model_rules=[{"match_model": "*-embed-?",
+                                       "unset": ["encoding_format"]}])
+        curl_form = {"Content-Type": "application/x-www-form-urlencoded"}
+        status, _, _ = self.request("POST", "/v1/embeddings", b' {"model": "n-embed-t",'
+                                    b' "input": "x", "encoding_format": "base64"}',
+                                    curl_form)
+        self.assertEqual(status, 200)
+        self.assertEqual(self.upstream.last().json(), {"model": "n-embed-t",
+                                                       "input": "x"})
+        self.assertEqual(self.upstream.last().headers["Content-Type"],
+                         "application/json")
+        status, _, data = self.request("POST", "/v1/embeddings", b'{"model": "x", bad',
+                                       curl_form)
+        self.assert_openai_error(status, data, 400, "invalid_json")
+        self.assertEqual(len(self.upstream.requests), 1)
+        status, _, _ = self.request("POST", "/v1/files", b"a=1&b=%7B", curl_form)
+        self.assertEqual(status, 200)
+        self.assertEqual(self.upstream.last().body, b"a=1&b=%7B")
+        self.assertEqual(self.upstream.last().headers["Content-Type"],
+                         "application/x-www-form-urlencoded")
 
     def test_multipart_upload_and_binary_response_stream_through(self):
         audio = bytes(range(256)) * 4096  # 1 MiB of binary
