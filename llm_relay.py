@@ -64,7 +64,11 @@ COPY_BLOCK_BYTES = 64 * 1024
 MAX_BUFFERED_RESPONSE_BYTES = 16 * 1024 * 1024  # larger bodies stream through
 MAX_CHUNK_SIZE_LINE_BYTES = 4096
 MAX_REQUEST_ID_CHARS = 128
+MAX_JSON_INT_DIGITS = 4300  # CPython 3.11's limit; older ones parse in O(n^2)
+MAX_LOGGED_MODEL_CHARS = 200
+STALE_RETRY_WINDOW_SECONDS = 1.0  # an idle-closed connection fails at once
 MAX_LOGGED_BODY_CHARS = 4000
+MODELS_TIMEOUT_SECONDS = 10.0  # silence allowed from an upstream's /models
 READY_TIMEOUT_SECONDS = 2.0  # each upstream's /models, for /health/ready
 DURATION_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                             5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -99,6 +103,11 @@ SECRET_KEY_PATTERN = re.compile(
 GLOB_CHARACTERS = frozenset("*?[")
 _LOG_ESCAPES = dict((code, "\\x%02x" % code)
                     for code in list(range(32)) + list(range(127, 160)))
+_LOG_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+SECRET_QUERY_PARAMETER = re.compile(
+    r"((?:^|[?&;])[^=&;]*(?:key|token|secret|password|sig)[^=&;]*=)[^&;]*",
+    re.IGNORECASE)
+_OBS_FOLD = re.compile(r"\r?\n[ \t]+")
 PHASE_IDLE, PHASE_READING, PHASE_BUSY = "idle", "reading", "busy"
 
 # Routing: client path (without the optional /v1 prefix) -> allowed methods.
@@ -420,8 +429,8 @@ def validate_config(raw, source="<config>", text=None, environ=None):
                       checker.typed(raw, ("model_rules",), list, "a list", [])))
     checker.warn_shadowed_rules(rules)
     api_keys = checker.string_list(raw, ("api_keys",), [])
-    if any(not key for key in api_keys):
-        raise checker.error(("api_keys",), "keys must not be empty")
+    for position, key in enumerate(api_keys):
+        checker.check_key(("api_keys", position), key)
     config = Config(
         source=source, listen_host=host, listen_port=port, upstreams=upstreams,
         forward_auth=checker.typed(raw, ("forward_auth",), bool, "true or false",
@@ -510,6 +519,14 @@ class _ConfigChecker(object):
             raise self.error(path, "environment variable %s is not set (use "
                                    "${%s:-fallback} for a default)" % (name, name))
         return _ENV_REFERENCE.sub(substitute, value)
+
+    def check_key(self, path, key):
+        """A key goes into an HTTP header: visible ASCII only.  The message
+        never shows the key (a stray CR from an env file is common)."""
+        if not key or not all("!" <= character <= "~" for character in key):
+            raise self.error(path, "a key must be non-empty visible ASCII (no "
+                                   "spaces or control characters such as a "
+                                   "trailing CR)")
 
     def warn_shadowed_rules(self, rules):
         first_rule = {}
@@ -613,6 +630,8 @@ class _ConfigChecker(object):
         api_key = spec.get("api_key")
         if api_key is not None and not isinstance(api_key, str):
             raise self.error(key_path, "expected a string")
+        if api_key:
+            self.check_key(key_path, api_key)
 
         def timeout(key):
             return self.number(spec, (key,) if top_level else path + (key,), None)
@@ -850,7 +869,8 @@ def parse_json_body(raw_body):
                          code="invalid_json")
     try:
         body = json.loads(text, parse_constant=_reject_json_constant,
-                          parse_float=_parse_finite_float)
+                          parse_float=_parse_finite_float,
+                          parse_int=_parse_bounded_int)
     except RecursionError:
         raise RelayError(400, "The request body is nested too deeply.",
                          code="invalid_json")
@@ -861,6 +881,12 @@ def parse_json_body(raw_body):
         raise RelayError(400, "The request body must be a JSON object.",
                          code="invalid_json")
     return body
+
+
+def _parse_bounded_int(text):
+    if len(text) > MAX_JSON_INT_DIGITS:
+        raise ValueError("integer with %d digits is too long" % len(text))
+    return int(text)
 
 
 def _parse_finite_float(text):
@@ -877,12 +903,14 @@ def redact_for_log(value, max_chars=MAX_LOGGED_BODY_CHARS):
     password, authorization) become "***"; long strings (base64 images) are
     shortened; the whole text is cut at max_chars characters.
     """
-    def redact(item):
+    def redact(item, depth=0):
+        if depth > 20 and isinstance(item, (dict, list)):
+            return "...(nested deeper)"
         if isinstance(item, dict):
             return dict((key, "***" if SECRET_KEY_PATTERN.search(str(key))
-                         else redact(child)) for key, child in item.items())
+                         else redact(child, depth + 1)) for key, child in item.items())
         if isinstance(item, list):
-            return [redact(child) for child in item]
+            return [redact(child, depth + 1) for child in item]
         if isinstance(item, str) and len(item) > 200:
             return item[:100] + "...(%d chars)" % len(item)
         return item
@@ -893,6 +921,15 @@ def redact_for_log(value, max_chars=MAX_LOGGED_BODY_CHARS):
 def printable(text):
     """Escape control characters so client-chosen text cannot forge log lines."""
     return str(text).translate(_LOG_ESCAPES)
+
+
+def loggable_target(target):
+    """Return a request target for logs: escaped, cut at 300 characters, and
+    with the values of key-like query parameters (api-key=, token=) masked."""
+    if "?" in target:
+        path, _, query = target.partition("?")
+        target = path + "?" + SECRET_QUERY_PARAMETER.sub(r"\1***", query)
+    return printable(target)[:300]
 
 
 ###############################################################################
@@ -938,7 +975,9 @@ def upstream_headers(client_headers, upstream, forward_auth, body_length,
         if lowered in REQUEST_HEADERS_SET_BY_RELAY or (
                 lowered in CREDENTIAL_HEADERS and not forward_auth):
             continue
-        headers.append((name, value))
+        # RFC 9112 §5.2: a folded (obs-fold) value is unfolded before it is
+        # forwarded, so no line break reaches the upstream.
+        headers.append((name, _OBS_FOLD.sub(" ", value)))
     if upstream.api_key and not forward_auth:
         headers.append(("Authorization", "Bearer " + upstream.api_key))
     headers.append(("Accept-Encoding", "identity"))
@@ -1042,6 +1081,10 @@ def split_route(target):
     "/chat/completions".  Raises RelayError(400) for a target that is not a
     path or whose path has "." or ".." segments, raw or percent-encoded.
     """
+    if not all("!" <= character <= "~" for character in target):
+        raise RelayError(400, "The request target must be visible ASCII; "
+                              "percent-encode other characters.",
+                         code="invalid_path")
     parts = urllib.parse.urlsplit(target)
     path = parts.path
     if not path.startswith("/"):
@@ -1152,6 +1195,32 @@ class UpstreamPool(object):
             connection.close()
 
 
+class UpstreamResponse(http.client.HTTPResponse):
+    """An HTTPResponse that skips every interim 1xx response, not only 100.
+
+    http.client takes 102 Processing or 103 Early Hints for the final
+    answer, which would leave the real one to the next request on the
+    connection (RFC 9110 §15.2: a client must accept and skip them).  101
+    Switching Protocols cannot be relayed and counts as invalid.
+    """
+
+    def _read_status(self):
+        while True:
+            version, status, reason = http.client.HTTPResponse._read_status(self)
+            if status == 101:
+                raise http.client.HTTPException("unexpected 101 Switching Protocols")
+            if not 100 < status < 200:
+                return version, status, reason
+            for _ in range(100):  # the interim response's header fields
+                line = self.fp.readline(MAX_CHUNK_SIZE_LINE_BYTES + 1)
+                if not line.strip():
+                    break
+                if len(line) > MAX_CHUNK_SIZE_LINE_BYTES:
+                    raise http.client.LineTooLong("interim response header")
+            else:
+                raise http.client.HTTPException("too many interim header lines")
+
+
 def open_connection(upstream):
     """Connect to an upstream within its connect_timeout; return the connection.
 
@@ -1165,6 +1234,7 @@ def open_connection(upstream):
     else:
         connection = http.client.HTTPConnection(
             upstream.host, upstream.port, timeout=upstream.connect_timeout)
+    connection.response_class = UpstreamResponse
     try:
         connection.connect()
         connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1203,13 +1273,16 @@ class RequestBody(object):
         return counted()
 
 
-def send_upstream_request(pool, upstream, method, target, headers, body):
+def send_upstream_request(pool, upstream, method, target, headers, body,
+                          on_connected=None):
     """Send one request upstream; return (HTTPResponse, connection, socket).
 
     target is the path and query to request; headers a list of (name, value);
-    body a RequestBody.  A reused connection that the upstream had closed is
-    retried once on a new one, only when the failure proves no byte of the
-    request was processed (a reset while sending, or an empty status line).
+    body a RequestBody; on_connected(socket) is called once connected.  A
+    reused connection that the upstream had closed is retried once on a new
+    one, only when no byte of the request can have been processed: a reset
+    while sending, or an empty status line within STALE_RETRY_WINDOW_SECONDS
+    (an upstream that worked on the request first must not get it twice).
     Raises RelayError: 502 refused/unreachable/invalid, 504 timeout.
     """
     for attempt in (1, 2):
@@ -1218,6 +1291,9 @@ def send_upstream_request(pool, upstream, method, target, headers, body):
         except Exception as error:
             raise upstream_failure(upstream, error, connecting=True)
         sock = connection.sock
+        if on_connected is not None:
+            on_connected(sock)
+        retry = reused and attempt == 1 and body.replayable
         try:
             try:
                 connection.putrequest(method, target, skip_host=True,
@@ -1227,20 +1303,32 @@ def send_upstream_request(pool, upstream, method, target, headers, body):
                 connection.endheaders(body.payload(), encode_chunked=(
                     body.length is None and body.blocks is not None))
             except ConnectionError:
-                if reused and attempt == 1 and body.replayable:
+                if retry:
                     connection.close()
                     continue
                 raise
+            sent_at = time.monotonic()
             try:
-                return connection.getresponse(), connection, sock
+                response = connection.getresponse()
             except http.client.RemoteDisconnected:
-                if reused and attempt == 1 and body.replayable:
+                if retry and time.monotonic() - sent_at < STALE_RETRY_WINDOW_SECONDS:
                     connection.close()
                     continue
                 raise
+            check_response_framing(response)
+            return response, connection, sock
         except Exception as error:
             connection.close()
             raise upstream_failure(upstream, error)
+
+
+def check_response_framing(response):
+    """Refuse a response whose Content-Length headers disagree (RFC 9112
+    §6.3: unrecoverable framing error); raises http.client.HTTPException."""
+    lengths = response.msg.get_all("Content-Length") or []
+    if len(set(value.strip() for value in lengths)) > 1:
+        response.close()
+        raise http.client.HTTPException("conflicting Content-Length headers")
 
 
 def upstream_failure(upstream, error, connecting=False):
@@ -1569,8 +1657,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self._client_gone("client stopped reading for client_timeout")
         except Exception as error:
             logger.debug("unexpected error", exc_info=True)
-            self.log_fields["error"] = "internal error: %s: %s" % (
-                type(error).__name__, error)
+            # The exception text could hold a header value; the type is enough.
+            self.log_fields["error"] = "internal error: %s (details with -v)" % (
+                type(error).__name__)
             if self._headers_sent:
                 self.close_connection = True
             else:
@@ -1578,7 +1667,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                                                   code="internal_error"))
         finally:
             self._in_dispatch = False
-            self.server.mark_busy(self.tracked, None)
+            self.server.watch_upstream(self.tracked, None)
             self._log_access()
             self.server.metrics.request_finished(
                 metrics_path(self._route, self._route in ENDPOINTS),
@@ -1593,7 +1682,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self.headers.get("X-Request-Id")) or uuid.uuid4().hex
         route, query = self._precheck(config)
         if not self._declares_body():
-            self.server.mark_busy(self.tracked, None)
+            self.server.mark_busy(self.tracked)
         if self.command == "OPTIONS":
             return self._answer_options(config)
         if route == "/health":
@@ -1649,11 +1738,12 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         Raises RelayError 400 (malformed), 411 (POST without a length) or 413.
         """
         if self.headers.get("Transfer-Encoding") is not None:
-            codings = [coding.strip().lower() for coding in
-                       self.headers.get("Transfer-Encoding").split(",")]
+            declared = ",".join(self.headers.get_all("Transfer-Encoding"))
+            codings = [coding.strip().lower() for coding in declared.split(",")]
             if codings != ["chunked"]:
+                self.close_connection = True
                 raise RelayError(501, "Transfer-Encoding %s is not supported." %
-                                 printable(self.headers.get("Transfer-Encoding")),
+                                 printable(declared)[:100],
                                  code="unsupported_transfer_encoding")
             return None
         values = self.headers.get_all("Content-Length") or []
@@ -1663,7 +1753,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                                       "chunked Transfer-Encoding.",
                                  code="length_required")
             return 0
-        if len(set(v.strip() for v in values)) != 1 or not values[0].strip().isdigit():
+        if len(set(v.strip() for v in values)) != 1 or not re.match(
+                r"^[0-9]{1,18}$", values[0].strip()):
             raise RelayError(400, "Invalid Content-Length.",
                              code="invalid_content_length")
         length = int(values[0])
@@ -1687,7 +1778,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             if len(data) < length:
                 raise ClientDisconnected()
         self._body_read = True
-        self.server.mark_busy(self.tracked, None)
+        self.server.mark_busy(self.tracked)
         return data
 
     def _read_chunked_body(self, max_body_bytes):
@@ -1695,37 +1786,33 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             # RFC 9112 §6.3: Transfer-Encoding wins, and the connection must
             # close afterwards, as the message may be a smuggling attempt.
             self.close_connection = True
-        blocks, total = [], 0
+        body = bytearray()  # one-byte chunks must not cost an object each
         while True:
             size = self._read_chunk_size()
             if size == 0:
                 break
-            total += size
-            if total > max_body_bytes:
+            if len(body) + size > max_body_bytes:
                 self.close_connection = True
                 raise RelayError(413, "The request body exceeds max_body_bytes "
                                  "= %d." % max_body_bytes, code="request_too_large")
             block = self.rfile.read(size)
             if len(block) < size:
                 raise ClientDisconnected()
-            blocks.append(block)
+            body += block
             if self.rfile.readline(3) not in (b"\r\n", b"\n"):
                 raise self._bad_chunking()
         while self.rfile.readline(MAX_CHUNK_SIZE_LINE_BYTES).strip():
             pass  # trailer fields are dropped (RFC 9112 §7.1.2)
-        return b"".join(blocks)
+        return bytes(body)
 
     def _read_chunk_size(self):
         line = self.rfile.readline(MAX_CHUNK_SIZE_LINE_BYTES)
         if not line:
             raise ClientDisconnected()
         size_text = line.split(b";", 1)[0].strip()
-        try:
-            if not size_text or size_text.lstrip(b"0123456789abcdefABCDEF"):
-                raise ValueError()
-            return int(size_text, 16)
-        except ValueError:
+        if not re.match(b"^[0-9A-Fa-f]{1,15}$", size_text):
             raise self._bad_chunking()
+        return int(size_text, 16)
 
     def _bad_chunking(self):
         self.close_connection = True
@@ -1773,47 +1860,22 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     def _serve_models(self, config):
         """Answer GET /v1/models: the upstreams' lists plus rule aliases."""
         self._discard_body(config)
-        names = routed_upstream_names(config)
-        listings, failures = [], []
-        for name in names:
-            upstream = config.upstreams[name]
-            try:
-                listings.append(self._fetch_models(upstream))
-            except RelayError as error:
-                if len(names) == 1:
-                    raise
-                logger.warning("models: left out %s", error.message)
-                failures.append(error)
+        upstreams = [config.upstreams[name] for name in routed_upstream_names(config)]
+        results = fetch_model_lists(self.server.pool, upstreams, lambda upstream:
+                                    upstream_headers(self._client_header_list(),
+                                                     upstream, config.forward_auth,
+                                                     None, self._request_id))
+        if len(results) == 1 and isinstance(results[0], RelayError):
+            raise results[0]  # the only upstream's own answer, or 502/504
+        listings = [result for result in results if isinstance(result, dict)]
+        for result in results:
+            if isinstance(result, RelayError):
+                logger.warning("%s models: left out %s", self._request_id,
+                               result.message)
         if not listings:
             raise RelayError(502, "No upstream answered /models: %s" % "; ".join(
-                error.message for error in failures), code="upstream_unreachable")
+                result.message for result in results), code="upstream_unreachable")
         self._send_json(200, merge_model_lists(listings, config))
-
-    def _fetch_models(self, upstream):
-        """Return an upstream's /models list dict, or raise RelayError.
-
-        A non-200 answer of a single upstream is relayed as is (RelayError
-        carrying its status and body) so a client sees the upstream's reason.
-        """
-        headers = upstream_headers(list(self.headers.items()), upstream,
-                                   self.server.config.forward_auth, None,
-                                   self._request_id)
-        response, connection, _ = send_upstream_request(
-            self.server.pool, upstream, "GET", upstream.base_path + "/models",
-            headers, RequestBody())
-        try:
-            data = read_response_body(response, upstream, MAX_BUFFERED_RESPONSE_BYTES)
-        finally:
-            self._finish_upstream(upstream, response, connection, True)
-        listing = None
-        if response.status == 200:
-            try:
-                listing = json.loads(data.decode("utf-8"))
-            except ValueError:
-                pass
-        if not (isinstance(listing, dict) and isinstance(listing.get("data"), list)):
-            raise UpstreamAnswer(response, data, upstream)
-        return listing
 
     def _serve_model(self, config, route, query):
         """Answer GET /v1/models/{id}: an alias here, other ids upstream."""
@@ -1881,7 +1943,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             remaining -= len(block)
             yield block
         self._body_read = True
-        self.server.mark_busy(self.tracked, None)
+        self.server.mark_busy(self.tracked)
 
     def _open_upstream(self, config, chain, target_suffix, body):
         """Send the request along a fallback chain of upstream names.
@@ -1943,18 +2005,18 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self.server.metrics.upstream_error(upstream.name, kind)
 
     def _send_watched(self, upstream, target_suffix, headers, body):
-        """Send upstream while the housekeeping thread watches the client."""
-        self.server.mark_busy(self.tracked, None)
+        """Send upstream while the housekeeping thread watches the client from
+        the moment the upstream connection is there."""
         try:
-            response, connection, sock = send_upstream_request(
+            return send_upstream_request(
                 self.server.pool, upstream, self.command,
-                upstream.base_path + target_suffix, headers, body)
+                upstream.base_path + target_suffix, headers, body,
+                on_connected=lambda sock: self.server.watch_upstream(
+                    self.tracked, sock))
         except RelayError:
             if self.tracked.client_gone:
                 raise ClientDisconnected()
             raise
-        self.server.mark_busy(self.tracked, sock)
-        return response, connection, sock
 
     # -- relaying the response ----------------------------------------------------
 
@@ -2078,7 +2140,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     def _finish_upstream(self, upstream, response, connection, complete):
         """Pool the upstream connection after a complete response, else close
         it at once (so an abandoned generation stops upstream)."""
-        self.server.mark_busy(self.tracked, None)
+        self.server.watch_upstream(self.tracked, None)
         if complete and response.isclosed() and upstream_body_complete(
                 response) and not response.will_close:
             self.server.pool.release(upstream, connection)
@@ -2107,7 +2169,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("X-Request-Id", self._request_id)
         for name, value in self._cors_headers():
             self.send_header(name, value)
-        if self.server.draining:
+        if self.server.draining or self.close_connection or (
+                not self._body_read and self._declares_body()):
+            # An unread request body would be parsed as the next request.
             self.send_header("Connection", "close")
         self.end_headers()
 
@@ -2133,8 +2197,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if self._chunked:
             headers = headers + [("Transfer-Encoding", "chunked")]
         else:
-            self.close_connection = True
-            headers = headers + [("Connection", "close")]
+            self.close_connection = True  # the end of the body is the close
         self._send_head(status, headers)
         self.wfile.flush()
 
@@ -2180,8 +2243,6 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if not self._body_read and self._declares_body():
             self.close_connection = True  # unread body bytes would be parsed
         headers = list(error.headers)
-        if self.close_connection:
-            headers.append(("Connection", "close"))
         self._send_json(error.status, openai_error(
             error.message, error.error_type, error.code, error.param), headers)
 
@@ -2222,7 +2283,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         access = collections.OrderedDict((
             ("client", self.client_address[0]),
             ("method", getattr(self, "command", None) or "-"),
-            ("path", printable(self.path or "-")[:300]),
+            ("path", loggable_target(self.path or "-")),
             ("status", self._status), ("duration_ms", round(duration_ms, 1))))
         access.update(fields)
         access["id"] = self._request_id
@@ -2255,7 +2316,18 @@ def read_response_body(response, upstream, max_bytes):
     body, or when it is larger than max_bytes; 504 on read timeout.
     """
     try:
-        data = response.read(max_bytes + 1)
+        if response.length is not None and response.length <= max_bytes:
+            data = response.read()  # exactly Content-Length bytes, or raises
+        else:
+            # Read in blocks: read(n) would allocate all n bytes up front on
+            # CPython 3.9 and older.
+            buffered = bytearray()
+            while len(buffered) <= max_bytes:
+                block = response.read1(COPY_BLOCK_BYTES)
+                if not block:
+                    break
+                buffered += block
+            data = bytes(buffered)
         if len(data) <= max_bytes and not upstream_body_complete(response):
             raise http.client.IncompleteRead(data)
     except http.client.IncompleteRead:
@@ -2268,6 +2340,63 @@ def read_response_body(response, upstream, max_bytes):
         raise RelayError(502, "upstream %s response is larger than %d bytes." % (
             upstream.name, max_bytes), code="upstream_error", kind="invalid")
     return data
+
+
+def fetch_model_list(pool, upstream, headers):
+    """Return an upstream's GET <url>/models list dict.
+
+    Waits at most MODELS_TIMEOUT_SECONDS of silence, so one hung upstream
+    cannot hold the merged list for read_timeout.  Raises RelayError, or
+    UpstreamAnswer carrying a non-200 (or non-list) answer to relay as it is.
+    """
+    upstream = upstream._replace(read_timeout=min(upstream.read_timeout,
+                                                  MODELS_TIMEOUT_SECONDS))
+    response, connection, _ = send_upstream_request(
+        pool, upstream, "GET", upstream.base_path + "/models", headers,
+        RequestBody())
+    try:
+        data = read_response_body(response, upstream, MAX_BUFFERED_RESPONSE_BYTES)
+    finally:
+        if response.isclosed() and upstream_body_complete(response) and \
+                not response.will_close:
+            pool.release(upstream, connection)
+        else:
+            connection.close()
+    listing = None
+    if response.status == 200:
+        try:
+            listing = json.loads(data.decode("utf-8"))
+        except ValueError:
+            pass
+    if not (isinstance(listing, dict) and isinstance(listing.get("data"), list)):
+        raise UpstreamAnswer(response, data, upstream)
+    return listing
+
+
+def fetch_model_lists(pool, upstreams, headers_for):
+    """Fetch several upstreams' model lists at once.
+
+    headers_for(upstream) gives each request's headers.  Returns one result
+    per upstream, in order: the list dict, or the RelayError it failed with.
+    """
+    results = [None] * len(upstreams)
+
+    def fetch(position, upstream):
+        try:
+            results[position] = fetch_model_list(pool, upstream, headers_for(upstream))
+        except RelayError as error:
+            results[position] = error
+    if len(upstreams) == 1:
+        fetch(0, upstreams[0])
+        return results
+    threads = [threading.Thread(target=fetch, args=item)
+               for item in enumerate(upstreams)]
+    for thread in threads:
+        thread.daemon = True
+        thread.start()
+    for thread in threads:
+        thread.join()  # each fetch is bounded by its connect and read timeouts
+    return results
 
 
 def routed_upstream_names(config):
@@ -2311,8 +2440,9 @@ def merge_model_lists(listings, config):
 
 def format_model(asked, sent):
     """Return "asked→sent" for the access log, or just asked when unchanged."""
-    return printable(asked) if asked == sent else "%s→%s" % (
-        printable(asked), printable(sent))
+    asked = printable(asked)[:MAX_LOGGED_MODEL_CHARS]
+    sent = printable(sent)[:MAX_LOGGED_MODEL_CHARS]
+    return asked if asked == sent else "%s→%s" % (asked, sent)
 
 
 ###############################################################################
@@ -2448,10 +2578,15 @@ class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             tracked.phase = PHASE_READING
             tracked.deadline = time.monotonic() + self.config.client_timeout
 
-    def mark_busy(self, tracked, upstream_sock):
-        """Stop the client deadline; watch the client while upstream_sock waits."""
+    def mark_busy(self, tracked):
+        """The whole request has arrived: stop its client_timeout deadline."""
         with self._lock:
             tracked.phase = PHASE_BUSY
+
+    def watch_upstream(self, tracked, upstream_sock):
+        """While upstream_sock is set, a client disconnect shuts it down, so
+        the upstream stops generating (None: stop watching)."""
+        with self._lock:
             tracked.upstream_sock = upstream_sock
 
     # -- housekeeping --------------------------------------------------------------------

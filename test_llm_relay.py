@@ -12,7 +12,6 @@ the tests with the official openai package are skipped where it is missing.
 import gzip
 import http.client
 import http.server
-import io
 import json
 import logging
 import os
@@ -27,7 +26,6 @@ import tempfile
 import threading
 import time
 import unittest
-import urllib.parse
 
 import llm_relay
 
@@ -568,6 +566,13 @@ class SmallHelpersTest(unittest.TestCase):
 
     def test_printable_escapes_control_characters(self):
         self.assertEqual(llm_relay.printable("a\r\nb\x1b\x85"), "a\\x0d\\x0ab\\x1b\\x85")
+        self.assertEqual(llm_relay.printable("a\u2028b\u2029"), "a\\u2028b\\u2029")
+
+    def test_keys_with_control_characters_are_config_errors_without_the_key(self):
+        error = config_error('{"upstream_api_key": "${K}"}', {"K": "sk-SECRET\r"})
+        self.assertEqual(error.path, "upstream_api_key")
+        self.assertNotIn("SECRET", str(error))
+        self.assertEqual(config_error('{"api_keys": ["ok", "a b"]}').path, "api_keys[1]")
 
     def test_merge_model_lists(self):
         config = config_from({"model_rules": [
@@ -2042,7 +2047,9 @@ class SoakTest(RelayTestCase):
         self.assertEqual(failures, [])
         self.assertEqual(completed, [self.STREAMS - len(abandon_streams),
                                      self.BUFFERED - len(abandon_buffered)])
-        # Idle pooled upstream connections are a bounded cache, not a leak.
+        # Idle pooled upstream connections are a bounded cache, not a leak;
+        # empty it once every handler has finished (and pooled its own).
+        self.assertTrue(wait_until(lambda: self.relay.active_connections() == 0))
         self.assertLessEqual(sum(len(idle) for idle in self.relay.pool._idle.values()),
                              llm_relay.POOL_MAX_IDLE_PER_UPSTREAM)
         self.relay.pool.close_all()
@@ -2051,9 +2058,18 @@ class SoakTest(RelayTestCase):
                    self.upstream.open_connections == 0)
         gc_settle()
         self.assertEqual(self.relay.active_connections(), 0)
-        self.assertLessEqual(threading.active_count(), threads_before)
+        self.assertLessEqual(threading.active_count(), threads_before,
+                             describe_threads())
         if fds_before is not None:
             self.assertLessEqual(open_descriptors(), fds_before)
+
+
+def describe_threads():
+    """Name every live thread and where it is, for a failure message."""
+    import traceback
+    frames = sys._current_frames()
+    return "\n".join("%s:\n%s" % (thread.name, "".join(traceback.format_stack(
+        frames.get(thread.ident)))[-1500:]) for thread in threading.enumerate())
 
 
 def gc_settle():
@@ -2661,3 +2677,191 @@ class OperatorCommandLineTest(CommandLineTest):
         self.assertTrue(any("listening on" in entry.get("message", "")
                             for entry in entries))
         self.assertTrue(all(entry["time"].endswith("Z") for entry in entries))
+
+
+###############################################################################
+# Attacks that once worked ####################################################
+###############################################################################
+
+class AttackRegressionTest(RelayTestCase):
+    """Each test is an attack found by a robustness review, now refused."""
+
+    def test_interim_1xx_responses_are_skipped_not_taken_as_the_answer(self):
+        def early_hints(handler, recorded):
+            handler.wfile.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>; "
+                                b"rel=preload\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n")
+            handler.wfile.flush()
+            reply_json(handler, {"answer": recorded.json()["model"]})
+        self.upstream.behaviour = early_hints
+        self.start_relay()
+        for model in ("a", "b"):
+            status, _, data = self.chat({"model": model})
+            self.assertEqual((status, json.loads(data.decode())),
+                             (200, {"answer": model}))
+
+        def switching(handler, recorded):
+            handler.wfile.write(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+            handler.close_connection = True
+        self.upstream.behaviour = switching
+        self.assert_openai_error(*self.chat({"model": "c"})[::2], expected_status=502)
+
+    def test_a_body_on_a_local_endpoint_cannot_smuggle_a_request(self):
+        self.start_relay(model_rules=[{"match_model": "alias"}])
+        smuggled = b"DELETE /v1/files/file-1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        for target in (b"/health", b"/v1/models/alias", b"/health/ready", b"/metrics"):
+            reply = self.raw_exchange(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
+                                      b"Content-Length: %d\r\n\r\n" % len(smuggled)
+                                      + smuggled)
+            self.assertEqual(reply.count(b"HTTP/1.1 "), 1, reply)
+            self.assertIn(b"Connection: close", reply)
+        self.assertEqual([r.method for r in self.upstream.requests
+                          if r.method == "DELETE"], [])
+
+    def test_client_leaving_before_the_upstream_answers_closes_the_upstream(self):
+        release = threading.Event()
+        self.addCleanup(release.set)
+        received = threading.Event()
+
+        def silent(handler, recorded):
+            received.set()  # then say nothing; return when the relay hangs up
+            deadline = time.monotonic() + WAIT_SECONDS
+            while not release.is_set() and time.monotonic() < deadline:
+                if wait_readable(handler.connection, 0.05) and \
+                        handler.connection.recv(1, socket.MSG_PEEK) == b"":
+                    return
+        self.upstream.behaviour = silent
+        self.start_relay()
+        sock = socket.create_connection(("127.0.0.1", self.relay.port))
+        body = b'{"model": "m"}'
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.assertTrue(received.wait(WAIT_SECONDS))
+        self.upstream.connection_closed_event.clear()
+        sock.close()
+        self.assertTrue(self.upstream.connection_closed_event.wait(1.0))
+        release.set()
+
+    def test_client_timeout_covers_streamed_upload_bodies(self):
+        self.start_relay(client_timeout=0.5)
+        sock = socket.create_connection(("127.0.0.1", self.relay.port),
+                                        timeout=WAIT_SECONDS)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: multipart/form-data; boundary=x\r\n"
+                     b"Content-Length: 100\r\n\r\n--x")
+        started = time.monotonic()
+        data = b""
+        while time.monotonic() - started < WAIT_SECONDS:
+            try:
+                sock.sendall(b"a")  # one byte now and then: a slow drip
+                chunk = sock.recv(1000) if wait_readable(sock, 0.2) else b"-"
+            except OSError:
+                break
+            if not chunk:
+                break
+            data += chunk if chunk != b"-" else b""
+        self.assertLess(time.monotonic() - started, WAIT_SECONDS)
+
+    def test_many_one_byte_chunks_decode(self):
+        self.start_relay()
+        body = b'{"model": "m", "pad": "' + b"x" * 5000 + b'"}'
+        chunked = b"".join(b"1\r\n%s\r\n" % body[i:i + 1] for i in range(len(body)))
+        reply = self.raw_exchange(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                  b"Transfer-Encoding: chunked\r\nConnection: close"
+                                  b"\r\n\r\n" + chunked + b"0\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:100])
+        self.assertEqual(self.upstream.last().body, body)
+
+    def test_malformed_numbers_and_targets_are_400_not_500(self):
+        self.start_relay()
+        cases = [
+            b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: \xb9\r\n\r\nx",
+            b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: " + b"9" * 5000 +
+            b"\r\n\r\n",
+            b"POST /v1/chat/completions?\xe9 HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+            b"POST /v1/emb\x01x HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+            b"POST /v1/chat/completions HTTP/1.1\r\nConnection: close\r\n"
+            b"Content-Length: 30\r\n\r\n" b'{"n": 1' + b"0" * 4400 + b"}",
+        ]
+        for raw in cases:
+            if b'"n"' in raw:
+                body = raw.split(b"\r\n\r\n", 1)[1]
+                raw = raw.replace(b"Content-Length: 30", b"Content-Length: %d"
+                                  % len(body))
+            reply = self.raw_exchange(raw)
+            self.assertRegex(reply[:12], b"HTTP/1.1 4[01][0-9]", raw[:60])
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_verbose_logging_survives_deep_bodies(self):
+        self.start_relay(model_rules=[{"match_model": "default", "set": {"k": 1}}])
+        deep = b'{"model": "m", "x": ' + b"[" * 400 + b"]" * 400 + b"}"
+        with self.assertLogs("llm_relay", "DEBUG"):
+            status, _, _ = self.chat(deep, {"Content-Type": "application/json"})
+        self.assertEqual(status, 200)
+
+    def test_folded_and_doubled_framing_headers(self):
+        self.start_relay()
+        self.raw_exchange(b"POST /v1/chat/completions HTTP/1.1\r\nX-Fold: a\r\n"
+                          b" Transfer-Encoding: chunked\r\nContent-Length: 2\r\n"
+                          b"Connection: close\r\n\r\n{}")
+        self.assertEqual(self.upstream.last().headers["X-Fold"],
+                         "a Transfer-Encoding: chunked")
+        reply = self.raw_exchange(b"POST /v1/chat/completions HTTP/1.1\r\n"
+                                  b"Transfer-Encoding: chunked\r\nTransfer-Encoding: "
+                                  b"identity\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 501"), reply)
+
+    def test_a_request_the_upstream_worked_on_is_not_sent_twice(self):
+        def slow_then_closes(handler, recorded):
+            served = getattr(handler, "served", 0)
+            handler.served = served + 1
+            if served == 1:
+                time.sleep(llm_relay.STALE_RETRY_WINDOW_SECONDS + 0.2)
+                handler.close_connection = True
+                return
+            openai_like(handler, recorded)
+        self.upstream.behaviour = slow_then_closes
+        self.start_relay()
+        self.assertEqual(self.chat({"model": "m"})[0], 200)
+        self.assertEqual(self.chat({"model": "m"})[0], 502)
+        self.assertEqual(len(self.upstream.requests), 2)
+
+    def test_a_silent_upstream_does_not_hold_the_model_list(self):
+        second = FakeUpstream(self)
+        release = threading.Event()
+        self.addCleanup(release.set)
+        second.behaviour = lambda handler, recorded: release.wait(WAIT_SECONDS)
+        saved = llm_relay.MODELS_TIMEOUT_SECONDS
+        llm_relay.MODELS_TIMEOUT_SECONDS = 0.3
+        self.addCleanup(setattr, llm_relay, "MODELS_TIMEOUT_SECONDS", saved)
+        self.start_relay(upstreams={"second": {"url": second.url}}, model_rules=[
+            {"match_model": "s", "upstream": "second"}])
+        status, _, data = self.request("GET", "/v1/models")
+        self.assertEqual(status, 200)
+        self.assertEqual([m["id"] for m in json.loads(data.decode())["data"]],
+                         ["qwen2.5-72b-instruct", "s"])
+
+    def test_secrets_in_queries_and_huge_model_names_are_kept_out_of_logs(self):
+        self.start_relay()
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            self.request("GET", "/v1/models?api-key=sk-CLIENTKEY&x=1")
+            self.chat({"model": "m" * 100000})
+            self.wait_for_log(logs, "mmmm")
+        text = "\n".join(logs.output)
+        self.assertNotIn("sk-CLIENTKEY", text)
+        self.assertIn("api-key=***&x=1", text)
+        self.assertLess(max(len(line) for line in logs.output), 2000)
+
+    def test_conflicting_upstream_content_lengths_are_502(self):
+        def conflicting(handler, recorded):
+            handler.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
+                                b"Content-Length: 7\r\n\r\n{}{}{}{}")
+            handler.close_connection = True
+        self.upstream.behaviour = conflicting
+        self.start_relay()
+        self.assert_openai_error(*self.chat({"model": "m"})[::2], expected_status=502)
+
+
+def wait_readable(sock, timeout):
+    import select
+    return bool(select.select([sock], [], [], timeout)[0])
