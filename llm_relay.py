@@ -13,6 +13,8 @@ Standard library only; runs unmodified on CPython 3.6 to 3.13.  License: MIT.
 """
 
 import argparse
+import binascii
+import bisect
 import collections
 import copy
 import difflib
@@ -25,6 +27,7 @@ import logging
 import math
 import os
 import re
+import select
 import selectors
 import signal
 import socket
@@ -34,7 +37,6 @@ import sys
 import threading
 import time
 import urllib.parse
-import uuid
 
 __version__ = "1.0.0"
 
@@ -791,6 +793,14 @@ def select_rule(rule_index, model):
     return rule or rule_index.default
 
 
+def copy_value(value):
+    """Return a copy of a JSON value that shares nothing mutable with it
+    (strings and numbers need no copy; deepcopy costs microseconds)."""
+    if isinstance(value, (dict, list)):
+        return copy.deepcopy(value)
+    return value
+
+
 def deep_merge(base, overlay):
     """Return a new dict: overlay merged into base, objects key by key.
 
@@ -803,7 +813,7 @@ def deep_merge(base, overlay):
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = deep_merge(merged[key], value)
         else:
-            merged[key] = copy.deepcopy(value)
+            merged[key] = copy_value(value)
     return merged
 
 
@@ -819,9 +829,9 @@ def apply_rule(body, rule):
                   if key not in rule.unset)
     for key, value in rule.defaults.items():
         if key not in result:
-            result[key] = copy.deepcopy(value)
+            result[key] = copy_value(value)
     for key, value in rule.set.items():
-        result[key] = copy.deepcopy(value)
+        result[key] = copy_value(value)
     return deep_merge(result, rule.extra) if rule.extra else result
 
 
@@ -1048,6 +1058,12 @@ def sse_error_event(message, error_type="server_error", code=None):
     return b"data: " + serialize_json(openai_error(message, error_type, code)) + b"\n\n"
 
 
+def new_request_id():
+    """Return a new random request id: 32 hex digits (what uuid4().hex has,
+    without building a UUID object per request)."""
+    return binascii.hexlify(os.urandom(16)).decode("ascii")
+
+
 def sanitize_request_id(value):
     """Return a client X-Request-Id if usable (printable ASCII), else None."""
     if value and len(value) <= MAX_REQUEST_ID_CHARS and all(
@@ -1116,6 +1132,16 @@ def readable_sockets(sockets):
     return ready
 
 
+def is_readable(sock):
+    """Return True when one socket is readable now (data or EOF): an idle
+    pooled connection the upstream has closed.  One poll() call."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(readable_sockets([sock]))
+
+
 def shutdown_socket(sock, how=socket.SHUT_RDWR):
     """Shut a socket down from any thread, waking a thread blocked on it.
 
@@ -1161,7 +1187,7 @@ class UpstreamPool(object):
             if connection is None:
                 return open_connection(upstream), False
             if (time.monotonic() - since < self.idle_seconds and connection.sock
-                    and not readable_sockets([connection.sock])):
+                    and not is_readable(connection.sock)):
                 connection.sock.settimeout(upstream.read_timeout)
                 return connection, True
             connection.close()
@@ -1421,11 +1447,11 @@ class Metrics(object):
         with self._lock:
             self._in_flight -= 1
             self._requests[(path, str(status), self._model_label(model))] += 1
+            # One count per bucket (the first bound >= seconds; the last slot
+            # before sum and count is +Inf); render() makes them cumulative.
             buckets = self._durations.setdefault(
-                path, [0] * len(DURATION_BUCKETS_SECONDS) + [0.0, 0])
-            for index, bound in enumerate(DURATION_BUCKETS_SECONDS):
-                if seconds <= bound:
-                    buckets[index] += 1
+                path, [0] * (len(DURATION_BUCKETS_SECONDS) + 1) + [0.0, 0])
+            buckets[bisect.bisect_left(DURATION_BUCKETS_SECONDS, seconds)] += 1
             buckets[-2] += seconds
             buckets[-1] += 1
 
@@ -1474,9 +1500,11 @@ class Metrics(object):
         lines.append("# TYPE llm_relay_request_duration_seconds histogram")
         for path, values in durations:
             label = prometheus_label(path)
+            cumulative = 0
             for bound, count in zip(DURATION_BUCKETS_SECONDS, values):
+                cumulative += count
                 lines.append('llm_relay_request_duration_seconds_bucket{path="%s",'
-                             'le="%r"} %d' % (label, bound, count))
+                             'le="%r"} %d' % (label, bound, cumulative))
             lines.append('llm_relay_request_duration_seconds_bucket{path="%s",'
                          'le="+Inf"} %d' % (label, values[-1]))
             lines.append('llm_relay_request_duration_seconds_sum{path="%s"} %r'
@@ -1616,12 +1644,36 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._parsed_body = None
         self._chunked = False
         self.headers = None  # not the previous request's on keep-alive
+        self._header_items = None
+        self._headers_by_name = None
+        self._declared_length = False  # not yet checked; None means chunked
         self.path = None
         self.log_fields = collections.OrderedDict()
 
     def parse_request(self):
         self.server.mark_reading(self.tracked)
         return http.server.BaseHTTPRequestHandler.parse_request(self)
+
+    def _header_list(self):
+        """Return the request headers as (name, value) pairs, read once: each
+        lookup in http.server's email.message object costs a full scan."""
+        if self._header_items is None:
+            self._header_items = list(self.headers.items()) if self.headers else []
+        return self._header_items
+
+    def _header_values(self, lowercase_name):
+        """Return every value of a request header (a list, maybe empty)."""
+        if self._headers_by_name is None:
+            by_name = {}
+            for name, value in self._header_list():
+                by_name.setdefault(name.lower(), []).append(value)
+            self._headers_by_name = by_name
+        return self._headers_by_name.get(lowercase_name, [])
+
+    def _header(self, lowercase_name):
+        """Return the first value of a request header, or None."""
+        values = self._header_values(lowercase_name)
+        return values[0] if values else None
 
     def handle_expect_100(self):
         # Answer a doomed request (too large, unauthorized, unknown) with its
@@ -1679,7 +1731,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     def _handle(self, config):
         self._request_id = sanitize_request_id(
-            self.headers.get("X-Request-Id")) or uuid.uuid4().hex
+            self._header("x-request-id")) or new_request_id()
         route, query = self._precheck(config)
         if not self._declares_body():
             self.server.mark_busy(self.tracked)
@@ -1718,7 +1770,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 ", ".join(allowed)),
                 code="method_not_allowed", headers=[("Allow", ", ".join(allowed))])
         if config.api_keys and route not in UNAUTHENTICATED_PATHS and not check_api_key(
-                self.headers.get("Authorization"), config.api_keys):
+                self._header("authorization"), config.api_keys):
             raise RelayError(401, "Incorrect or missing API key. Send "
                              "'Authorization: Bearer <key>' with one of the "
                              "relay's api_keys.", code="invalid_api_key",
@@ -1737,8 +1789,13 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
         Raises RelayError 400 (malformed), 411 (POST without a length) or 413.
         """
-        if self.headers.get("Transfer-Encoding") is not None:
-            declared = ",".join(self.headers.get_all("Transfer-Encoding"))
+        if self._declared_length is False:
+            self._declared_length = self._check_body_length(config)
+        return self._declared_length
+
+    def _check_body_length(self, config):
+        if self._header_values("transfer-encoding"):
+            declared = ",".join(self._header_values("transfer-encoding"))
             codings = [coding.strip().lower() for coding in declared.split(",")]
             if codings != ["chunked"]:
                 self.close_connection = True
@@ -1746,7 +1803,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                                  printable(declared)[:100],
                                  code="unsupported_transfer_encoding")
             return None
-        values = self.headers.get_all("Content-Length") or []
+        values = self._header_values("content-length")
         if not values:
             if self.command in ("POST", "PUT", "PATCH"):
                 raise RelayError(411, "A request body needs Content-Length or "
@@ -1782,7 +1839,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         return data
 
     def _read_chunked_body(self, max_body_bytes):
-        if self.headers.get("Content-Length") is not None:
+        if self._header_values("content-length"):
             # RFC 9112 §6.3: Transfer-Encoding wins, and the connection must
             # close afterwards, as the message may be a smuggling attempt.
             self.close_connection = True
@@ -1825,9 +1882,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         """Answer OPTIONS (CORS preflight included) here; never forwarded."""
         self._discard_body(config)
         headers = [("Allow", CORS_ALLOWED_METHODS)]
-        if self._allowed_origin(config) and self.headers.get(
-                "Access-Control-Request-Method"):
-            requested = self.headers.get("Access-Control-Request-Headers") or ""
+        if self._allowed_origin(config) and self._header(
+                "access-control-request-method"):
+            requested = self._header("access-control-request-headers") or ""
             headers += [
                 ("Access-Control-Allow-Methods", CORS_ALLOWED_METHODS),
                 ("Access-Control-Allow-Headers", printable(requested)[:1000] or
@@ -1892,7 +1949,13 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._model_asked = model
         rule = select_rule(config.rule_index, model)
         if body.blocks is None and self._parsed_body is not None:
-            data, model_sent = rewrite_body(body.data, self._parsed_body, rule)
+            # Keep one copy of a large body alive at a time: the client's
+            # bytes only when they are sent as they are, the parsed body only
+            # until it is serialized.
+            raw_body = body.data if rule is None else None
+            parsed, body, self._parsed_body = self._parsed_body, None, True
+            data, model_sent = rewrite_body(raw_body, parsed, rule)
+            parsed = raw_body = None
             if model is not None or model_sent is not None:
                 self.log_fields["model"] = format_model(model, model_sent)
             if logger.isEnabledFor(logging.DEBUG):
@@ -1915,7 +1978,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         ...) stream through unread; other bodies pass as they are.
         """
         self._parsed_body = None
-        content_type = self.headers.get("Content-Type")
+        content_type = self._header("content-type")
         length = self._body_length(config)
         must_be_json = self.command == "POST" and urllib.parse.urlsplit(
             self.path).path.rstrip("/").split("/")[-1] in ("completions",)
@@ -1991,10 +2054,11 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     def _client_header_list(self):
         """Return the client's headers as (name, value) pairs; a body parsed
-        as JSON is labelled application/json whatever the client said."""
-        headers = list(self.headers.items())
+        as JSON (_parsed_body not None) is labelled application/json whatever
+        the client said."""
+        headers = self._header_list()
         if self._parsed_body is not None and not is_json_type(
-                self.headers.get("Content-Type")):
+                self._header("content-type")):
             headers = [(name, value) for name, value in headers
                        if name.lower() != "content-type"]
             headers.append(("Content-Type", "application/json"))
@@ -2059,22 +2123,24 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         """
         self._start_streamed_response(response.status, headers + [
             ("X-Accel-Buffering", "no")])
-        at_line_start = True
+        lines = iter_upstream_lines(response, MAX_SSE_LINE_BYTES)
+        last_line = b"\n"
+        # The loop runs once per line of every stream: locals, no method calls.
+        tracked, send, chunked = self.tracked, self.connection.sendall, self._chunked
+        count_tokens = self.server.config.metrics
         while True:
             try:
-                line = response.readline(MAX_SSE_LINE_BYTES)
+                line = next(lines, None)
             except Exception as error:
-                return self._end_stream_with_error(upstream, error, at_line_start)
-            if not line:
-                if self.tracked.client_gone:
-                    raise ClientDisconnected()
-                if not upstream_body_complete(response):
-                    return self._end_stream_with_error(
-                        upstream, http.client.IncompleteRead(b""), at_line_start)
+                return self._end_stream_with_error(
+                    upstream, error, last_line.endswith((b"\n", b"\r")))
+            if tracked.client_gone:
+                raise ClientDisconnected()  # also at a close-delimited end
+            if line is None:
                 break
-            self._write_chunk(line)
-            at_line_start = line.endswith((b"\n", b"\r"))
-            if b'"prompt_tokens"' in line and self.server.config.metrics:
+            last_line = line
+            send(b"%x\r\n%s\r\n" % (len(line), line) if chunked else line)
+            if count_tokens and b'"prompt_tokens"' in line:
                 # The final usage chunk (stream_options.include_usage); other
                 # lines are never parsed.
                 self.server.metrics.add_usage(self._model_asked,
@@ -2141,12 +2207,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         """Pool the upstream connection after a complete response, else close
         it at once (so an abandoned generation stops upstream)."""
         self.server.watch_upstream(self.tracked, None)
-        if complete and response.isclosed() and upstream_body_complete(
-                response) and not response.will_close:
-            self.server.pool.release(upstream, connection)
-        else:
-            response.close()
-            connection.close()
+        finish_upstream_response(self.server.pool, upstream, response, connection,
+                                 complete)
 
     # -- writing to the client ------------------------------------------------------
 
@@ -2165,7 +2227,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         for name, value in headers:
             self.send_header(name, value)
-        self._request_id = self._request_id or uuid.uuid4().hex
+        self._request_id = self._request_id or new_request_id()
         self.send_header("X-Request-Id", self._request_id)
         for name, value in self._cors_headers():
             self.send_header(name, value)
@@ -2202,12 +2264,15 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _write_chunk(self, data):
-        """Write data as one chunk and flush it to the client at once."""
+        """Send data as one chunk to the client at once.
+
+        The head was flushed before the first chunk, so the socket is written
+        directly: one send per line, no buffer between.
+        """
         if self.tracked.client_gone:
             raise ClientDisconnected()
         if data:
-            self.wfile.write(encode_chunk(data) if self._chunked else data)
-            self.wfile.flush()
+            self.connection.sendall(encode_chunk(data) if self._chunked else data)
 
     def _finish_chunks(self):
         if self._chunked:
@@ -2215,13 +2280,15 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _allowed_origin(self, config):
-        origin = self.headers.get("Origin") if self.headers is not None else None
+        origin = self._header("origin")
         if origin and ("*" in config.cors_origins or origin in config.cors_origins):
             return origin
         return None
 
     def _cors_headers(self):
-        origin = self._allowed_origin(self.server.config) if self.headers else None
+        if not self.server.config.cors_origins:
+            return []
+        origin = self._allowed_origin(self.server.config)
         if not origin:
             return []
         return [("Access-Control-Allow-Origin", printable(origin)),
@@ -2247,10 +2314,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             error.message, error.error_type, error.code, error.param), headers)
 
     def _declares_body(self):
-        if self.headers is None:
-            return False
-        return self.headers.get("Transfer-Encoding") is not None or (
-            self.headers.get("Content-Length", "0").strip() not in ("", "0"))
+        return bool(self._header_values("transfer-encoding")) or (
+            (self._header("content-length") or "0").strip() not in ("", "0"))
 
     def send_error(self, code, message=None, explain=None):
         """Answer http.server's own errors (bad request line, long headers,
@@ -2294,6 +2359,83 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                             for key, value in fields.items()),
                     " id=%s" % self._request_id if self._request_id else "",
                     extra={"access": access})
+
+
+_CHUNK_SIZE = re.compile(b"^[0-9A-Fa-f]{1,15}$")
+
+
+def iter_upstream_lines(response, limit):
+    """Yield an upstream response body line by line, as each line arrives.
+
+    Reads with readline on the response's buffered socket file and decodes
+    chunked framing (RFC 9112 §7.1) here: http.client's own readline passes
+    every line through several Python layers and reports a cut-off chunked
+    body as a quiet end.  A line split across chunks is yielded whole; a line
+    longer than limit bytes comes in pieces.  Returns at the framed end of the
+    body; raises http.client.IncompleteRead when the body stops short, and
+    socket.timeout after read_timeout of silence.  A line cut off by a drop
+    is not yielded: it is no event, and a half JSON line would only break
+    the client's parser before the relay's error event.
+    """
+    source = response.fp
+    if not response.chunked:
+        remaining = response.length  # None: the body ends when the upstream closes
+        while remaining is None or remaining > 0:
+            line = source.readline(limit if remaining is None else min(limit, remaining))
+            if not line:
+                if remaining is None:
+                    return
+                raise http.client.IncompleteRead(b"", remaining)
+            if remaining is not None:
+                remaining -= len(line)
+            yield line
+        return
+    pending = b""
+    while True:
+        size_line = source.readline(MAX_CHUNK_SIZE_LINE_BYTES)
+        size_text = size_line.split(b";", 1)[0].strip()
+        if not size_line.endswith(b"\n") or not _CHUNK_SIZE.match(size_text):
+            raise http.client.IncompleteRead(pending)
+        left = int(size_text, 16)
+        if not left:
+            break
+        while left:
+            piece = source.readline(min(left, limit - len(pending)))
+            if not piece:
+                raise http.client.IncompleteRead(pending)
+            left -= len(piece)
+            if not pending and piece.endswith(b"\n"):
+                yield piece  # the common case: a whole line in one chunk
+                continue
+            pending += piece
+            if pending.endswith(b"\n") or len(pending) >= limit:
+                yield pending
+                pending = b""
+        if source.readline(3) not in (b"\r\n", b"\n"):
+            raise http.client.IncompleteRead(pending)
+    while True:  # trailer fields, dropped (RFC 9112 §7.1.2)
+        line = source.readline(MAX_CHUNK_SIZE_LINE_BYTES)
+        if not line.endswith(b"\n"):
+            raise http.client.IncompleteRead(pending)
+        if not line.strip():
+            break
+    if pending:
+        yield pending
+
+
+def finish_upstream_response(pool, upstream, response, connection, complete):
+    """Return a connection to the pool after a complete response, else close it.
+
+    complete means the body was read to its framed end by the caller.  The
+    response object is closed first, which marks it done for http.client
+    (the socket stays open with the connection).
+    """
+    reusable = complete and not response.will_close
+    response.close()
+    if reusable:
+        pool.release(upstream, connection)
+    else:
+        connection.close()
 
 
 def upstream_body_complete(response):
@@ -2354,14 +2496,12 @@ def fetch_model_list(pool, upstream, headers):
     response, connection, _ = send_upstream_request(
         pool, upstream, "GET", upstream.base_path + "/models", headers,
         RequestBody())
+    complete = False
     try:
         data = read_response_body(response, upstream, MAX_BUFFERED_RESPONSE_BYTES)
+        complete = True
     finally:
-        if response.isclosed() and upstream_body_complete(response) and \
-                not response.will_close:
-            pool.release(upstream, connection)
-        else:
-            connection.close()
+        finish_upstream_response(pool, upstream, response, connection, complete)
     listing = None
     if response.status == 200:
         try:
