@@ -1038,6 +1038,14 @@ def is_streamed_body_type(content_type):
         media == "application/octet-stream"
 
 
+def may_be_untyped_json(content_type):
+    """Return True for Content-Types under which clients send JSON by
+    mistake: none, form encoding (curl -d) and text/plain (a browser's fetch
+    with a string body)."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media in ("", "application/x-www-form-urlencoded", "text/plain")
+
+
 def is_json_type(content_type):
     """Return True for application/json and application/*+json types."""
     media = (content_type or "").split(";")[0].strip().lower()
@@ -1062,6 +1070,17 @@ def new_request_id():
     """Return a new random request id: 32 hex digits (what uuid4().hex has,
     without building a UUID object per request)."""
     return binascii.hexlify(os.urandom(16)).decode("ascii")
+
+
+def event_boundary(last_line):
+    """Return the bytes that end the SSE event in progress after last_line,
+    so that a following event stands on its own (WHATWG HTML: an event ends
+    at a blank line)."""
+    if not last_line.strip(b"\r\n"):
+        return b""  # the last event already ended
+    if last_line.endswith((b"\n", b"\r")):
+        return b"\n"
+    return b"\n\n"
 
 
 def sanitize_request_id(value):
@@ -1274,8 +1293,8 @@ def open_connection(upstream):
 class RequestBody(object):
     """A request body to forward: bytes, or an iterable of blocks read once.
 
-    length is the byte count (None: unknown, sent chunked); started tells
-    whether any block was consumed, after which it cannot be sent again.
+    length is the byte count; started tells whether any block was consumed,
+    after which the body cannot be sent again.
     """
 
     def __init__(self, data=b"", blocks=None, length=None):
@@ -1300,11 +1319,13 @@ class RequestBody(object):
 
 
 def send_upstream_request(pool, upstream, method, target, headers, body,
-                          on_connected=None):
+                          on_connected=None, may_retry=None):
     """Send one request upstream; return (HTTPResponse, connection, socket).
 
     target is the path and query to request; headers a list of (name, value);
-    body a RequestBody; on_connected(socket) is called once connected.  A
+    body a RequestBody; on_connected(socket) is called once connected;
+    may_retry() says False when the relay itself cut the connection (its
+    client left, or a shutdown), which must never cause a retry.  A
     reused connection that the upstream had closed is retried once on a new
     one, only when no byte of the request can have been processed: a reset
     while sending, or an empty status line within STALE_RETRY_WINDOW_SECONDS
@@ -1319,17 +1340,18 @@ def send_upstream_request(pool, upstream, method, target, headers, body,
         sock = connection.sock
         if on_connected is not None:
             on_connected(sock)
-        retry = reused and attempt == 1 and body.replayable
+        def retry():
+            return reused and attempt == 1 and body.replayable and (
+                may_retry is None or may_retry())
         try:
             try:
                 connection.putrequest(method, target, skip_host=True,
                                       skip_accept_encoding=True)
                 for name, value in headers:
                     connection.putheader(name, value)
-                connection.endheaders(body.payload(), encode_chunked=(
-                    body.length is None and body.blocks is not None))
+                connection.endheaders(body.payload())
             except ConnectionError:
-                if retry:
+                if retry():
                     connection.close()
                     continue
                 raise
@@ -1337,7 +1359,7 @@ def send_upstream_request(pool, upstream, method, target, headers, body,
             try:
                 response = connection.getresponse()
             except http.client.RemoteDisconnected:
-                if retry and time.monotonic() - sent_at < STALE_RETRY_WINDOW_SECONDS:
+                if time.monotonic() - sent_at < STALE_RETRY_WINDOW_SECONDS and retry():
                     connection.close()
                     continue
                 raise
@@ -1982,22 +2004,21 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         length = self._body_length(config)
         must_be_json = self.command == "POST" and urllib.parse.urlsplit(
             self.path).path.rstrip("/").split("/")[-1] in ("completions",)
-        if not must_be_json and length != 0 and is_streamed_body_type(content_type):
+        if not must_be_json and length and is_streamed_body_type(content_type):
             return RequestBody(blocks=self._body_blocks(length), length=length), None
+        # A chunked upload is decoded here (bounded by max_body_bytes) and
+        # sent on with a Content-Length.
         raw_body = self._read_body(config)
-        if not must_be_json and not is_json_type(content_type) and \
-                raw_body.lstrip()[:1] != b"{":
+        if not must_be_json and not is_json_type(content_type) and not (
+                may_be_untyped_json(content_type) and raw_body.lstrip()[:1] == b"{"):
             return RequestBody(raw_body), None
         self._parsed_body = parse_json_body(raw_body)
         self.log_fields["stream"] = self._parsed_body.get("stream") is True
         return RequestBody(raw_body), self._parsed_body.get("model")
 
     def _body_blocks(self, length):
-        """Yield a non-JSON request body in blocks, never holding it whole."""
-        if length is None:
-            data = self._read_chunked_body(self.server.config.max_body_bytes)
-            yield data
-            return
+        """Yield a non-JSON request body of length bytes in blocks, never
+        holding it whole."""
         remaining = length
         while remaining:
             block = self.rfile.read(min(remaining, COPY_BLOCK_BYTES))
@@ -2076,7 +2097,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 self.server.pool, upstream, self.command,
                 upstream.base_path + target_suffix, headers, body,
                 on_connected=lambda sock: self.server.watch_upstream(
-                    self.tracked, sock))
+                    self.tracked, sock),
+                may_retry=lambda: not (self.tracked.client_gone or self.tracked.aborted))
         except RelayError:
             if self.tracked.client_gone:
                 raise ClientDisconnected()
@@ -2091,7 +2113,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         try:
             headers = client_headers(list(response.getheaders()), self._request_id)
             content_type = response.getheader("Content-Type")
-            if is_event_stream(content_type):
+            if self.command == "HEAD" or response.status in (204, 304):
+                complete = self._relay_bodiless(response, headers)
+            elif is_event_stream(content_type):
                 self.log_fields["stream"] = True
                 complete = self._relay_stream(upstream, response, headers)
             elif (response.length is not None and response.length >
@@ -2114,6 +2138,16 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         finally:
             self._finish_upstream(upstream, response, connection, complete)
 
+    def _relay_bodiless(self, response, headers):
+        """Relay a response that has no body (HEAD, 204, 304): the head only,
+        with the upstream's Content-Length for HEAD (RFC 9110 §9.3.2)."""
+        if self.command == "HEAD" and response.getheader("Content-Length"):
+            headers = headers + [("Content-Length",
+                                  response.getheader("Content-Length").strip())]
+        self._send_head(response.status, headers)
+        self.wfile.flush()
+        return True
+
     def _relay_stream(self, upstream, response, headers):
         """Relay SSE lines as they arrive, each written and flushed at once.
 
@@ -2132,8 +2166,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             try:
                 line = next(lines, None)
             except Exception as error:
-                return self._end_stream_with_error(
-                    upstream, error, last_line.endswith((b"\n", b"\r")))
+                return self._end_stream_with_error(upstream, error, last_line)
             if tracked.client_gone:
                 raise ClientDisconnected()  # also at a close-delimited end
             if line is None:
@@ -2148,7 +2181,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._finish_chunks()
         return True
 
-    def _end_stream_with_error(self, upstream, error, at_line_start):
+    def _end_stream_with_error(self, upstream, error, last_line):
         if self.tracked.client_gone:
             raise ClientDisconnected()
         where = "upstream %s (%s)" % (upstream.name, upstream.url)
@@ -2167,8 +2200,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.log_fields["error"] = failure.message
         self._count_upstream_failure(upstream, failure.kind)
         logger.warning("%s stream ended early: %s", self._request_id, failure.message)
-        event = sse_error_event(failure.message, failure.error_type, failure.code)
-        self._write_chunk(event if at_line_start else b"\n\n" + event)
+        self._write_chunk(event_boundary(last_line) + sse_error_event(
+            failure.message, failure.error_type, failure.code))
         self._finish_chunks()
         return False
 
@@ -2177,6 +2210,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if response.length is not None:
             self._send_head(response.status, headers + [
                 ("Content-Length", str(response.length))])
+            self.wfile.flush()  # the body goes straight to the socket
             self._chunked = False
         else:
             self._start_streamed_response(response.status, headers)
@@ -2381,13 +2415,14 @@ def iter_upstream_lines(response, limit):
     if not response.chunked:
         remaining = response.length  # None: the body ends when the upstream closes
         while remaining is None or remaining > 0:
-            line = source.readline(limit if remaining is None else min(limit, remaining))
-            if not line:
-                if remaining is None:
-                    return
-                raise http.client.IncompleteRead(b"", remaining)
+            wanted = limit if remaining is None else min(limit, remaining)
+            line = source.readline(wanted)
             if remaining is not None:
                 remaining -= len(line)
+                if remaining and len(line) < wanted and not line.endswith(b"\n"):
+                    raise http.client.IncompleteRead(line, remaining)  # cut off
+            if not line:
+                return
             yield line
         return
     pending = b""

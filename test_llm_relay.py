@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -2867,3 +2868,156 @@ class AttackRegressionTest(RelayTestCase):
 def wait_readable(sock, timeout):
     import select
     return bool(select.select([sock], [], [], timeout)[0])
+
+
+class ChineseReadmeTest(unittest.TestCase):
+
+    def test_both_readmes_document_the_same_config_keys(self):
+        key_pattern = re.compile(r"`([a-z_]+)`")
+        texts = []
+        for name in ("README.md", "README.zh-CN.md"):
+            with open(os.path.join(HERE, name), encoding="utf-8") as handle:
+                texts.append(handle.read())
+        known = set(llm_relay.TOP_LEVEL_KEYS + llm_relay.RULE_KEYS +
+                    llm_relay.UPSTREAM_KEYS)
+        english, chinese = [known & set(key_pattern.findall(text)) for text in texts]
+        self.assertEqual(english, known)
+        self.assertEqual(chinese, english)
+        self.assertIn("README.zh-CN.md", texts[0])
+        self.assertIn("README.md", texts[1])
+
+
+class SecondReviewRegressionTest(RelayTestCase):
+    """Attacks found by a second review, after the hot paths were rewritten."""
+
+    def test_large_body_with_content_length_gets_its_head_first(self):
+        saved = llm_relay.MAX_BUFFERED_RESPONSE_BYTES
+        llm_relay.MAX_BUFFERED_RESPONSE_BYTES = 1024
+        self.addCleanup(setattr, llm_relay, "MAX_BUFFERED_RESPONSE_BYTES", saved)
+        blob = b"A" * 300000
+        self.upstream.behaviour = lambda handler, recorded: (
+            handler.send_response(200), handler.send_header(
+                "Content-Type", "application/octet-stream"),
+            handler.send_header("Content-Length", str(len(blob))),
+            handler.end_headers(), handler.wfile.write(blob))
+        self.start_relay()
+        status, headers, data = self.request("GET", "/v1/files/big")
+        self.assertEqual((status, headers["content-length"], data),
+                         (200, str(len(blob)), blob))
+
+    def test_chunked_upload_of_a_binary_body_reaches_the_upstream_framed(self):
+        self.upstream.behaviour = lambda handler, recorded: reply_json(
+            handler, {"bytes": len(recorded.body)})
+        self.start_relay()
+        payload = b"GET /v1/smuggled HTTP/1.1\r\nHost: up\r\n\r\n" + bytes(range(256))
+        reply = self.raw_exchange(
+            b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            b"audio/wav\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload))
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:200])
+        self.assertEqual(self.upstream.last().body, payload)
+        self.assertEqual(self.upstream.last().headers["Content-Length"],
+                         str(len(payload)))
+        self.assertEqual([r.path for r in self.upstream.requests],
+                         ["/v1/audio/transcriptions"])
+
+    def test_chunked_upload_is_not_cut_by_client_timeout_while_upstream_works(self):
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        def slow(handler, recorded):
+            release.wait(1.0)  # longer than client_timeout
+            reply_json(handler, {"ok": True})
+        self.upstream.behaviour = slow
+        self.start_relay(client_timeout=0.4)
+        reply = self.raw_exchange(
+            b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            b"audio/wav\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            b"3\r\nabc\r\n0\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:200])
+
+    def test_a_client_leaving_never_makes_the_relay_send_a_request_twice(self):
+        received = threading.Event()
+
+        def silent_after_first(handler, recorded):
+            served = getattr(handler, "served", 0)
+            handler.served = served + 1
+            if served == 0:
+                return openai_like(handler, recorded)
+            received.set()
+            deadline = time.monotonic() + WAIT_SECONDS
+            while time.monotonic() < deadline:
+                if wait_readable(handler.connection, 0.05) and \
+                        handler.connection.recv(1, socket.MSG_PEEK) == b"":
+                    return
+        self.upstream.behaviour = silent_after_first
+        self.start_relay()
+        self.assertEqual(self.chat({"model": "m"})[0], 200)  # pools a connection
+        sock = socket.create_connection(("127.0.0.1", self.relay.port))
+        body = b'{"model": "m"}'
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.assertTrue(received.wait(WAIT_SECONDS))
+        sock.close()
+        # The first chat's keep-alive connection stays; the raw one ends.
+        self.assertTrue(wait_until(lambda: self.relay.active_connections() == 1))
+        time.sleep(0.3)  # a wrong retry would arrive within this
+        self.assertEqual(len(self.upstream.requests), 2)
+
+    def stream_reply(self, raw_tail):
+        def behaviour(handler, recorded):
+            handler.wfile.write(raw_tail)
+            handler.close_connection = True
+        self.upstream.behaviour = behaviour
+        status, _, data = self.chat({"model": "m", "stream": True})
+        self.assertEqual(status, 200)
+        return data
+
+    def test_cut_streams_end_with_a_separate_error_event_and_no_half_line(self):
+        self.start_relay()
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        cases = [
+            # Content-Length framing, cut in the middle of a line
+            (head + b"Content-Length: 100\r\n\r\ndata: {\"a\":1}\n\ndata: {\"b\":",
+             b'data: {"a":1}\n\n'),
+            # chunked, cut between the two newlines that end an event
+            (head + b"Transfer-Encoding: chunked\r\n\r\nf\r\ndata: {\"a\":1}\n\r\n",
+             b'data: {"a":1}\n\n'),
+            # chunked, cut after a whole event
+            (head + b"Transfer-Encoding: chunked\r\n\r\n10\r\ndata: {\"a\":1}\n\n\r\n",
+             b'data: {"a":1}\n\n'),
+        ]
+        for raw, kept in cases:
+            data = self.stream_reply(raw)
+            self.assertTrue(data.startswith(kept), data)
+            rest = data[len(kept):]
+            self.assertTrue(rest.startswith(b"data: {\"error\":"), data)
+            self.assertTrue(rest.endswith(b"\n\n") and rest.count(b"\n") == 2, data)
+
+    def test_head_of_an_event_stream_has_no_body(self):
+        def head_reply(handler, recorded):
+            handler.send_response(200)
+            handler.send_header("Content-Type", "text/event-stream")
+            handler.send_header("Content-Length", "1234")
+            handler.end_headers()
+        self.upstream.behaviour = head_reply
+        self.start_relay()
+        connection = self.connect()
+        connection.request("HEAD", "/v1/some/stream")
+        response = connection.getresponse()
+        self.assertEqual((response.status, response.getheader("Content-Length"),
+                          response.read()), (200, "1234", b""))
+        self.upstream.behaviour = openai_like
+        self.assertEqual(self.request("GET", "/health", connection=connection)[0], 200)
+
+    def test_typed_non_json_bodies_starting_with_a_brace_pass_through(self):
+        self.upstream.behaviour = lambda handler, recorded: reply_json(handler, {})
+        self.start_relay(model_rules=[{"match_model": "default", "set": {"x": 1}}])
+        for content_type, body in (
+                ("application/x-ndjson", b'{"custom_id":"1"}\n{"custom_id":"2"}\n'),
+                ("text/csv", b"{x},y\n")):
+            status, _, _ = self.request("POST", "/v1/batches/upload", body,
+                                        {"Content-Type": content_type})
+            self.assertEqual(status, 200)
+            self.assertEqual(self.upstream.last().body, body)
+            self.assertEqual(self.upstream.last().headers["Content-Type"], content_type)
