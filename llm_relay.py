@@ -970,14 +970,15 @@ def strip_hop_by_hop(headers):
 
 
 def upstream_headers(client_headers, upstream, forward_auth, body_length,
-                     request_id):
+                     request_id, chunked=False):
     """Return the (name, value) headers to send to the upstream.
 
     End-to-end client headers pass, except credentials unless forward_auth
     (then the client's Authorization is sent; otherwise the upstream's
     api_key, if any, as a Bearer token).  Host is the upstream's,
     Accept-Encoding is identity (SSE lines must stay lines), Content-Length
-    is the new body's (None: no body) and X-Request-Id is the relay's.
+    is the new body's (None: no body; chunked: a body of unknown length,
+    sent with Transfer-Encoding: chunked) and X-Request-Id is the relay's.
     """
     headers = [("Host", host_header(upstream))]
     for name, value in strip_hop_by_hop(client_headers):
@@ -991,7 +992,9 @@ def upstream_headers(client_headers, upstream, forward_auth, body_length,
     if upstream.api_key and not forward_auth:
         headers.append(("Authorization", "Bearer " + upstream.api_key))
     headers.append(("Accept-Encoding", "identity"))
-    if body_length is not None:
+    if chunked:
+        headers.append(("Transfer-Encoding", "chunked"))
+    elif body_length is not None:
         headers.append(("Content-Length", str(body_length)))
     headers.append(("X-Request-Id", request_id))
     return headers
@@ -1293,14 +1296,16 @@ def open_connection(upstream):
 class RequestBody(object):
     """A request body to forward: bytes, or an iterable of blocks read once.
 
-    length is the byte count; started tells whether any block was consumed,
-    after which the body cannot be sent again.
+    length is the byte count (None for blocks of unknown total, which are
+    sent chunked); started tells whether any block was consumed, after which
+    the body cannot be sent again.
     """
 
     def __init__(self, data=b"", blocks=None, length=None):
         self.data = data
         self.blocks = blocks
         self.length = len(data) if blocks is None else length
+        self.chunked = blocks is not None and length is None
         self.started = False
 
     @property
@@ -1349,7 +1354,7 @@ def send_upstream_request(pool, upstream, method, target, headers, body,
                                       skip_accept_encoding=True)
                 for name, value in headers:
                     connection.putheader(name, value)
-                connection.endheaders(body.payload())
+                connection.endheaders(body.payload(), encode_chunked=body.chunked)
             except ConnectionError:
                 if retry():
                     connection.close()
@@ -2004,10 +2009,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         length = self._body_length(config)
         must_be_json = self.command == "POST" and urllib.parse.urlsplit(
             self.path).path.rstrip("/").split("/")[-1] in ("completions",)
-        if not must_be_json and length and is_streamed_body_type(content_type):
-            return RequestBody(blocks=self._body_blocks(length), length=length), None
-        # A chunked upload is decoded here (bounded by max_body_bytes) and
-        # sent on with a Content-Length.
+        if not must_be_json and length != 0 and is_streamed_body_type(content_type):
+            blocks = (self._body_blocks(length) if length is not None
+                      else self._chunked_body_blocks(config.max_body_bytes))
+            return RequestBody(blocks=blocks, length=length), None
         raw_body = self._read_body(config)
         if not must_be_json and not is_json_type(content_type) and not (
                 may_be_untyped_json(content_type) and raw_body.lstrip()[:1] == b"{"):
@@ -2016,18 +2021,48 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.log_fields["stream"] = self._parsed_body.get("stream") is True
         return RequestBody(raw_body), self._parsed_body.get("model")
 
-    def _body_blocks(self, length):
-        """Yield a non-JSON request body of length bytes in blocks, never
-        holding it whole."""
+    def _chunked_body_blocks(self, max_body_bytes):
+        """Yield a chunked upload's decoded data in blocks as it arrives, to
+        be sent on chunked; the total counts against max_body_bytes (413)."""
+        total = 0
+        try:
+            while True:
+                size = self._read_chunk_size()
+                if not size:
+                    break
+                total += size
+                if total > max_body_bytes:
+                    self.close_connection = True
+                    raise RelayError(413, "The request body exceeds max_body_bytes "
+                                     "= %d." % max_body_bytes,
+                                     code="request_too_large")
+                for block in self._body_blocks(size, finishes_body=False):
+                    yield block
+                if self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                    raise self._bad_chunking()
+            while self.rfile.readline(MAX_CHUNK_SIZE_LINE_BYTES).strip():
+                pass  # trailer fields are dropped (RFC 9112 §7.1.2)
+        except OSError:  # reading the client, not the upstream, failed
+            raise ClientDisconnected()
+        self._body_read = True
+        self.server.mark_busy(self.tracked)
+
+    def _body_blocks(self, length, finishes_body=True):
+        """Yield length bytes of the request body in blocks, never holding it
+        whole; with finishes_body, mark the request as completely read."""
         remaining = length
         while remaining:
-            block = self.rfile.read(min(remaining, COPY_BLOCK_BYTES))
+            try:
+                block = self.rfile.read(min(remaining, COPY_BLOCK_BYTES))
+            except OSError:  # reading the client, not the upstream, failed
+                block = b""
             if not block:
                 raise ClientDisconnected()
             remaining -= len(block)
             yield block
-        self._body_read = True
-        self.server.mark_busy(self.tracked)
+        if finishes_body:
+            self._body_read = True
+            self.server.mark_busy(self.tracked)
 
     def _open_upstream(self, config, chain, target_suffix, body):
         """Send the request along a fallback chain of upstream names.
@@ -2046,7 +2081,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 body.length or self.command in ("POST", "PUT", "PATCH")) else None
             headers = upstream_headers(self._client_header_list(), upstream,
                                        config.forward_auth, declared_length,
-                                       self._request_id)
+                                       self._request_id, chunked=body.chunked)
             try:
                 response, connection, sock = self._send_watched(
                     upstream, target_suffix, headers, body)

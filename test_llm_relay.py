@@ -2916,10 +2916,19 @@ class SecondReviewRegressionTest(RelayTestCase):
             b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload))
         self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:200])
         self.assertEqual(self.upstream.last().body, payload)
-        self.assertEqual(self.upstream.last().headers["Content-Length"],
-                         str(len(payload)))
+        # Streamed on as it arrives, never held whole: chunked again.
+        self.assertEqual(self.upstream.last().headers["Transfer-Encoding"], "chunked")
+        self.assertIsNone(self.upstream.last().headers["Content-Length"])
         self.assertEqual([r.path for r in self.upstream.requests],
                          ["/v1/audio/transcriptions"])
+
+    def test_chunked_upload_over_the_limit_is_413(self):
+        self.start_relay(max_body_bytes=100)
+        reply = self.raw_exchange(
+            b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            b"audio/wav\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"40\r\n" + b"a" * 64 + b"\r\n40\r\n" + b"b" * 64 + b"\r\n0\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 413"), reply[:200])
 
     def test_chunked_upload_is_not_cut_by_client_timeout_while_upstream_works(self):
         release = threading.Event()
