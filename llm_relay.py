@@ -1081,9 +1081,9 @@ def event_boundary(last_line):
     at a blank line)."""
     if not last_line.strip(b"\r\n"):
         return b""  # the last event already ended
-    if last_line.endswith((b"\n", b"\r")):
+    if last_line.endswith(b"\n"):
         return b"\n"
-    return b"\n\n"
+    return b"\n\n"  # after a bare CR too: its LF would only end that line
 
 
 def sanitize_request_id(value):
@@ -1359,7 +1359,12 @@ def send_upstream_request(pool, upstream, method, target, headers, body,
                 if retry():
                     connection.close()
                     continue
-                raise
+                # The upstream may have answered (413, 401) and closed before
+                # taking the whole body: relay that answer, as curl does.
+                response = early_response(connection)
+                if response is None:
+                    raise
+                return response, connection, sock
             sent_at = time.monotonic()
             try:
                 response = connection.getresponse()
@@ -1373,6 +1378,17 @@ def send_upstream_request(pool, upstream, method, target, headers, body,
         except Exception as error:
             connection.close()
             raise upstream_failure(upstream, error)
+
+
+def early_response(connection):
+    """Return the response an upstream sent before it stopped reading the
+    request body, or None.  The connection is never reused afterwards."""
+    try:
+        response = connection.getresponse()
+    except (OSError, http.client.HTTPException):
+        return None
+    response.will_close = True
+    return response
 
 
 def check_response_framing(response):
@@ -1829,6 +1845,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 raise RelayError(501, "Transfer-Encoding %s is not supported." %
                                  printable(declared)[:100],
                                  code="unsupported_transfer_encoding")
+            if self._header_values("content-length"):
+                # RFC 9112 §6.3: Transfer-Encoding wins, and the connection
+                # must close afterwards: the message may be a smuggling attempt.
+                self.close_connection = True
             return None
         values = self._header_values("content-length")
         if not values:
@@ -1866,37 +1886,34 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         return data
 
     def _read_chunked_body(self, max_body_bytes):
-        if self._header_values("content-length"):
-            # RFC 9112 §6.3: Transfer-Encoding wins, and the connection must
-            # close afterwards, as the message may be a smuggling attempt.
-            self.close_connection = True
-        body = bytearray()  # one-byte chunks must not cost an object each
-        while True:
-            size = self._read_chunk_size()
-            if size == 0:
-                break
-            if len(body) + size > max_body_bytes:
-                self.close_connection = True
-                raise RelayError(413, "The request body exceeds max_body_bytes "
-                                 "= %d." % max_body_bytes, code="request_too_large")
-            block = self.rfile.read(size)
-            if len(block) < size:
-                raise ClientDisconnected()
+        """Read a whole chunked request body; return bytes (see
+        _chunked_body_blocks for the decoding and its errors)."""
+        body = bytearray()
+        for block in self._chunked_body_blocks(max_body_bytes):
             body += block
-            if self.rfile.readline(3) not in (b"\r\n", b"\n"):
-                raise self._bad_chunking()
-        while self.rfile.readline(MAX_CHUNK_SIZE_LINE_BYTES).strip():
-            pass  # trailer fields are dropped (RFC 9112 §7.1.2)
         return bytes(body)
 
     def _read_chunk_size(self):
         line = self.rfile.readline(MAX_CHUNK_SIZE_LINE_BYTES)
         if not line:
             raise ClientDisconnected()
+        if not line.endswith(b"\n"):
+            raise self._bad_chunking()  # never read on inside an overlong line
         size_text = line.split(b";", 1)[0].strip()
         if not re.match(b"^[0-9A-Fa-f]{1,15}$", size_text):
             raise self._bad_chunking()
         return int(size_text, 16)
+
+    def _skip_trailer_fields(self):
+        """Read past the trailer section, which is dropped (RFC 9112
+        §7.1.2); every line must end within the line limit."""
+        for _ in range(100):
+            line = self.rfile.readline(MAX_CHUNK_SIZE_LINE_BYTES)
+            if not line.endswith(b"\n"):
+                raise self._bad_chunking()
+            if not line.strip():
+                return
+        raise self._bad_chunking()
 
     def _bad_chunking(self):
         self.close_connection = True
@@ -2022,9 +2039,11 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         return RequestBody(raw_body), self._parsed_body.get("model")
 
     def _chunked_body_blocks(self, max_body_bytes):
-        """Yield a chunked upload's decoded data in blocks as it arrives, to
-        be sent on chunked; the total counts against max_body_bytes (413)."""
-        total = 0
+        """Yield a chunked request body's decoded data as it arrives, in
+        blocks of up to COPY_BLOCK_BYTES (tiny chunks are gathered, so each
+        does not cost a send).  RFC 9112 §7.1.  Raises RelayError 413 past
+        max_body_bytes, 400 for malformed chunking, or ClientDisconnected."""
+        total, gathered = 0, bytearray()
         try:
             while True:
                 size = self._read_chunk_size()
@@ -2037,13 +2056,17 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                                      "= %d." % max_body_bytes,
                                      code="request_too_large")
                 for block in self._body_blocks(size, finishes_body=False):
-                    yield block
+                    gathered += block
+                    if len(gathered) >= COPY_BLOCK_BYTES:
+                        yield bytes(gathered)
+                        gathered = bytearray()
                 if self.rfile.readline(3) not in (b"\r\n", b"\n"):
                     raise self._bad_chunking()
-            while self.rfile.readline(MAX_CHUNK_SIZE_LINE_BYTES).strip():
-                pass  # trailer fields are dropped (RFC 9112 §7.1.2)
+            self._skip_trailer_fields()
         except OSError:  # reading the client, not the upstream, failed
             raise ClientDisconnected()
+        if gathered:
+            yield bytes(gathered)
         self._body_read = True
         self.server.mark_busy(self.tracked)
 
@@ -2143,35 +2166,53 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     def _relay_response(self, upstream, response, connection, sock):
         """Relay an upstream response: SSE line by line, others buffered or
-        streamed in blocks; the upstream connection is then pooled or closed."""
-        complete = False
+        streamed in blocks.  The upstream connection is pooled (or closed)
+        before the last bytes go to the client, so the client's next request
+        finds it in the pool."""
+        released = False
         try:
             headers = client_headers(list(response.getheaders()), self._request_id)
             content_type = response.getheader("Content-Type")
+            send_rest = None  # what goes to the client once the upstream is done
             if self.command == "HEAD" or response.status in (204, 304):
-                complete = self._relay_bodiless(response, headers)
+                complete = True
+                send_rest = lambda: self._relay_bodiless(response, headers)
             elif is_event_stream(content_type):
                 self.log_fields["stream"] = True
                 complete = self._relay_stream(upstream, response, headers)
+                send_rest = self._finish_chunks if complete else None
             elif (response.length is not None and response.length >
                   MAX_BUFFERED_RESPONSE_BYTES) or (
-                      response.length is None and not is_json_type(content_type)
-                      and response.status != 204 and self.command != "HEAD"):
+                      response.length is None and not is_json_type(content_type)):
                 complete = self._relay_passthrough(upstream, response, headers)
+                send_rest = self._finish_chunks if complete else None
             else:
-                try:
-                    data = read_response_body(response, upstream,
-                                              MAX_BUFFERED_RESPONSE_BYTES)
-                except RelayError as error:
-                    self._count_upstream_failure(upstream, error.kind)
-                    raise
+                data = self._read_upstream_body(upstream, response)
                 complete = True
-                self._send_buffered(response.status, headers, data)
-                if response.status == 200 and self.server.config.metrics:
-                    self.server.metrics.add_usage(self._model_asked,
-                                                  usage_from_json(data))
-        finally:
+                send_rest = lambda: self._send_buffered_answer(response.status,
+                                                               headers, data)
             self._finish_upstream(upstream, response, connection, complete)
+            released = True
+            if send_rest is not None:
+                send_rest()
+        finally:
+            if not released:
+                self._finish_upstream(upstream, response, connection, False)
+
+    def _send_buffered_answer(self, status, headers, data):
+        """Send a whole upstream answer; count the tokens of its usage."""
+        self._send_buffered(status, headers, data)
+        if status == 200 and self.server.config.metrics:
+            self.server.metrics.add_usage(self._model_asked, usage_from_json(data))
+
+    def _read_upstream_body(self, upstream, response):
+        """Read a whole upstream body for a buffered answer (see
+        read_response_body), counting a failure in the metrics."""
+        try:
+            return read_response_body(response, upstream, MAX_BUFFERED_RESPONSE_BYTES)
+        except RelayError as error:
+            self._count_upstream_failure(upstream, error.kind)
+            raise
 
     def _relay_bodiless(self, response, headers):
         """Relay a response that has no body (HEAD, 204, 304): the head only,
@@ -2213,8 +2254,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 # lines are never parsed.
                 self.server.metrics.add_usage(self._model_asked,
                                               usage_from_json(line[5:].strip()))
-        self._finish_chunks()
-        return True
+        return True  # the caller ends the chunked body
 
     def _end_stream_with_error(self, upstream, error, last_line):
         if self.tracked.client_gone:
@@ -2269,8 +2309,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self.log_fields["error"] = "upstream dropped mid-body"
             self.close_connection = True
             return False
-        self._finish_chunks()
-        return True
+        return True  # the caller ends the chunked body
 
     def _finish_upstream(self, upstream, response, connection, complete):
         """Pool the upstream connection after a complete response, else close

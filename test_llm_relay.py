@@ -3030,3 +3030,96 @@ class SecondReviewRegressionTest(RelayTestCase):
             self.assertEqual(status, 200)
             self.assertEqual(self.upstream.last().body, body)
             self.assertEqual(self.upstream.last().headers["Content-Type"], content_type)
+
+
+class ThirdReviewRegressionTest(RelayTestCase):
+    """Attacks found by a third review, on streamed uploads and SSE ends."""
+
+    UPLOAD = (b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
+              b"Content-Type: audio/wav\r\n")
+
+    def test_content_length_with_chunked_upload_closes_the_connection(self):
+        self.start_relay()
+        smuggled = b"GET /v1/models?smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+        body = b"3\r\nabc\r\n0\r\n\r\n" + smuggled
+        reply = self.raw_exchange(self.UPLOAD + b"Content-Length: %d\r\nTransfer-"
+                                  b"Encoding: chunked\r\n\r\n%s" % (len(body), body))
+        self.assertEqual(reply.count(b"HTTP/1.1 "), 1, reply)
+        self.assertIn(b"Connection: close", reply)
+        self.assertEqual(self.upstream.last().body, b"abc")
+        self.assertNotIn("smuggled", " ".join(r.path for r in self.upstream.requests))
+
+    def test_an_overlong_chunk_size_line_is_refused(self):
+        # Read as 4096-byte lines, the size line below ends early; its tail
+        # then passes for the chunk data, and the real data ends the body and
+        # carries a second request.  A reader of whole lines sees one body.
+        self.upstream.behaviour = lambda handler, recorded: reply_json(handler, {})
+        self.start_relay()
+        smuggled = b"GET /v1/models?smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+        smuggled = smuggled.replace(b"smuggled", b"smuggled" + b"x" * (52 - len(smuggled)))
+        real_data = b"\r\n0\r\n\r\n" + smuggled
+        self.assertEqual(len(real_data), 0x3b)
+        size_line = b"3b;e=" + b"a" * (4096 + 0x3b - 7) + b"\r\n"
+        for head in (self.UPLOAD, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"):
+            reply = self.raw_exchange(head + b"Transfer-Encoding: chunked\r\n\r\n" +
+                                      size_line + real_data + b"\r\n0\r\n\r\n")
+            self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply[:100])
+            self.assertEqual(reply.count(b"HTTP/1.1 "), 1, reply)
+        self.assertNotIn("smuggled", " ".join(r.path for r in self.upstream.requests))
+
+    def test_error_event_after_a_bare_cr_is_its_own_event(self):
+        self.assertEqual(llm_relay.event_boundary(b"data: xxx\r"), b"\n\n")
+        self.assertEqual(llm_relay.event_boundary(b"data: x\r\n"), b"\n")
+        self.assertEqual(llm_relay.event_boundary(b"\r\n"), b"")
+        self.assertEqual(llm_relay.event_boundary(b"data: x"), b"\n\n")
+
+    def test_an_early_upstream_answer_to_an_upload_is_relayed(self):
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        self.addCleanup(server.close)
+
+        def answer_early():
+            connection, _ = server.accept()
+            with connection:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += connection.recv(65536)
+                connection.sendall(b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: "
+                                   b"application/json\r\nContent-Length: 16\r\n"
+                                   b"Connection: close\r\n\r\n{\"error\": \"big\"}")
+                connection.shutdown(socket.SHUT_RDWR)
+        thread = threading.Thread(target=answer_early)
+        thread.daemon = True
+        thread.start()
+        self.start_relay(upstream="http://127.0.0.1:%d/v1" % server.getsockname()[1])
+        body = b"x" * (8 * 1024 * 1024)
+        sock = socket.create_connection(("127.0.0.1", self.relay.port),
+                                        timeout=WAIT_SECONDS)
+        self.addCleanup(sock.close)
+        sock.sendall(self.UPLOAD + b"Content-Length: %d\r\n\r\n" % len(body))
+        reply = b""
+        try:
+            sock.sendall(body)
+        except OSError:
+            pass  # the relay may stop reading once the upstream has answered
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            reply += chunk
+        self.assertTrue(reply.startswith(b"HTTP/1.1 413"), reply[-300:])
+        self.assertIn(b'{"error": "big"}', reply)
+
+    def test_tiny_chunks_of_an_upload_arrive_whole(self):
+        self.upstream.behaviour = lambda handler, recorded: reply_json(handler, {})
+        self.start_relay()
+        payload = bytes(range(256)) * 40
+        chunks = b"".join(b"1\r\n%s\r\n" % payload[i:i + 1] for i in range(len(payload)))
+        reply = self.raw_exchange(self.UPLOAD + b"Transfer-Encoding: chunked\r\n"
+                                  b"Connection: close\r\n\r\n" + chunks + b"0\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:100])
+        self.assertEqual(self.upstream.last().body, payload)
