@@ -1821,6 +1821,31 @@ class LifecycleTest(RelayTestCase):
         self.assertEqual(relay.process.wait(WAIT_SECONDS), 0)
 
 
+class EnvironmentAndWarningsTest(RelayTestCase):
+
+    def test_keys_from_the_environment_reach_the_upstream_and_risks_are_warned(self):
+        os.environ["LLM_RELAY_TEST_KEY"] = "sk-from-env-1234"
+        self.addCleanup(os.environ.pop, "LLM_RELAY_TEST_KEY", None)
+        relay = RelayProcess(self, config_text(
+            self.upstream.url, listen="0.0.0.0:0",
+            upstream_api_key="${LLM_RELAY_TEST_KEY}",
+            model_rules=[{"match_model": "m", "set": {
+                "user": "${LLM_RELAY_TEST_USER:-fallback-user}"}}]))
+        self.assertIsNotNone(relay.port)
+        self.assertIn("without api_keys", relay.stderr_text())
+        connection = http.client.HTTPConnection("127.0.0.1", relay.port,
+                                                timeout=WAIT_SECONDS)
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/chat/completions", body=b'{"model": "m"}')
+        self.assertEqual(connection.getresponse().status, 200)
+        self.assertEqual(self.upstream.last().headers["Authorization"],
+                         "Bearer sk-from-env-1234")
+        self.assertEqual(self.upstream.last().json()["user"], "fallback-user")
+        self.assertNotIn("sk-from-env-1234", relay.stderr_text())
+        relay.process.send_signal(signal.SIGTERM)
+        self.assertEqual(relay.process.wait(WAIT_SECONDS), 0)
+
+
 class CommandLineTest(unittest.TestCase):
 
     def run_relay(self, args, cwd=None):
