@@ -1078,6 +1078,7 @@ class StreamingTest(RelayTestCase):
         self.assertEqual(response.status, 200)
         self.assertEqual(response.getheader("Content-Type"), "text/event-stream")
         self.assertEqual(response.getheader("Transfer-Encoding"), "chunked")
+        self.assertEqual(response.getheader("X-Accel-Buffering"), "no")  # nginx
         for line, gate in zip(lines, gates):
             # The upstream holds the next line until this one has arrived.
             self.assertEqual(response.readline(), line)
@@ -2337,6 +2338,7 @@ class BrowsersAndRequestIdTest(RelayTestCase):
         self.assertIn("POST", headers["access-control-allow-methods"])
         self.assertEqual(headers["access-control-allow-headers"],
                          "authorization, content-type")
+        self.assertEqual(headers["access-control-max-age"], "600")
         self.assertEqual(self.upstream.requests, [])
         status, headers, _ = self.chat({"model": "m"}, {"Origin": "https://app.example"})
         self.assertEqual(status, 401)
@@ -2345,6 +2347,7 @@ class BrowsersAndRequestIdTest(RelayTestCase):
             "Origin": "https://app.example", "Authorization": "Bearer k"})
         self.assertEqual(status, 200)
         self.assertIn("X-Request-Id", headers["access-control-expose-headers"])
+        self.assertEqual(headers["vary"], "Origin")
         status, headers, _ = self.chat({"model": "m"}, {
             "Origin": "https://evil.example", "Authorization": "Bearer k"})
         self.assertNotIn("access-control-allow-origin", headers)
@@ -2765,8 +2768,13 @@ class AttackRegressionTest(RelayTestCase):
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         self.assertTrue(received.wait(WAIT_SECONDS))
         self.upstream.connection_closed_event.clear()
-        sock.close()
-        self.assertTrue(self.upstream.connection_closed_event.wait(1.0))
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            sock.close()
+            self.assertTrue(self.upstream.connection_closed_event.wait(1.0))
+            # 499: the client left before the answer started.
+            self.wait_for_log(logs, " 499 ")
+        self.assertTrue(any("error=client disconnected" in line
+                            for line in logs.output), logs.output)
         release.set()
 
     def test_client_timeout_covers_streamed_upload_bodies(self):
