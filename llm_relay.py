@@ -2295,21 +2295,27 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             except Exception as error:
                 if self.tracked.client_gone:
                     raise ClientDisconnected()
-                self.log_fields["error"] = upstream_failure(
-                    upstream, error).message if not isinstance(
-                    error, http.client.IncompleteRead) else "upstream dropped mid-body"
-                self.close_connection = True  # the client sees a short body
-                return False
+                return self._cut_passthrough(upstream, None if isinstance(
+                    error, http.client.IncompleteRead) else upstream_failure(
+                        upstream, error))
             if not block:
                 break
             self._write_chunk(block)
         if self.tracked.client_gone:
             raise ClientDisconnected()
         if not upstream_body_complete(response):
-            self.log_fields["error"] = "upstream dropped mid-body"
-            self.close_connection = True
-            return False
+            return self._cut_passthrough(upstream, None)
         return True  # the caller ends the chunked body
+
+    def _cut_passthrough(self, upstream, failure):
+        """End a body the upstream cut short (failure: a RelayError, or None
+        for a drop): the client sees a short body, as the connection closes;
+        the cause is logged and counted.  Returns False."""
+        self.log_fields["error"] = failure.message if failure else (
+            "upstream %s dropped mid-body" % upstream.name)
+        self._count_upstream_failure(upstream, failure.kind if failure else "dropped")
+        self.close_connection = True
+        return False
 
     def _finish_upstream(self, upstream, response, connection, complete):
         """Pool the upstream connection after a complete response, else close

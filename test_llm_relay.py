@@ -2288,6 +2288,22 @@ class PassThroughTest(RelayTestCase):
         self.assertEqual((status, headers["content-type"]), (200, "audio/mpeg"))
         self.assertEqual(data, audio)
 
+    def test_a_binary_body_cut_short_closes_and_counts_as_dropped(self):
+        def cut(handler, recorded):
+            start_chunked(handler, content_type="audio/mpeg")
+            write_chunk(handler, b"\x00" * 1000)
+            handler.close_connection = True
+        self.upstream.behaviour = cut
+        self.start_relay()
+        connection = self.connect()
+        connection.request("POST", "/v1/audio/speech", body=b'{"model": "tts"}')
+        response = connection.getresponse()
+        self.assertEqual(response.status, 200)
+        with self.assertRaises(http.client.IncompleteRead):
+            response.read()  # a short body: the relay closed, never ended it
+        self.assertTrue(wait_until(lambda: 'kind="dropped"' in
+                                   self.relay.metrics.render().decode()))
+
     def test_sse_from_any_path_is_relayed_line_by_line(self):
         lines = [b"event: response.created\n", b"data: {}\n", b"\n",
                  b"event: response.completed\n", b"data: {}\n", b"\n"]
