@@ -11,7 +11,6 @@ Usage: python3 llm_relay.py --config config.jsonc
 
 Standard library only; runs unmodified on CPython 3.6 to 3.13.  License: MIT.
 """
-
 import argparse
 import binascii
 import bisect
@@ -37,7 +36,6 @@ import sys
 import threading
 import time
 import urllib.parse
-
 __version__ = "1.0.0"
 
 
@@ -64,7 +62,7 @@ ABORT_WAIT_SECONDS = 1.0  # after the grace, for cut requests to end and log
 MAX_SSE_LINE_BYTES = 64 * 1024  # longer lines are relayed in pieces
 COPY_BLOCK_BYTES = 64 * 1024
 MAX_BUFFERED_RESPONSE_BYTES = 16 * 1024 * 1024  # larger bodies stream through
-MAX_CHUNK_SIZE_LINE_BYTES = 4096
+MAX_HEADER_LINE_BYTES = 4096
 MAX_REQUEST_ID_CHARS = 128
 MAX_JSON_INT_DIGITS = 4300  # CPython 3.11's limit; older ones parse in O(n^2)
 MAX_LOGGED_MODEL_CHARS = 200
@@ -83,13 +81,16 @@ HOP_BY_HOP_HEADERS = frozenset((
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
     "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade",
 ))
+
 # The relay frames bodies itself, names the upstream host itself and asks for
 # identity encoding so that SSE lines stay lines (a gzip stream has none).
 REQUEST_HEADERS_SET_BY_RELAY = frozenset((
     "host", "content-length", "accept-encoding", "expect", "x-request-id",
 ))
+
 # Headers that carry a credential for the upstream; sent only with forward_auth.
 CREDENTIAL_HEADERS = frozenset(("authorization", "api-key", "x-api-key"))
+
 # Response headers relayed to the client: an allowlist, so that Date, Server and
 # framing headers are the relay's own and never duplicated.
 RELAYED_RESPONSE_HEADERS = frozenset((
@@ -103,14 +104,9 @@ UPSTREAM_REQUEST_ID_HEADER = "X-Upstream-Request-Id"
 SECRET_KEY_PATTERN = re.compile(
     r"(api[-_]?key|authorization|password|secret|token)$", re.IGNORECASE)
 GLOB_CHARACTERS = frozenset("*?[")
-_LOG_ESCAPES = dict((code, "\\x%02x" % code)
-                    for code in list(range(32)) + list(range(127, 160)))
-_LOG_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 SECRET_QUERY_PARAMETER = re.compile(
     r"((?:^|[?&;])[^=&;]*(?:key|token|secret|password|sig)[^=&;]*=)[^&;]*",
     re.IGNORECASE)
-_OBS_FOLD = re.compile(r"\r?\n[ \t]+")
-PHASE_IDLE, PHASE_READING, PHASE_BUSY = "idle", "reading", "busy"
 
 # Routing: client path (without the optional /v1 prefix) -> allowed methods.
 # Other paths under /v1 are passed through to the upstream unchanged.
@@ -122,6 +118,7 @@ ENDPOINTS = collections.OrderedDict((
     ("/chat/completions", ("POST",)),
     ("/completions", ("POST",)),
 ))
+
 # Liveness and readiness probes need no key; everything else does.
 UNAUTHENTICATED_PATHS = frozenset(("/health", "/health/ready"))
 CORS_ALLOWED_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
@@ -210,10 +207,13 @@ def openai_error(message, error_type="invalid_request_error", code=None,
 ###############################################################################
 
 _JSON_STRING = r'"(?:[^"\\\n]|\\.)*"'
+
 _JSONC_COMMENTS = re.compile(
     _JSON_STRING + r"|(//[^\n]*|/\*.*?\*/)|(/\*)", re.DOTALL)
+
 _JSONC_TRAILING_COMMAS = re.compile(
     _JSON_STRING + r"|(,)(?=\s*[\]}])", re.DOTALL)
+
 _NOT_NEWLINE = re.compile(r"[^\r\n]")
 
 
@@ -290,7 +290,6 @@ def _find_member(decoder, whitespace, text, index, step):
         position += 1
     return None
 
-
 Upstream = collections.namedtuple("Upstream", [
     "name",             # str: the name rules refer to ("default" for upstream)
     "url",              # str: base URL as configured, e.g. http://h:11434/v1
@@ -346,8 +345,11 @@ TOP_LEVEL_KEYS = (
     "connect_timeout", "read_timeout", "shutdown_grace", "cors_origins",
     "metrics", "log_format",
 )
+
 RULE_KEYS = ("match_model", "unset", "defaults", "set", "extra", "upstream")
+
 UPSTREAM_KEYS = ("url", "api_key", "connect_timeout", "read_timeout")
+
 _ENV_REFERENCE = re.compile(
     r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -834,9 +836,9 @@ def apply_rule(body, rule):
         result[key] = copy_value(value)
     return deep_merge(result, rule.extra) if rule.extra else result
 
-
 _COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
                                  allow_nan=False)
+
 _COMPACT_ASCII_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
@@ -863,6 +865,10 @@ def rewrite_body(raw_body, body, rule):
     rewritten = apply_rule(body, rule)
     return serialize_json(rewritten), rewritten.get("model")
 
+
+###############################################################################
+# Request parsing and auth (pure) #############################################
+###############################################################################
 
 def parse_json_body(raw_body):
     """Parse a request body that must be a JSON object; return the dict.
@@ -906,45 +912,76 @@ def _parse_finite_float(text):
     return value
 
 
-def redact_for_log(value, max_chars=MAX_LOGGED_BODY_CHARS):
-    """Return a JSON string of value for debug logs, with secrets masked.
+def new_request_id():
+    """Return a new random request id: 32 hex digits (what uuid4().hex has,
+    without building a UUID object per request)."""
+    return binascii.hexlify(os.urandom(16)).decode("ascii")
 
-    Values of keys that look like credentials (api_key, token, secret,
-    password, authorization) become "***"; long strings (base64 images) are
-    shortened; the whole text is cut at max_chars characters.
+
+def sanitize_request_id(value):
+    """Return a client X-Request-Id if usable (printable ASCII), else None."""
+    if value and len(value) <= MAX_REQUEST_ID_CHARS and all(
+            "!" <= character <= "~" for character in value):
+        return value
+    return None
+
+
+def check_api_key(authorization, api_keys):
+    """Return True when "Bearer <key>" names one of api_keys (bytes).
+
+    Every key is compared in constant time (hmac.compare_digest), so the
+    answer's timing does not tell how much of a key matched.
     """
-    def redact(item, depth=0):
-        if depth > 20 and isinstance(item, (dict, list)):
-            return "...(nested deeper)"
-        if isinstance(item, dict):
-            return dict((key, "***" if SECRET_KEY_PATTERN.search(str(key))
-                         else redact(child, depth + 1)) for key, child in item.items())
-        if isinstance(item, list):
-            return [redact(child, depth + 1) for child in item]
-        if isinstance(item, str) and len(item) > 200:
-            return item[:100] + "...(%d chars)" % len(item)
-        return item
-    text = json.dumps(redact(value), ensure_ascii=False)
-    return text if len(text) <= max_chars else text[:max_chars] + "..."
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    token = token.strip().encode("utf-8", "surrogateescape")
+    matched = False
+    for key in api_keys:
+        matched |= hmac.compare_digest(token, key)
+    return matched
 
 
-def printable(text):
-    """Escape control characters so client-chosen text cannot forge log lines."""
-    return str(text).translate(_LOG_ESCAPES)
+def split_route(target):
+    """Return (route path, query) for a request target.
 
-
-def loggable_target(target):
-    """Return a request target for logs: escaped, cut at 300 characters, and
-    with the values of key-like query parameters (api-key=, token=) masked."""
-    if "?" in target:
-        path, _, query = target.partition("?")
-        target = path + "?" + SECRET_QUERY_PARAMETER.sub(r"\1***", query)
-    return printable(target)[:300]
+    The absolute form ("http://elsewhere/v1/x") contributes only its path, so
+    a client never chooses where the relay connects.  The optional /v1 prefix
+    is removed: "/v1/chat/completions" and "/chat/completions" both give
+    "/chat/completions".  Raises RelayError(400) for a target that is not a
+    path or whose path has "." or ".." segments, raw or percent-encoded.
+    """
+    if not all("!" <= character <= "~" for character in target):
+        raise RelayError(400, "The request target must be visible ASCII; "
+                              "percent-encode other characters.",
+                         code="invalid_path")
+    parts = urllib.parse.urlsplit(target)
+    path = parts.path
+    if not path.startswith("/"):
+        raise RelayError(400, "Invalid request target %r." % printable(target)[:200])
+    segments = urllib.parse.unquote(path).split("/")
+    if "." in segments or ".." in segments:
+        raise RelayError(400, "The request path must not contain '.' or '..' "
+                              "segments.", code="invalid_path")
+    if path == "/v1" or path.startswith("/v1/"):
+        path = path[3:] or "/"
+    return path, parts.query
 
 
 ###############################################################################
-# Headers and SSE helpers (pure) ##############################################
+# Protocol translators (pure) #################################################
 ###############################################################################
+
+# Pure functions that turn one API's request or answer into another's go here,
+# between the rule engine and the HTTP framing they feed.
+
+
+###############################################################################
+# HTTP framing ################################################################
+###############################################################################
+
+_OBS_FOLD = re.compile(r"\r?\n[ \t]+")
+
 
 def connection_tokens(headers):
     """Return the lowercase header names listed in Connection headers.
@@ -969,7 +1006,7 @@ def strip_hop_by_hop(headers):
             if name.lower() not in HOP_BY_HOP_HEADERS and name.lower() not in named]
 
 
-def upstream_headers(client_headers, upstream, forward_auth, body_length,
+def upstream_headers(request_headers, upstream, forward_auth, body_length,
                      request_id, chunked=False):
     """Return the (name, value) headers to send to the upstream.
 
@@ -981,7 +1018,7 @@ def upstream_headers(client_headers, upstream, forward_auth, body_length,
     sent with Transfer-Encoding: chunked) and X-Request-Id is the relay's.
     """
     headers = [("Host", host_header(upstream))]
-    for name, value in strip_hop_by_hop(client_headers):
+    for name, value in strip_hop_by_hop(request_headers):
         lowered = name.lower()
         if lowered in REQUEST_HEADERS_SET_BY_RELAY or (
                 lowered in CREDENTIAL_HEADERS and not forward_auth):
@@ -1069,12 +1106,6 @@ def sse_error_event(message, error_type="server_error", code=None):
     return b"data: " + serialize_json(openai_error(message, error_type, code)) + b"\n\n"
 
 
-def new_request_id():
-    """Return a new random request id: 32 hex digits (what uuid4().hex has,
-    without building a UUID object per request)."""
-    return binascii.hexlify(os.urandom(16)).decode("ascii")
-
-
 def event_boundary(last_line):
     """Return the bytes that end the SSE event in progress after last_line,
     so that a following event stands on its own (WHATWG HTML: an event ends
@@ -1085,59 +1116,71 @@ def event_boundary(last_line):
         return b"\n"
     return b"\n\n"  # after a bare CR too: its LF would only end that line
 
-
-def sanitize_request_id(value):
-    """Return a client X-Request-Id if usable (printable ASCII), else None."""
-    if value and len(value) <= MAX_REQUEST_ID_CHARS and all(
-            "!" <= character <= "~" for character in value):
-        return value
-    return None
+_CHUNK_SIZE = re.compile(b"^[0-9A-Fa-f]{1,15}$")
 
 
-def check_api_key(authorization, api_keys):
-    """Return True when "Bearer <key>" names one of api_keys (bytes).
+def iter_upstream_lines(response, limit):
+    """Yield an upstream response body line by line, as each line arrives.
 
-    Every key is compared in constant time (hmac.compare_digest), so the
-    answer's timing does not tell how much of a key matched.
+    Reads with readline on the response's buffered socket file and decodes
+    chunked framing (RFC 9112 §7.1) here: http.client's own readline passes
+    every line through several Python layers and reports a cut-off chunked
+    body as a quiet end.  A line split across chunks is yielded whole; a line
+    longer than limit bytes comes in pieces.  Returns at the framed end of the
+    body; raises http.client.IncompleteRead when the body stops short, and
+    socket.timeout after read_timeout of silence.  A line cut off by a drop
+    is not yielded: it is no event, and a half JSON line would only break
+    the client's parser before the relay's error event.
     """
-    scheme, _, token = (authorization or "").strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    token = token.strip().encode("utf-8", "surrogateescape")
-    matched = False
-    for key in api_keys:
-        matched |= hmac.compare_digest(token, key)
-    return matched
-
-
-def split_route(target):
-    """Return (route path, query) for a request target.
-
-    The absolute form ("http://elsewhere/v1/x") contributes only its path, so
-    a client never chooses where the relay connects.  The optional /v1 prefix
-    is removed: "/v1/chat/completions" and "/chat/completions" both give
-    "/chat/completions".  Raises RelayError(400) for a target that is not a
-    path or whose path has "." or ".." segments, raw or percent-encoded.
-    """
-    if not all("!" <= character <= "~" for character in target):
-        raise RelayError(400, "The request target must be visible ASCII; "
-                              "percent-encode other characters.",
-                         code="invalid_path")
-    parts = urllib.parse.urlsplit(target)
-    path = parts.path
-    if not path.startswith("/"):
-        raise RelayError(400, "Invalid request target %r." % printable(target)[:200])
-    segments = urllib.parse.unquote(path).split("/")
-    if "." in segments or ".." in segments:
-        raise RelayError(400, "The request path must not contain '.' or '..' "
-                              "segments.", code="invalid_path")
-    if path == "/v1" or path.startswith("/v1/"):
-        path = path[3:] or "/"
-    return path, parts.query
+    source = response.fp
+    if not response.chunked:
+        remaining = response.length  # None: the body ends when the upstream closes
+        while remaining is None or remaining > 0:
+            wanted = limit if remaining is None else min(limit, remaining)
+            line = source.readline(wanted)
+            if remaining is not None:
+                remaining -= len(line)
+                if remaining and len(line) < wanted and not line.endswith(b"\n"):
+                    raise http.client.IncompleteRead(line, remaining)  # cut off
+            if not line:
+                return
+            yield line
+        return
+    pending = b""
+    while True:
+        size_line = source.readline(MAX_HEADER_LINE_BYTES)
+        size_text = size_line.split(b";", 1)[0].strip()
+        if not size_line.endswith(b"\n") or not _CHUNK_SIZE.match(size_text):
+            raise http.client.IncompleteRead(pending)
+        left = int(size_text, 16)
+        if not left:
+            break
+        while left:
+            piece = source.readline(min(left, limit - len(pending)))
+            if not piece:
+                raise http.client.IncompleteRead(pending)
+            left -= len(piece)
+            if not pending and piece.endswith(b"\n"):
+                yield piece  # the common case: a whole line in one chunk
+                continue
+            pending += piece
+            if pending.endswith(b"\n") or len(pending) >= limit:
+                yield pending
+                pending = b""
+        if source.readline(3) not in (b"\r\n", b"\n"):
+            raise http.client.IncompleteRead(pending)
+    while True:  # trailer fields, dropped (RFC 9112 §7.1.2)
+        line = source.readline(MAX_HEADER_LINE_BYTES)
+        if not line.endswith(b"\n"):
+            raise http.client.IncompleteRead(pending)
+        if not line.strip():
+            break
+    if pending:
+        yield pending
 
 
 ###############################################################################
-# Upstream forwarding #########################################################
+# Upstream exchange ###########################################################
 ###############################################################################
 
 def readable_sockets(sockets):
@@ -1260,10 +1303,10 @@ class UpstreamResponse(http.client.HTTPResponse):
             if not 100 < status < 200:
                 return version, status, reason
             for _ in range(100):  # the interim response's header fields
-                line = self.fp.readline(MAX_CHUNK_SIZE_LINE_BYTES + 1)
+                line = self.fp.readline(MAX_HEADER_LINE_BYTES + 1)
                 if not line.strip():
                     break
-                if len(line) > MAX_CHUNK_SIZE_LINE_BYTES:
+                if len(line) > MAX_HEADER_LINE_BYTES:
                     raise http.client.LineTooLong("interim response header")
             else:
                 raise http.client.HTTPException("too many interim header lines")
@@ -1432,6 +1475,165 @@ def upstream_failure(upstream, error, connecting=False):
     return RelayError(502, "%s %s." % (where, cause), code="upstream_unreachable"
                       if kind == "refused" else "upstream_error",
                       retryable=True, kind=kind)
+
+
+def finish_upstream_response(pool, upstream, response, connection, complete):
+    """Return a connection to the pool after a complete response, else close it.
+
+    complete means the body was read to its framed end by the caller.  The
+    response object is closed first, which marks it done for http.client
+    (the socket stays open with the connection).
+    """
+    reusable = complete and not response.will_close
+    response.close()
+    if reusable:
+        pool.release(upstream, connection)
+    else:
+        connection.close()
+
+
+def upstream_body_complete(response):
+    """Return True when an upstream body ended where its framing says.
+
+    http.client's readline reports a chunked stream that was cut off as a
+    quiet end of file, so look at the framing state instead: chunk_left
+    becomes None only after the last chunk (RFC 9112 §7.1), and length
+    counts the bytes still due.  A close-delimited body always counts.
+    """
+    if response.chunked:
+        return getattr(response, "chunk_left", None) is None
+    return not response.length
+
+
+def read_response_body(response, upstream, max_bytes):
+    """Read a whole upstream body (at most max_bytes); return bytes.
+
+    Raises RelayError 502 when the upstream closes before the end of the
+    body, or when it is larger than max_bytes; 504 on read timeout.
+    """
+    try:
+        if response.length is not None and response.length <= max_bytes:
+            data = response.read()  # exactly Content-Length bytes, or raises
+        else:
+            # Read in blocks: read(n) would allocate all n bytes up front on
+            # CPython 3.9 and older.
+            buffered = bytearray()
+            while len(buffered) <= max_bytes:
+                block = response.read1(COPY_BLOCK_BYTES)
+                if not block:
+                    break
+                buffered += block
+            data = bytes(buffered)
+        if len(data) <= max_bytes and not upstream_body_complete(response):
+            raise http.client.IncompleteRead(data)
+    except http.client.IncompleteRead:
+        raise RelayError(502, "upstream %s (%s) closed the connection before the "
+                         "end of the response body." % (upstream.name, upstream.url),
+                         code="upstream_error", kind="dropped")
+    except Exception as error:
+        raise upstream_failure(upstream, error)
+    if len(data) > max_bytes:
+        raise RelayError(502, "upstream %s response is larger than %d bytes." % (
+            upstream.name, max_bytes), code="upstream_error", kind="invalid")
+    return data
+
+
+###############################################################################
+# Model list ##################################################################
+###############################################################################
+
+def fetch_model_list(pool, upstream, headers):
+    """Return an upstream's GET <url>/models list dict.
+
+    Waits at most MODELS_TIMEOUT_SECONDS of silence, so one hung upstream
+    cannot hold the merged list for read_timeout.  Raises RelayError, or
+    UpstreamAnswer carrying a non-200 (or non-list) answer to relay as it is.
+    """
+    upstream = upstream._replace(read_timeout=min(upstream.read_timeout,
+                                                  MODELS_TIMEOUT_SECONDS))
+    response, connection, _ = send_upstream_request(
+        pool, upstream, "GET", upstream.base_path + "/models", headers,
+        RequestBody())
+    complete = False
+    try:
+        data = read_response_body(response, upstream, MAX_BUFFERED_RESPONSE_BYTES)
+        complete = True
+    finally:
+        finish_upstream_response(pool, upstream, response, connection, complete)
+    listing = None
+    if response.status == 200:
+        try:
+            listing = json.loads(data.decode("utf-8"))
+        except ValueError:
+            pass
+    if not (isinstance(listing, dict) and isinstance(listing.get("data"), list)):
+        raise UpstreamAnswer(response, data, upstream)
+    return listing
+
+
+def fetch_model_lists(pool, upstreams, headers_for):
+    """Fetch several upstreams' model lists at once.
+
+    headers_for(upstream) gives each request's headers.  Returns one result
+    per upstream, in order: the list dict, or the RelayError it failed with.
+    """
+    results = [None] * len(upstreams)
+
+    def fetch(position, upstream):
+        try:
+            results[position] = fetch_model_list(pool, upstream, headers_for(upstream))
+        except RelayError as error:
+            results[position] = error
+    if len(upstreams) == 1:
+        fetch(0, upstreams[0])
+        return results
+    threads = [threading.Thread(target=fetch, args=item)
+               for item in enumerate(upstreams)]
+    for thread in threads:
+        thread.daemon = True
+        thread.start()
+    for thread in threads:
+        thread.join()  # each fetch is bounded by its connect and read timeouts
+    return results
+
+
+def routed_upstream_names(config):
+    """Return the upstream names rules route to, "default" first, each once."""
+    names = [DEFAULT_UPSTREAM_NAME] if DEFAULT_UPSTREAM_NAME in config.upstreams else []
+    for rule in config.rules:
+        for name in rule.upstreams:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def model_entry(model_id, created, owned_by="llm-relay"):
+    """Return a model object in OpenAI's shape (API reference: Models)."""
+    return {"id": model_id, "object": "model", "created": created,
+            "owned_by": owned_by}
+
+
+def merge_model_lists(listings, config):
+    """Merge upstream /models lists and add each plain-name rule alias.
+
+    listings is a list of {"object": "list", "data": [...]} dicts.  Returns
+    one such dict: every upstream model once (by id, first listing wins),
+    then an entry for each rule match_model that is a plain name, except
+    "default", that the upstreams lack.
+    """
+    merged, seen = [], set()
+    for listing in listings:
+        for entry in listing["data"]:
+            model_id = entry.get("id") if isinstance(entry, dict) else None
+            if model_id is not None and model_id not in seen:
+                seen.add(model_id)
+                merged.append(entry)
+    for rule in config.rules:
+        for name in rule.match_model:
+            if name != "default" and not is_pattern(name) and name not in seen:
+                seen.add(name)
+                merged.append(model_entry(name, config.created))
+    return {"object": "list", "data": merged}
 
 
 ###############################################################################
@@ -1625,6 +1827,88 @@ def check_readiness(config):
 
 
 ###############################################################################
+# Logging helpers #############################################################
+###############################################################################
+
+_LOG_ESCAPES = dict((code, "\\x%02x" % code)
+                    for code in list(range(32)) + list(range(127, 160)))
+_LOG_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def redact_for_log(value, max_chars=MAX_LOGGED_BODY_CHARS):
+    """Return a JSON string of value for debug logs, with secrets masked.
+
+    Values of keys that look like credentials (api_key, token, secret,
+    password, authorization) become "***"; long strings (base64 images) are
+    shortened; the whole text is cut at max_chars characters.
+    """
+    def redact(item, depth=0):
+        if depth > 20 and isinstance(item, (dict, list)):
+            return "...(nested deeper)"
+        if isinstance(item, dict):
+            return dict((key, "***" if SECRET_KEY_PATTERN.search(str(key))
+                         else redact(child, depth + 1)) for key, child in item.items())
+        if isinstance(item, list):
+            return [redact(child, depth + 1) for child in item]
+        if isinstance(item, str) and len(item) > 200:
+            return item[:100] + "...(%d chars)" % len(item)
+        return item
+    text = json.dumps(redact(value), ensure_ascii=False)
+    return text if len(text) <= max_chars else text[:max_chars] + "..."
+
+
+def printable(text):
+    """Escape control characters so client-chosen text cannot forge log lines."""
+    return str(text).translate(_LOG_ESCAPES)
+
+
+def loggable_target(target):
+    """Return a request target for logs: escaped, cut at 300 characters, and
+    with the values of key-like query parameters (api-key=, token=) masked."""
+    if "?" in target:
+        path, _, query = target.partition("?")
+        target = path + "?" + SECRET_QUERY_PARAMETER.sub(r"\1***", query)
+    return printable(target)[:300]
+
+
+def format_model_change(asked, sent):
+    """Return "asked→sent" for the access log, or just asked when unchanged."""
+    asked = printable(asked)[:MAX_LOGGED_MODEL_CHARS]
+    sent = printable(sent)[:MAX_LOGGED_MODEL_CHARS]
+    return asked if asked == sent else "%s→%s" % (asked, sent)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """Format each log record as one JSON object per line (log_format "json").
+
+    Access lines carry their fields (client, method, path, status,
+    duration_ms, stream, model, upstream, error, id); other lines a message.
+    """
+
+    def format(self, record):
+        entry = collections.OrderedDict((
+            ("time", time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+             + ".%03dZ" % record.msecs),
+            ("level", record.levelname)))
+        access = getattr(record, "access", None)
+        if access is not None:
+            entry["event"] = "request"
+            entry.update(access)
+        else:
+            entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def mask_secret(secret):
+    """Return a key shown safely: only its last 4 characters, if long enough."""
+    if not secret:
+        return "-"
+    return "****" + secret[-4:] if len(secret) >= 16 else "****"
+
+
+###############################################################################
 # Request handler #############################################################
 ###############################################################################
 
@@ -1685,7 +1969,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._route = None
         self._model_asked = None
         self._parsed_body = None
-        self._chunked = False
+        self._chunked_response = False
         self.headers = None  # not the previous request's on keep-alive
         self._header_items = None
         self._headers_by_name = None
@@ -1721,7 +2005,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     def handle_expect_100(self):
         # Answer a doomed request (too large, unauthorized, unknown) with its
         # final status instead of 100 Continue, so the body is never sent
-        # (RFC 9110 §10.1.1); _dispatch sends that status.
+        # (RFC 9110 §10.1.1); _serve_request sends that status.
         try:
             self._precheck(self.server.config)
         except RelayError:
@@ -1733,23 +2017,23 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     # -- dispatch ---------------------------------------------------------------
 
-    def _dispatch(self):
+    def _serve_request(self):
         config = self.server.config
         self._in_dispatch = True
         self.server.metrics.request_started()
         try:
-            self._handle(config)
+            self._route_request(config)
         except UpstreamAnswer as answer:
             self._send_buffered(answer.status, client_headers(
                 answer.response_headers, self._request_id), answer.data)
         except RelayError as error:
             self._send_relay_error(error)
         except ClientDisconnected:
-            self._client_gone("client disconnected")
+            self._record_disconnect("client disconnected")
         except ConnectionError as error:
-            self._client_gone("client disconnected (%s)" % type(error).__name__)
+            self._record_disconnect("client disconnected (%s)" % type(error).__name__)
         except socket.timeout:
-            self._client_gone("client stopped reading for client_timeout")
+            self._record_disconnect("client stopped reading for client_timeout")
         except Exception as error:
             logger.debug("unexpected error", exc_info=True)
             # The exception text could hold a header value; the type is enough.
@@ -1770,9 +2054,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 time.monotonic() - self._started)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = (
-        _dispatch)
+        _serve_request)
 
-    def _handle(self, config):
+    def _route_request(self, config):
         self._request_id = sanitize_request_id(
             self._header("x-request-id")) or new_request_id()
         route, query = self._precheck(config)
@@ -1789,7 +2073,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if route == "/models" and self.command == "GET":
             return self._serve_models(config)
         if route.startswith("/models/") and self.command == "GET":
-            return self._serve_model(config, route, query)
+            return self._serve_one_model(config, route, query)
         return self._forward(config, route, query)
 
     def _precheck(self, config):
@@ -1804,7 +2088,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         allowed = ENDPOINTS.get(route)
         if self.command == "OPTIONS":
             return route, query
-        if allowed is None and not self.path_is_under_v1():
+        if allowed is None and not self._path_is_under_v1():
             raise RelayError(404, "Unknown path %s %s." % (
                 self.command, printable(self.path)[:200]), code="unknown_url")
         if allowed is not None and self.command not in allowed:
@@ -1821,7 +2105,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._body_length(config)
         return route, query
 
-    def path_is_under_v1(self):
+    def _path_is_under_v1(self):
         path = urllib.parse.urlsplit(self.path).path
         return path.startswith("/v1/") and path != "/v1/"
 
@@ -1894,7 +2178,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         return bytes(body)
 
     def _read_chunk_size(self):
-        line = self.rfile.readline(MAX_CHUNK_SIZE_LINE_BYTES)
+        line = self.rfile.readline(MAX_HEADER_LINE_BYTES)
         if not line:
             raise ClientDisconnected()
         if not line.endswith(b"\n"):
@@ -1908,7 +2192,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         """Read past the trailer section, which is dropped (RFC 9112
         §7.1.2); every line must end within the line limit."""
         for _ in range(100):
-            line = self.rfile.readline(MAX_CHUNK_SIZE_LINE_BYTES)
+            line = self.rfile.readline(MAX_HEADER_LINE_BYTES)
             if not line.endswith(b"\n"):
                 raise self._bad_chunking()
             if not line.strip():
@@ -1924,7 +2208,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     def _answer_options(self, config):
         """Answer OPTIONS (CORS preflight included) here; never forwarded."""
-        self._discard_body(config)
+        self._drain_body(config)
         headers = [("Allow", CORS_ALLOWED_METHODS)]
         if self._allowed_origin(config) and self._header(
                 "access-control-request-method"):
@@ -1937,7 +2221,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             ]
         self._send_buffered(204, headers, b"")
 
-    def _discard_body(self, config):
+    def _drain_body(self, config):
         if not self._body_read:
             self._read_body(config)
 
@@ -1960,10 +2244,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     def _serve_models(self, config):
         """Answer GET /v1/models: the upstreams' lists plus rule aliases."""
-        self._discard_body(config)
+        self._drain_body(config)
         upstreams = [config.upstreams[name] for name in routed_upstream_names(config)]
         results = fetch_model_lists(self.server.pool, upstreams, lambda upstream:
-                                    upstream_headers(self._client_header_list(),
+                                    upstream_headers(self._request_headers(),
                                                      upstream, config.forward_auth,
                                                      None, self._request_id))
         if len(results) == 1 and isinstance(results[0], RelayError):
@@ -1978,7 +2262,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 result.message for result in results), code="upstream_unreachable")
         self._send_json(200, merge_model_lists(listings, config))
 
-    def _serve_model(self, config, route, query):
+    def _serve_one_model(self, config, route, query):
         """Answer GET /v1/models/{id}: an alias here, other ids upstream."""
         model = urllib.parse.unquote(route[len("/models/"):])
         if model in config.rule_index.exact and model != "default":
@@ -2001,7 +2285,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             data, model_sent = rewrite_body(raw_body, parsed, rule)
             parsed = raw_body = None
             if model is not None or model_sent is not None:
-                self.log_fields["model"] = format_model(model, model_sent)
+                self.log_fields["model"] = format_model_change(model, model_sent)
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("%s body sent (%s): %s", self._request_id,
                              rule.path if rule else "no rule",
@@ -2102,7 +2386,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             last = position == len(chain) - 1
             declared_length = body.length if (
                 body.length or self.command in ("POST", "PUT", "PATCH")) else None
-            headers = upstream_headers(self._client_header_list(), upstream,
+            headers = upstream_headers(self._request_headers(), upstream,
                                        config.forward_auth, declared_length,
                                        self._request_id, chunked=body.chunked)
             try:
@@ -2131,7 +2415,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             return upstream, response, connection, sock
         raise AssertionError("empty upstream chain")  # validate_config forbids
 
-    def _client_header_list(self):
+    def _request_headers(self):
         """Return the client's headers as (name, value) pairs; a body parsed
         as JSON (_parsed_body not None) is labelled application/json whatever
         the client said."""
@@ -2236,7 +2520,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         lines = iter_upstream_lines(response, MAX_SSE_LINE_BYTES)
         last_line = b"\n"
         # The loop runs once per line of every stream: locals, no method calls.
-        tracked, send, chunked = self.tracked, self.connection.sendall, self._chunked
+        tracked, send, chunked = self.tracked, self.connection.sendall, self._chunked_response
         count_tokens = self.server.config.metrics
         while True:
             try:
@@ -2286,7 +2570,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self._send_head(response.status, headers + [
                 ("Content-Length", str(response.length))])
             self.wfile.flush()  # the body goes straight to the socket
-            self._chunked = False
+            self._chunked_response = False
         else:
             self._start_streamed_response(response.status, headers)
         while True:
@@ -2369,8 +2653,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     def _start_streamed_response(self, status, headers):
         """Send the head of a response whose body follows in pieces: chunked
         for HTTP/1.1 clients, close-delimited for HTTP/1.0 ones."""
-        self._chunked = self.request_version >= "HTTP/1.1"
-        if self._chunked:
+        self._chunked_response = self.request_version >= "HTTP/1.1"
+        if self._chunked_response:
             headers = headers + [("Transfer-Encoding", "chunked")]
         else:
             self.close_connection = True  # the end of the body is the close
@@ -2386,10 +2670,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if self.tracked.client_gone:
             raise ClientDisconnected()
         if data:
-            self.connection.sendall(encode_chunk(data) if self._chunked else data)
+            self.connection.sendall(encode_chunk(data) if self._chunked_response else data)
 
     def _finish_chunks(self):
-        if self._chunked:
+        if self._chunked_response:
             self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
@@ -2442,7 +2726,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if not self._in_dispatch:
             self._log_access()
 
-    def _client_gone(self, cause):
+    def _record_disconnect(self, cause):
         self.close_connection = True
         self.log_fields["error"] = (
             "closed by the relay's shutdown" if self.tracked.aborted else cause)
@@ -2475,234 +2759,12 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                     extra={"access": access})
 
 
-_CHUNK_SIZE = re.compile(b"^[0-9A-Fa-f]{1,15}$")
-
-
-def iter_upstream_lines(response, limit):
-    """Yield an upstream response body line by line, as each line arrives.
-
-    Reads with readline on the response's buffered socket file and decodes
-    chunked framing (RFC 9112 §7.1) here: http.client's own readline passes
-    every line through several Python layers and reports a cut-off chunked
-    body as a quiet end.  A line split across chunks is yielded whole; a line
-    longer than limit bytes comes in pieces.  Returns at the framed end of the
-    body; raises http.client.IncompleteRead when the body stops short, and
-    socket.timeout after read_timeout of silence.  A line cut off by a drop
-    is not yielded: it is no event, and a half JSON line would only break
-    the client's parser before the relay's error event.
-    """
-    source = response.fp
-    if not response.chunked:
-        remaining = response.length  # None: the body ends when the upstream closes
-        while remaining is None or remaining > 0:
-            wanted = limit if remaining is None else min(limit, remaining)
-            line = source.readline(wanted)
-            if remaining is not None:
-                remaining -= len(line)
-                if remaining and len(line) < wanted and not line.endswith(b"\n"):
-                    raise http.client.IncompleteRead(line, remaining)  # cut off
-            if not line:
-                return
-            yield line
-        return
-    pending = b""
-    while True:
-        size_line = source.readline(MAX_CHUNK_SIZE_LINE_BYTES)
-        size_text = size_line.split(b";", 1)[0].strip()
-        if not size_line.endswith(b"\n") or not _CHUNK_SIZE.match(size_text):
-            raise http.client.IncompleteRead(pending)
-        left = int(size_text, 16)
-        if not left:
-            break
-        while left:
-            piece = source.readline(min(left, limit - len(pending)))
-            if not piece:
-                raise http.client.IncompleteRead(pending)
-            left -= len(piece)
-            if not pending and piece.endswith(b"\n"):
-                yield piece  # the common case: a whole line in one chunk
-                continue
-            pending += piece
-            if pending.endswith(b"\n") or len(pending) >= limit:
-                yield pending
-                pending = b""
-        if source.readline(3) not in (b"\r\n", b"\n"):
-            raise http.client.IncompleteRead(pending)
-    while True:  # trailer fields, dropped (RFC 9112 §7.1.2)
-        line = source.readline(MAX_CHUNK_SIZE_LINE_BYTES)
-        if not line.endswith(b"\n"):
-            raise http.client.IncompleteRead(pending)
-        if not line.strip():
-            break
-    if pending:
-        yield pending
-
-
-def finish_upstream_response(pool, upstream, response, connection, complete):
-    """Return a connection to the pool after a complete response, else close it.
-
-    complete means the body was read to its framed end by the caller.  The
-    response object is closed first, which marks it done for http.client
-    (the socket stays open with the connection).
-    """
-    reusable = complete and not response.will_close
-    response.close()
-    if reusable:
-        pool.release(upstream, connection)
-    else:
-        connection.close()
-
-
-def upstream_body_complete(response):
-    """Return True when an upstream body ended where its framing says.
-
-    http.client's readline reports a chunked stream that was cut off as a
-    quiet end of file, so look at the framing state instead: chunk_left
-    becomes None only after the last chunk (RFC 9112 §7.1), and length
-    counts the bytes still due.  A close-delimited body always counts.
-    """
-    if response.chunked:
-        return getattr(response, "chunk_left", None) is None
-    return not response.length
-
-
-def read_response_body(response, upstream, max_bytes):
-    """Read a whole upstream body (at most max_bytes); return bytes.
-
-    Raises RelayError 502 when the upstream closes before the end of the
-    body, or when it is larger than max_bytes; 504 on read timeout.
-    """
-    try:
-        if response.length is not None and response.length <= max_bytes:
-            data = response.read()  # exactly Content-Length bytes, or raises
-        else:
-            # Read in blocks: read(n) would allocate all n bytes up front on
-            # CPython 3.9 and older.
-            buffered = bytearray()
-            while len(buffered) <= max_bytes:
-                block = response.read1(COPY_BLOCK_BYTES)
-                if not block:
-                    break
-                buffered += block
-            data = bytes(buffered)
-        if len(data) <= max_bytes and not upstream_body_complete(response):
-            raise http.client.IncompleteRead(data)
-    except http.client.IncompleteRead:
-        raise RelayError(502, "upstream %s (%s) closed the connection before the "
-                         "end of the response body." % (upstream.name, upstream.url),
-                         code="upstream_error", kind="dropped")
-    except Exception as error:
-        raise upstream_failure(upstream, error)
-    if len(data) > max_bytes:
-        raise RelayError(502, "upstream %s response is larger than %d bytes." % (
-            upstream.name, max_bytes), code="upstream_error", kind="invalid")
-    return data
-
-
-def fetch_model_list(pool, upstream, headers):
-    """Return an upstream's GET <url>/models list dict.
-
-    Waits at most MODELS_TIMEOUT_SECONDS of silence, so one hung upstream
-    cannot hold the merged list for read_timeout.  Raises RelayError, or
-    UpstreamAnswer carrying a non-200 (or non-list) answer to relay as it is.
-    """
-    upstream = upstream._replace(read_timeout=min(upstream.read_timeout,
-                                                  MODELS_TIMEOUT_SECONDS))
-    response, connection, _ = send_upstream_request(
-        pool, upstream, "GET", upstream.base_path + "/models", headers,
-        RequestBody())
-    complete = False
-    try:
-        data = read_response_body(response, upstream, MAX_BUFFERED_RESPONSE_BYTES)
-        complete = True
-    finally:
-        finish_upstream_response(pool, upstream, response, connection, complete)
-    listing = None
-    if response.status == 200:
-        try:
-            listing = json.loads(data.decode("utf-8"))
-        except ValueError:
-            pass
-    if not (isinstance(listing, dict) and isinstance(listing.get("data"), list)):
-        raise UpstreamAnswer(response, data, upstream)
-    return listing
-
-
-def fetch_model_lists(pool, upstreams, headers_for):
-    """Fetch several upstreams' model lists at once.
-
-    headers_for(upstream) gives each request's headers.  Returns one result
-    per upstream, in order: the list dict, or the RelayError it failed with.
-    """
-    results = [None] * len(upstreams)
-
-    def fetch(position, upstream):
-        try:
-            results[position] = fetch_model_list(pool, upstream, headers_for(upstream))
-        except RelayError as error:
-            results[position] = error
-    if len(upstreams) == 1:
-        fetch(0, upstreams[0])
-        return results
-    threads = [threading.Thread(target=fetch, args=item)
-               for item in enumerate(upstreams)]
-    for thread in threads:
-        thread.daemon = True
-        thread.start()
-    for thread in threads:
-        thread.join()  # each fetch is bounded by its connect and read timeouts
-    return results
-
-
-def routed_upstream_names(config):
-    """Return the upstream names rules route to, "default" first, each once."""
-    names = [DEFAULT_UPSTREAM_NAME] if DEFAULT_UPSTREAM_NAME in config.upstreams else []
-    for rule in config.rules:
-        for name in rule.upstreams:
-            if name not in names:
-                names.append(name)
-    return names
-
-
-def model_entry(model_id, created, owned_by="llm-relay"):
-    """Return a model object in OpenAI's shape (API reference: Models)."""
-    return {"id": model_id, "object": "model", "created": created,
-            "owned_by": owned_by}
-
-
-def merge_model_lists(listings, config):
-    """Merge upstream /models lists and add each plain-name rule alias.
-
-    listings is a list of {"object": "list", "data": [...]} dicts.  Returns
-    one such dict: every upstream model once (by id, first listing wins),
-    then an entry for each rule match_model that is a plain name, except
-    "default", that the upstreams lack.
-    """
-    merged, seen = [], set()
-    for listing in listings:
-        for entry in listing["data"]:
-            model_id = entry.get("id") if isinstance(entry, dict) else None
-            if model_id is not None and model_id not in seen:
-                seen.add(model_id)
-                merged.append(entry)
-    for rule in config.rules:
-        for name in rule.match_model:
-            if name != "default" and not is_pattern(name) and name not in seen:
-                seen.add(name)
-                merged.append(model_entry(name, config.created))
-    return {"object": "list", "data": merged}
-
-
-def format_model(asked, sent):
-    """Return "asked→sent" for the access log, or just asked when unchanged."""
-    asked = printable(asked)[:MAX_LOGGED_MODEL_CHARS]
-    sent = printable(sent)[:MAX_LOGGED_MODEL_CHARS]
-    return asked if asked == sent else "%s→%s" % (asked, sent)
-
-
 ###############################################################################
 # Server ######################################################################
 ###############################################################################
+
+PHASE_IDLE, PHASE_READING, PHASE_BUSY = "idle", "reading", "busy"
+
 
 class TrackedConnection(object):
     """What the server knows of one client connection, guarded by its lock.
@@ -2951,10 +3013,10 @@ def is_peer_closed(sock):
     except OSError:
         return True
 
-
 _OVERLOADED_BODY = serialize_json(openai_error(
     "The relay is at max_connections; retry shortly.", "server_error",
     "overloaded"))
+
 _OVERLOADED_RESPONSE = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
     b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
@@ -3011,29 +3073,6 @@ def reload_config(server, path):
 # CLI #########################################################################
 ###############################################################################
 
-class JsonLogFormatter(logging.Formatter):
-    """Format each log record as one JSON object per line (log_format "json").
-
-    Access lines carry their fields (client, method, path, status,
-    duration_ms, stream, model, upstream, error, id); other lines a message.
-    """
-
-    def format(self, record):
-        entry = collections.OrderedDict((
-            ("time", time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-             + ".%03dZ" % record.msecs),
-            ("level", record.levelname)))
-        access = getattr(record, "access", None)
-        if access is not None:
-            entry["event"] = "request"
-            entry.update(access)
-        else:
-            entry["message"] = record.getMessage()
-        if record.exc_info:
-            entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
-
-
 def configure_logging(verbose, log_format):
     """Send log records to stderr as text lines or JSON objects."""
     handler = logging.StreamHandler(sys.stderr)
@@ -3044,13 +3083,6 @@ def configure_logging(verbose, log_format):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-
-
-def mask_secret(secret):
-    """Return a key shown safely: only its last 4 characters, if long enough."""
-    if not secret:
-        return "-"
-    return "****" + secret[-4:] if len(secret) >= 16 else "****"
 
 
 def describe_config(config, warnings):
@@ -3200,7 +3232,6 @@ def install_signal_handlers(server, path):
     signal.signal(signal.SIGINT, stop)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, reload)
-
 
 if __name__ == "__main__":
     sys.exit(main())
