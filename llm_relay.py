@@ -108,19 +108,27 @@ SECRET_QUERY_PARAMETER = re.compile(
     r"((?:^|[?&;])[^=&;]*(?:key|token|secret|password|sig)[^=&;]*=)[^&;]*",
     re.IGNORECASE)
 
-# Routing: client path (without the optional /v1 prefix) -> allowed methods.
-# Other paths under /v1 are passed through to the upstream unchanged.
-ENDPOINTS = collections.OrderedDict((
-    ("/health", ("GET", "HEAD")),
-    ("/health/ready", ("GET", "HEAD")),
-    ("/metrics", ("GET",)),
-    ("/models", ("GET",)),
-    ("/chat/completions", ("POST",)),
-    ("/completions", ("POST",)),
+# The relay's own endpoints, one row each.  Other paths under /v1 are passed
+# through to the upstream unchanged (GET /v1/models/{id} may be an alias).
+Route = collections.namedtuple("Route", [
+    "path",       # str: client path without the optional /v1 prefix
+    "methods",    # tuple of str: the methods allowed; others get 405
+    "serve",      # str: the RelayHandler method, (config, route, query)
+    "needs_key",  # bool: False for the probes, which need no api_keys key
+    "under_v1",   # bool: the path lives under /v1 (its metrics label says so)
+])
+ROUTES = collections.OrderedDict((route.path, route) for route in (
+    Route("/health", ("GET", "HEAD"), "_serve_health", False, False),
+    Route("/health/ready", ("GET", "HEAD"), "_serve_readiness", False, False),
+    Route("/metrics", ("GET",), "_serve_metrics", True, False),
+    Route("/models", ("GET",), "_serve_models", True, True),
+    Route("/chat/completions", ("POST",), "_forward", True, True),
+    Route("/completions", ("POST",), "_forward", True, True),
 ))
-
-# Liveness and readiness probes need no key; everything else does.
-UNAUTHENTICATED_PATHS = frozenset(("/health", "/health/ready"))
+ENDPOINTS = collections.OrderedDict(
+    (path, route.methods) for path, route in ROUTES.items())
+UNAUTHENTICATED_PATHS = frozenset(
+    path for path, route in ROUTES.items() if not route.needs_key)
 CORS_ALLOWED_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 
 logger = logging.getLogger("llm_relay")
@@ -319,32 +327,139 @@ RuleIndex = collections.namedtuple("RuleIndex", [
     "default",   # the "default" Rule or None
 ])
 
-Config = collections.namedtuple("Config", [
-    "source",          # str: the file it came from, or "<defaults>"
-    "listen_host",     # str
-    "listen_port",     # int
-    "upstreams",       # OrderedDict: name -> Upstream, "default" first
-    "forward_auth",    # bool
-    "api_keys",        # tuple of bytes: accepted client keys (empty: open)
-    "rules",           # tuple of Rule, in file order
-    "rule_index",      # RuleIndex
-    "max_body_bytes",  # int bytes
-    "max_connections",  # int
-    "client_timeout",  # float seconds
-    "shutdown_grace",  # float seconds
-    "cors_origins",    # frozenset of str ("*" allows any)
-    "metrics",         # bool: serve GET /metrics
-    "log_format",      # "text" or "json"
-    "created",         # int Unix seconds: load time, for alias model entries
-])
 
-TOP_LEVEL_KEYS = (
-    "listen", "upstream", "upstream_api_key", "upstream_ca_file",
-    "upstream_tls_verify", "upstreams", "forward_auth", "api_keys",
-    "model_rules", "max_body_bytes", "max_connections", "client_timeout",
-    "connect_timeout", "read_timeout", "shutdown_grace", "cors_origins",
-    "metrics", "log_format",
+class ConfigKey(collections.namedtuple("ConfigKey", [
+        "name",     # str: the top-level key in the config file
+        "field",    # str or tuple of str: the Config field(s) it fills; None
+                    # when another key's reader uses it (the upstream group)
+        "type",     # str: the Type column of the README's table
+        "default",  # the value when the key is absent
+        "read",     # function(checker, raw, key) -> value, or None
+        "show",     # function(value) -> str for --check-config, or None
+])):
+    """One top-level config key: its check, default and documentation.
+
+    CONFIG_KEYS is the single list of them; validate_config reads the keys
+    in its order (the upstream group before the rules that name upstreams),
+    the Config fields come from it and a test holds both READMEs' tables to
+    it, so adding a key is one row here plus one row in each README.
+    """
+
+
+def _read_listen(checker, raw, key):
+    value = checker.typed(raw, (key.name,), str, "a string", key.default)
+    try:
+        return parse_listen(value)
+    except ValueError as error:
+        raise checker.error((key.name,), str(error))
+
+
+def _read_upstreams(checker, raw, key):
+    return checker.upstreams(raw)
+
+
+def _read_rules(checker, raw, key):
+    upstreams = checker.upstreams(raw)
+    rules = tuple(checker.rule(rule, (key.name, position), upstreams)
+                  for position, rule in enumerate(
+                      checker.typed(raw, (key.name,), list, "a list", key.default)))
+    checker.warn_shadowed_rules(rules)
+    return rules
+
+
+def _read_bool(checker, raw, key):
+    return checker.typed(raw, (key.name,), bool, "true or false", key.default)
+
+
+def _read_api_keys(checker, raw, key):
+    api_keys = checker.string_list(raw, (key.name,), key.default)
+    for position, api_key in enumerate(api_keys):
+        checker.check_key((key.name, position), api_key)
+    return tuple(api_key.encode("utf-8") for api_key in api_keys)
+
+
+def _read_positive_integer(checker, raw, key):
+    return checker.number(raw, (key.name,), key.default, integer=True)
+
+
+def _read_seconds(checker, raw, key):
+    return checker.number(raw, (key.name,), key.default)
+
+
+def _read_seconds_or_zero(checker, raw, key):
+    return checker.number(raw, (key.name,), key.default, minimum=0)
+
+
+def _read_string_set(checker, raw, key):
+    return frozenset(checker.string_list(raw, (key.name,), key.default))
+
+
+def _read_log_format(checker, raw, key):
+    return checker.choice(raw, (key.name,), LOG_FORMATS, key.default)
+
+
+def _show_seconds(value):
+    return "%g s" % value
+
+
+CONFIG_KEYS = (
+    ConfigKey("listen", ("listen_host", "listen_port"), "string", DEFAULT_LISTEN,
+              _read_listen, None),
+    ConfigKey("upstream", None, "string", DEFAULT_UPSTREAM, None, None),
+    ConfigKey("upstream_api_key", None, "string", None, None, None),
+    ConfigKey("upstream_ca_file", None, "string", None, None, None),
+    ConfigKey("upstream_tls_verify", None, "bool", True, None, None),
+    ConfigKey("connect_timeout", None, "seconds",
+              DEFAULT_CONNECT_TIMEOUT_SECONDS, None, None),
+    ConfigKey("read_timeout", None, "seconds", DEFAULT_READ_TIMEOUT_SECONDS,
+              None, None),
+    ConfigKey("upstreams", "upstreams", "object", {}, _read_upstreams, None),
+    ConfigKey("model_rules", "rules", "list of rules", [], _read_rules, None),
+    ConfigKey("forward_auth", "forward_auth", "bool", False, _read_bool,
+              lambda value: str(value).lower()),
+    ConfigKey("api_keys", "api_keys", "list of strings", [], _read_api_keys,
+              lambda keys: ", ".join(mask_secret(key.decode("utf-8"))
+                                     for key in keys) or "none (open)"),
+    ConfigKey("max_body_bytes", "max_body_bytes", "integer",
+              DEFAULT_MAX_BODY_BYTES, _read_positive_integer, str),
+    ConfigKey("max_connections", "max_connections", "integer",
+              DEFAULT_MAX_CONNECTIONS, _read_positive_integer, str),
+    ConfigKey("client_timeout", "client_timeout", "seconds",
+              DEFAULT_CLIENT_TIMEOUT_SECONDS, _read_seconds, _show_seconds),
+    ConfigKey("shutdown_grace", "shutdown_grace", "seconds",
+              DEFAULT_SHUTDOWN_GRACE_SECONDS, _read_seconds_or_zero,
+              _show_seconds),
+    ConfigKey("cors_origins", "cors_origins", "list of strings", [],
+              _read_string_set,
+              lambda origins: ", ".join(sorted(origins)) or "none"),
+    ConfigKey("metrics", "metrics", "bool", True, _read_bool,
+              lambda value: "on" if value else "off"),
+    ConfigKey("log_format", "log_format", "string", "text", _read_log_format,
+              str),
 )
+
+CONFIG_KEY_DEFAULTS = dict((key.name, key.default) for key in CONFIG_KEYS)
+
+TOP_LEVEL_KEYS = tuple(key.name for key in CONFIG_KEYS)
+
+
+def _config_fields():
+    fields = ["source"]
+    for key in CONFIG_KEYS:
+        if isinstance(key.field, tuple):
+            fields.extend(key.field)
+        elif key.field:
+            fields.append(key.field)
+    return fields + ["rule_index", "created"]
+
+
+# The validated config: source (the file it came from, or "<defaults>"), one
+# field per CONFIG_KEYS entry (listen as listen_host str and listen_port int;
+# upstreams an OrderedDict name -> Upstream, "default" first; rules a tuple of
+# Rule; api_keys a tuple of bytes; cors_origins a frozenset, "*" allows any;
+# timeouts float seconds), rule_index (RuleIndex) and created (int Unix
+# seconds: load time, for alias model entries).
+Config = collections.namedtuple("Config", _config_fields())
 
 RULE_KEYS = ("match_model", "unset", "defaults", "set", "extra", "upstream")
 
@@ -426,34 +541,16 @@ def validate_config(raw, source="<config>", text=None, environ=None):
     raw = checker.expand_environment(raw, (), os.environ if environ is None
                                      else environ)
     checker.warn_unknown_keys(raw, (), TOP_LEVEL_KEYS)
-    host, port = checker.listen(raw)
-    upstreams = checker.upstreams(raw)
-    rules = tuple(checker.rule(rule, ("model_rules", position), upstreams)
-                  for position, rule in enumerate(
-                      checker.typed(raw, ("model_rules",), list, "a list", [])))
-    checker.warn_shadowed_rules(rules)
-    api_keys = checker.string_list(raw, ("api_keys",), [])
-    for position, key in enumerate(api_keys):
-        checker.check_key(("api_keys", position), key)
-    config = Config(
-        source=source, listen_host=host, listen_port=port, upstreams=upstreams,
-        forward_auth=checker.typed(raw, ("forward_auth",), bool, "true or false",
-                                   False),
-        api_keys=tuple(key.encode("utf-8") for key in api_keys),
-        rules=rules, rule_index=index_rules(rules),
-        max_body_bytes=checker.number(raw, ("max_body_bytes",),
-                                      DEFAULT_MAX_BODY_BYTES, integer=True),
-        max_connections=checker.number(raw, ("max_connections",),
-                                       DEFAULT_MAX_CONNECTIONS, integer=True),
-        client_timeout=checker.number(raw, ("client_timeout",),
-                                      DEFAULT_CLIENT_TIMEOUT_SECONDS),
-        shutdown_grace=checker.number(raw, ("shutdown_grace",),
-                                      DEFAULT_SHUTDOWN_GRACE_SECONDS, minimum=0),
-        cors_origins=frozenset(checker.string_list(raw, ("cors_origins",), [])),
-        metrics=checker.typed(raw, ("metrics",), bool, "true or false", True),
-        log_format=checker.choice(raw, ("log_format",), LOG_FORMATS, "text"),
-        created=int(time.time()),
-    )
+    values = {"source": source, "created": int(time.time())}
+    for key in CONFIG_KEYS:
+        if key.read is None:
+            continue
+        value = key.read(checker, raw, key)
+        if isinstance(key.field, tuple):
+            values.update(zip(key.field, value))
+        else:
+            values[key.field] = value
+    config = Config(rule_index=index_rules(values["rules"]), **values)
     checker.warnings.extend(security_warnings(config, raw))
     return config, checker.warnings
 
@@ -488,6 +585,8 @@ class _ConfigChecker(object):
         self.source = source
         self.text = text
         self.warnings = []
+        self._upstreams = None
+        self._ssl_context = None
 
     def error(self, path, message, at_key=False):
         line = column = None
@@ -527,19 +626,19 @@ class _ConfigChecker(object):
     def check_key(self, path, key):
         """A key goes into an HTTP header: visible ASCII only.  The message
         never shows the key (a stray CR from an env file is common)."""
-        if not key or not all("!" <= character <= "~" for character in key):
+        if not key or not is_visible_ascii(key):
             raise self.error(path, "a key must be non-empty visible ASCII (no "
                                    "spaces or control characters such as a "
                                    "trailing CR)")
 
     def warn_shadowed_rules(self, rules):
         first_rule = {}
-        for rule in rules:
+        for position, rule in enumerate(rules):
             for name in rule.match_model:
                 if name in first_rule:
                     self.warnings.append(
                         "%s: never applies to %r: %s matches it first" % (
-                            self.where(tuple(_parse_rule_path(rule.path))),
+                            self.where(("model_rules", position)),
                             name, first_rule[name]))
                 else:
                     first_rule[name] = rule.path
@@ -585,30 +684,26 @@ class _ConfigChecker(object):
                 "integer" if integer else "number of seconds"))
         return value if integer else float(value)
 
-    def listen(self, raw):
-        value = self.typed(raw, ("listen",), str, "a string", DEFAULT_LISTEN)
-        try:
-            return parse_listen(value)
-        except ValueError as error:
-            raise self.error(("listen",), str(error))
-
     def upstreams(self, raw):
-        named = self.typed(raw, ("upstreams",), dict, "an object", {})
+        if self._upstreams is not None:
+            return self._upstreams
+        defaults = CONFIG_KEY_DEFAULTS
+        named = self.typed(raw, ("upstreams",), dict, "an object",
+                           defaults["upstreams"])
         default = {
             "url": self.typed(raw, ("upstream",), str, "a string",
-                              DEFAULT_UPSTREAM),
+                              defaults["upstream"]),
             "api_key": raw.get("upstream_api_key"),
             "connect_timeout": raw.get("connect_timeout",
-                                       DEFAULT_CONNECT_TIMEOUT_SECONDS),
-            "read_timeout": raw.get("read_timeout", DEFAULT_READ_TIMEOUT_SECONDS),
+                                       defaults["connect_timeout"]),
+            "read_timeout": raw.get("read_timeout", defaults["read_timeout"]),
         }
-        context = LazyValue(lambda: self.ssl_context(raw))
         if raw.get("upstream_ca_file") is not None:
-            context.get()  # a CA file that cannot be loaded is an error now
+            self.ssl_context(raw)  # a CA file that cannot be loaded is an error now
         upstreams = collections.OrderedDict()
         if DEFAULT_UPSTREAM_NAME not in named or "upstream" in raw:
             upstreams[DEFAULT_UPSTREAM_NAME] = self.upstream(
-                DEFAULT_UPSTREAM_NAME, default, (), context, top_level=True)
+                DEFAULT_UPSTREAM_NAME, default, (), raw, top_level=True)
         for name, spec in named.items():
             path = ("upstreams", name)
             if not isinstance(spec, dict):
@@ -618,10 +713,11 @@ class _ConfigChecker(object):
             merged.update(spec)
             if "url" not in spec:
                 raise self.error(path, "missing \"url\"")
-            upstreams[name] = self.upstream(name, merged, path, context)
+            upstreams[name] = self.upstream(name, merged, path, raw)
+        self._upstreams = upstreams
         return upstreams
 
-    def upstream(self, name, spec, path, context, top_level=False):
+    def upstream(self, name, spec, path, raw, top_level=False):
         url_path = ("upstream",) if top_level else path + ("url",)
         url = spec["url"]
         if not isinstance(url, str):
@@ -641,11 +737,18 @@ class _ConfigChecker(object):
             return self.number(spec, (key,) if top_level else path + (key,), None)
         return Upstream(name, url, scheme, host, port, base_path, api_key or None,
                         timeout("connect_timeout"), timeout("read_timeout"),
-                        context.get() if scheme == "https" else None)
+                        self.ssl_context(raw) if scheme == "https" else None)
 
     def ssl_context(self, raw):
+        """Return the one SSL context of all https upstreams, made on first
+        use: loading the CA store costs time and memory."""
+        if self._ssl_context is None:
+            self._ssl_context = self._make_ssl_context(raw)
+        return self._ssl_context
+
+    def _make_ssl_context(self, raw):
         verify = self.typed(raw, ("upstream_tls_verify",), bool, "true or false",
-                            True)
+                            CONFIG_KEY_DEFAULTS["upstream_tls_verify"])
         ca_file = self.typed(raw, ("upstream_ca_file",), str, "a PEM file path",
                              None)
         try:
@@ -690,26 +793,6 @@ class _ConfigChecker(object):
                         name, ", ".join(sorted(upstreams))))
         return Rule(format_path(path), tuple(names), tuple(unset), objects[0],
                     objects[1], objects[2], tuple(chain))
-
-
-class LazyValue(object):
-    """A value computed on first use (an SSL context loads the CA store)."""
-
-    def __init__(self, compute):
-        self._compute = compute
-        self._done = False
-        self._value = None
-
-    def get(self):
-        if not self._done:
-            self._value, self._done = self._compute(), True
-        return self._value
-
-
-def _parse_rule_path(text):
-    """Turn "model_rules[3]" back into ("model_rules", 3)."""
-    name, _, index = text.rstrip("]").partition("[")
-    return (name, int(index))
 
 
 def parse_listen(value):
@@ -912,6 +995,15 @@ def _parse_finite_float(text):
     return value
 
 
+_VISIBLE_ASCII = re.compile(r"[!-~]*")
+
+
+def is_visible_ascii(text):
+    """Return True when text is only visible ASCII, "!" to "~" (no space or
+    control character): what header values and request targets may hold."""
+    return _VISIBLE_ASCII.fullmatch(text) is not None
+
+
 def new_request_id():
     """Return a new random request id: 32 hex digits (what uuid4().hex has,
     without building a UUID object per request)."""
@@ -920,8 +1012,7 @@ def new_request_id():
 
 def sanitize_request_id(value):
     """Return a client X-Request-Id if usable (printable ASCII), else None."""
-    if value and len(value) <= MAX_REQUEST_ID_CHARS and all(
-            "!" <= character <= "~" for character in value):
+    if value and len(value) <= MAX_REQUEST_ID_CHARS and is_visible_ascii(value):
         return value
     return None
 
@@ -951,7 +1042,7 @@ def split_route(target):
     "/chat/completions".  Raises RelayError(400) for a target that is not a
     path or whose path has "." or ".." segments, raw or percent-encoded.
     """
-    if not all("!" <= character <= "~" for character in target):
+    if not is_visible_ascii(target):
         raise RelayError(400, "The request target must be visible ASCII; "
                               "percent-encode other characters.",
                          code="invalid_path")
@@ -1066,14 +1157,20 @@ def client_headers(response_headers, request_id):
     return relayed
 
 
+def media_type(content_type):
+    """Return the lowercase media type of a Content-Type value ("" if none),
+    without its parameters (RFC 9110 §8.3.1)."""
+    return (content_type or "").split(";")[0].strip().lower()
+
+
 def is_event_stream(content_type):
     """Return True for a text/event-stream Content-Type (WHATWG HTML SSE)."""
-    return (content_type or "").split(";")[0].strip().lower() == "text/event-stream"
+    return media_type(content_type) == "text/event-stream"
 
 
 def is_streamed_body_type(content_type):
     """Return True for request bodies relayed unread: uploads and binary."""
-    media = (content_type or "").split(";")[0].strip().lower()
+    media = media_type(content_type)
     return media.startswith(("multipart/", "audio/", "image/", "video/")) or \
         media == "application/octet-stream"
 
@@ -1082,13 +1179,13 @@ def may_be_untyped_json(content_type):
     """Return True for Content-Types under which clients send JSON by
     mistake: none, form encoding (curl -d) and text/plain (a browser's fetch
     with a string body)."""
-    media = (content_type or "").split(";")[0].strip().lower()
+    media = media_type(content_type)
     return media in ("", "application/x-www-form-urlencoded", "text/plain")
 
 
 def is_json_type(content_type):
     """Return True for application/json and application/*+json types."""
-    media = (content_type or "").split(";")[0].strip().lower()
+    media = media_type(content_type)
     return media == "application/json" or (
         media.startswith("application/") and media.endswith("+json"))
 
@@ -1646,13 +1743,15 @@ def prometheus_label(value):
         '"', '\\"')
 
 
-def metrics_path(route, known):
-    """Return the bounded path label for a request: known endpoints as
-    /v1/..., other /v1 paths by their first segment, else "other"."""
+def metrics_path(route):
+    """Return the bounded path label for a request: the relay's endpoints as
+    clients spell them (/health, /v1/models), other /v1 paths by their first
+    segment, else "other"."""
     if route is None:
         return "other"
-    if known:
-        return route if route.startswith(("/health", "/metrics")) else "/v1" + route
+    endpoint = ROUTES.get(route)
+    if endpoint is not None:
+        return "/v1" + route if endpoint.under_v1 else route
     first = route.split("/")[1] if route.count("/") else ""
     return "/v1/" + first + ("/*" if route.count("/") > 1 else "") if first else "other"
 
@@ -2049,7 +2148,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self.server.watch_upstream(self.tracked, None)
             self._log_access()
             self.server.metrics.request_finished(
-                metrics_path(self._route, self._route in ENDPOINTS),
+                metrics_path(self._route),
                 self._status or 0, self._model_asked,
                 time.monotonic() - self._started)
 
@@ -2064,14 +2163,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self.server.mark_busy(self.tracked)
         if self.command == "OPTIONS":
             return self._answer_options(config)
-        if route == "/health":
-            return self._send_json(200, {"status": "ok"})
-        if route == "/health/ready":
-            return self._serve_readiness(config)
-        if route == "/metrics":
-            return self._serve_metrics(config)
-        if route == "/models" and self.command == "GET":
-            return self._serve_models(config)
+        endpoint = ROUTES.get(route)  # _precheck allowed its method
+        if endpoint is not None:
+            return getattr(self, endpoint.serve)(config, route, query)
         if route.startswith("/models/") and self.command == "GET":
             return self._serve_one_model(config, route, query)
         return self._forward(config, route, query)
@@ -2225,7 +2319,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if not self._body_read:
             self._read_body(config)
 
-    def _serve_readiness(self, config):
+    def _serve_health(self, config, route, query):
+        self._send_json(200, {"status": "ok"})
+
+    def _serve_readiness(self, config, route, query):
         """Answer GET /health/ready: 200 when every upstream answers /models."""
         results = check_readiness(config)
         failing = sorted(name for name, reason in results.items() if reason)
@@ -2234,7 +2331,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             "upstreams": dict((name, reason or "ok") for name, reason in results.items()),
             "failing": failing})
 
-    def _serve_metrics(self, config):
+    def _serve_metrics(self, config, route, query):
         """Answer GET /metrics in the Prometheus text format 0.0.4."""
         if not config.metrics:
             raise RelayError(404, "Metrics are turned off (\"metrics\": false).",
@@ -2242,7 +2339,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._send_buffered(200, [("Content-Type", "text/plain; version=0.0.4; "
                                    "charset=utf-8")], self.server.metrics.render())
 
-    def _serve_models(self, config):
+    def _serve_models(self, config, route, query):
         """Answer GET /v1/models: the upstreams' lists plus rule aliases."""
         self._drain_body(config)
         upstreams = [config.upstreams[name] for name in routed_upstream_names(config)]
@@ -2719,8 +2816,6 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         """Answer http.server's own errors (bad request line, long headers,
         unknown method) as OpenAI-shaped JSON, not HTML."""
         self.close_connection = True
-        if not hasattr(self, "log_fields"):
-            self._reset_request_state()
         phrase = message or self.responses.get(code, ("Error",))[0]
         self._send_relay_error(RelayError(code, phrase, code=None))
         if not self._in_dispatch:
@@ -3096,18 +3191,9 @@ def describe_config(config, warnings):
                                              mask_secret(upstream.api_key),
                                              upstream.connect_timeout,
                                              upstream.read_timeout))
-    lines += [
-        "forward_auth: %s" % str(config.forward_auth).lower(),
-        "api_keys: %s" % (", ".join(mask_secret(key.decode("utf-8"))
-                                    for key in config.api_keys) or "none (open)"),
-        "max_body_bytes: %d" % config.max_body_bytes,
-        "max_connections: %d" % config.max_connections,
-        "client_timeout: %g s" % config.client_timeout,
-        "shutdown_grace: %g s" % config.shutdown_grace,
-        "cors_origins: %s" % (", ".join(sorted(config.cors_origins)) or "none"),
-        "metrics: %s" % ("on" if config.metrics else "off"),
-        "log_format: %s" % config.log_format,
-        "rules: %d" % len(config.rules)]
+    lines += ["%s: %s" % (key.name, key.show(getattr(config, key.field)))
+              for key in CONFIG_KEYS if key.show is not None]
+    lines.append("rules: %d" % len(config.rules))
     rows = [("#", "match_model", "upstream", "unset", "defaults", "set", "extra")]
     for position, rule in enumerate(config.rules):
         rows.append((str(position), ", ".join(rule.match_model),

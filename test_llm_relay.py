@@ -9,6 +9,7 @@ wait has a timeout so a failure cannot hang the run.  Runs on CPython 3.6+;
 the tests with the official openai package are skipped where it is missing.
 """
 
+import collections
 import gzip
 import http.client
 import http.server
@@ -16,7 +17,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import signal
 import socket
@@ -2519,6 +2519,44 @@ def readme_code_blocks(after):
     return [block.split("\n", 1)[1] for block in text.split("```")[1::2]]
 
 
+README_NAMES = ("README.md", "README.zh-CN.md")
+
+
+def readme_section(name, heading):
+    """Return the text of a README's "## " section whose heading contains
+    heading (the Chinese one keeps the English words in parentheses); an
+    empty heading gives the whole file."""
+    with open(os.path.join(HERE, name), encoding="utf-8") as handle:
+        text = handle.read()
+    if not heading:
+        return text
+    for section in text.split("\n## ")[1:]:
+        if heading in section.split("\n", 1)[0]:
+            return section
+    raise AssertionError("%s has no section %r" % (name, heading))
+
+
+def readme_table(name, heading):
+    """Return the first table of a README section as key -> its other cells,
+    for rows whose first cell is a `key`."""
+    rows = collections.OrderedDict()
+    for line in readme_section(name, heading).splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and cells[0].endswith("`"):
+            rows[cells[0].strip("`")] = cells[1:]
+        elif rows and not line.startswith("|"):
+            break
+    return rows
+
+
+def readme_default(value, name):
+    """Return how a README's Default column starts for a config default."""
+    if value is None:
+        return "none" if name == "README.md" else "\u65e0"  # wu: none
+    return "`%s`" % ("%g" % value if isinstance(value, float)
+                     else json.dumps(value))
+
+
 class ReadmeTest(unittest.TestCase):
 
     def test_rule_example_gives_the_documented_body(self):
@@ -2532,12 +2570,34 @@ class ReadmeTest(unittest.TestCase):
                                                                body["model"]))
         self.assertEqual(data.decode(), upstream_body.strip())
 
-    def test_every_config_key_is_documented(self):
-        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as handle:
-            text = handle.read()
-        for key in llm_relay.TOP_LEVEL_KEYS + llm_relay.RULE_KEYS + \
-                llm_relay.UPSTREAM_KEYS:
-            self.assertTrue("`%s`" % key in text, "README lacks `%s`" % key)
+    def test_both_readmes_document_exactly_the_config_keys(self):
+        for name in README_NAMES:
+            with self.subTest(readme=name):
+                rows = readme_table(name, "Configuration")
+                self.assertEqual(sorted(rows), sorted(llm_relay.TOP_LEVEL_KEYS),
+                                 "%s's configuration table" % name)
+                for key in llm_relay.CONFIG_KEYS:
+                    shown = readme_default(key.default, name)
+                    self.assertTrue(rows[key.name][1].startswith(shown), "%s: "
+                                    "default of %s is %s, not %s" % (
+                                        name, key.name, rows[key.name][1], shown))
+                    if name == "README.md":
+                        self.assertEqual(rows[key.name][0], key.type,
+                                         "README.md: type of %s" % key.name)
+
+    def test_both_readmes_document_exactly_the_rule_and_upstream_keys(self):
+        for name in README_NAMES:
+            with self.subTest(readme=name):
+                self.assertEqual(sorted(readme_table(name, "Rules")),
+                                 sorted(llm_relay.RULE_KEYS))
+                section = readme_section(name, "Several upstreams")
+                for key in llm_relay.UPSTREAM_KEYS:
+                    self.assertIn("`%s`" % key, section, "%s: upstreams' %s" % (
+                        name, key))
+
+    def test_the_readmes_link_each_other(self):
+        self.assertIn("README.zh-CN.md", readme_section("README.md", ""))
+        self.assertIn("README.md", readme_section("README.zh-CN.md", ""))
 
     def test_several_upstreams_example_is_a_valid_config(self):
         example = readme_code_blocks("## Several upstreams")[0]
@@ -2917,23 +2977,6 @@ class AttackRegressionTest(RelayTestCase):
 def wait_readable(sock, timeout):
     import select
     return bool(select.select([sock], [], [], timeout)[0])
-
-
-class ChineseReadmeTest(unittest.TestCase):
-
-    def test_both_readmes_document_the_same_config_keys(self):
-        key_pattern = re.compile(r"`([a-z_]+)`")
-        texts = []
-        for name in ("README.md", "README.zh-CN.md"):
-            with open(os.path.join(HERE, name), encoding="utf-8") as handle:
-                texts.append(handle.read())
-        known = set(llm_relay.TOP_LEVEL_KEYS + llm_relay.RULE_KEYS +
-                    llm_relay.UPSTREAM_KEYS)
-        english, chinese = [known & set(key_pattern.findall(text)) for text in texts]
-        self.assertEqual(english, known)
-        self.assertEqual(chinese, english)
-        self.assertIn("README.zh-CN.md", texts[0])
-        self.assertIn("README.md", texts[1])
 
 
 class SecondReviewRegressionTest(RelayTestCase):
