@@ -1,55 +1,81 @@
 #!/usr/bin/env python3
-"""Benchmark llm_relay.py: the same loads sent direct to a fake upstream and
-through the relay, side by side, with the relay's targets marked PASS or MISS.
+"""Benchmark llm_relay.py: the same loads sent direct to a fake upstream,
+through nginx (a reference reverse proxy, when installed) and through the
+relay, side by side in one run, with the relay's targets marked PASS or MISS.
 
 Usage:
-    python3 bench_llm_relay.py            # full run, under a minute
-    python3 bench_llm_relay.py --quick    # smaller loads, under 15 s
+    python3 bench_llm_relay.py            # full run, about four minutes
+    python3 bench_llm_relay.py --quick    # smaller loads, about a minute
     python3 bench_llm_relay.py --json     # one JSON object instead of the table
     python3 bench_llm_relay.py --relay path/to/llm_relay.py
+    python3 bench_llm_relay.py --relay-cpus 0   # the relay pinned (taskset -c 0)
+    python3 bench_llm_relay.py --start module   # python3 -m llm_relay (bytecode)
+    python3 bench_llm_relay.py --no-nginx
 
-Three processes, so that none shares a GIL with another:
+Processes, so that none shares a GIL with another:
   * the fake upstream: this script with --serve-upstream, an asyncio
     HTTP/1.1 keep-alive server.  POST /v1/chat/completions answers a small
     chat.completion JSON (Content-Length), or, when the body has
-    "stream": true, a chunked text/event-stream of N events, each carrying
-    the time.monotonic() at which it was written ("t"); GET /v1/models too.
+    "stream": true, a chunked text/event-stream: its head at once, then
+    after bench_prefill seconds N events, each carrying the time.monotonic()
+    at which it was written ("t"); GET /v1/models too.
   * the relay: `sys.executable llm_relay.py --config TMPFILE`, listening on a
     free 127.0.0.1 port, with one model rule that applies to every request
     (so each body is parsed, rewritten and serialized, as in real use).  Its
     memory and CPU come from /proc/PID/status and /proc/PID/stat.
+  * nginx, when installed (apt-get install nginx-light): one process,
+    proxy_buffering off, proxy_request_buffering off, keep-alive upstream
+    connections, an access log, started on a free 127.0.0.1 port from a
+    temporary config and stopped at the end.  Its figures are the "nginx"
+    column; "vs nginx" is relay / nginx.
+  * wrk, when installed (apt-get install wrk), for request throughput
+    (one thread); otherwise this script's own client.
   * this process: the load-generating client (a blocking socket at
-    concurrency 1, asyncio streams for concurrent loads), keep-alive.
+    concurrency 1, asyncio for concurrent loads), keep-alive.
 
-Figures ("direct" = client -> upstream, "relay" = client -> relay -> upstream;
-ratio = relay / direct; added = relay - direct, percentile by percentile):
+Figures ("direct" = client -> upstream; "vs direct" = relay / direct;
+"added" = relay - direct and "nginx added" = nginx - direct, percentile by
+percentile):
   startup               spawn of the relay process until the first 200 from
                         GET /health (median of several spawns).
   idle RSS              relay VmRSS after startup and a few warm-up requests.
-  latency c=N pXX       one non-streamed chat completion, request written to
-                        response read, N keep-alive connections in parallel.
-  throughput c=32       completed requests per second with 32 connections.
-  relay CPU/request     relay utime+stime over the c=32 run / its requests.
-  stream S: TTFE        request written to first SSE event read (S streams).
-  stream S: event delay arrival time at the client minus the upstream's send
-                        time embedded in the event (same CLOCK_MONOTONIC).
-  event mismatches      events not byte-identical to what the upstream sent,
-                        plus missing events (rebuilt from their stamp).
   20 MB body            a chat request with a base64 image, send to response
                         (first request, and median of several); the upstream
                         reports length and CRC-32 of what arrived, checked here.
   20 MB RSS growth      relay VmHWM after the first 20 MB request minus VmRSS
                         before it (peak reset through /proc/PID/clear_refs).
+  latency c=1 pXX       one non-streamed chat completion on one keep-alive
+                        connection, request written to response read; the
+                        median over rounds (3) interleaving the peers.
+  CPU per request c=1   the proxy's utime+stime over those requests / count.
+  throughput c=N        requests per second with N keep-alive connections
+                        (wrk -t1 when installed), median of 3 rounds; CPU per
+                        request from the c=32 runs.
+  stream S: TTFE        request written to first SSE event read (S streams).
+  stream S: event delay arrival time at the client minus the upstream's send
+                        time embedded in the event (same CLOCK_MONOTONIC).
+  events not identical  events not byte-identical to what the upstream sent,
+                        plus missing events (rebuilt from their stamp).
+  load: ...             the load users have: load_streams concurrent streams,
+                        each load_tokens_per_stream token events at
+                        load_tokens_per_second after load_prefill seconds,
+                        then the next stream on the same connection, plus
+                        load_calls_per_second short non-streamed calls, for
+                        load_seconds (default 200 streams at 60 tokens/s,
+                        200 ms to first token, 50 calls/s, 20 s): per-token
+                        delay p50/p99/p99.9, time to first token, short-call
+                        latency, the proxy's CPU in cores and per token event.
   RSS per open stream   (relay VmRSS with 500 slow streams open - before) / 500.
-  relay CPU per event   relay utime+stime over the 100-stream run / its events.
 
-The header shows the relay's sha256, the load average before the run and a
-pure-Python calibration time, to tell a slower machine from a slower relay.
+The header shows the relay's sha256, the load average before and after the
+run and a pure-Python calibration time, to tell a slower or busier machine
+from a slower relay.
 
 Loads go only to 127.0.0.1, are bounded in count and time, and every child
 process is stopped on exit.  Exit status: 0 when the benchmark ran (missed
-targets included: it is a report), 1 when relayed bytes differed, 2 when the
-benchmark itself failed.  Standard library only; Python 3.6+; Linux (/proc).
+targets included: it is a report), 1 when relayed bytes differed or calls
+failed, 2 when the benchmark itself failed.  Standard library only; Python
+3.6+; Linux (/proc).
 """
 
 import argparse
@@ -61,6 +87,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -89,8 +116,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = {
     "full": {
         "startup_runs": 5,
+        "rounds": 3,  # c=1 latency and throughput: median of this many rounds
         "c1_requests": 2000,
-        "c32_seconds": 3.0,
+        "throughput_seconds": 2.0,
         "single_stream_runs": 5,
         "single_stream_events": 200,
         "single_stream_interval": 0.002,
@@ -99,11 +127,18 @@ MODES = {
         "stream_interval": 0.02,
         "big_body_runs": 3,
         "open_streams": 500,
+        "load_streams": 200,
+        "load_tokens_per_second": 60.0,
+        "load_prefill": 0.2,
+        "load_tokens_per_stream": 256,
+        "load_calls_per_second": 50.0,
+        "load_seconds": 20.0,
     },
     "quick": {
         "startup_runs": 2,
+        "rounds": 3,
         "c1_requests": 300,
-        "c32_seconds": 0.8,
+        "throughput_seconds": 1.0,
         "single_stream_runs": 2,
         "single_stream_events": 50,
         "single_stream_interval": 0.002,
@@ -112,6 +147,12 @@ MODES = {
         "stream_interval": 0.02,
         "big_body_runs": 3,
         "open_streams": 500,
+        "load_streams": 200,
+        "load_tokens_per_second": 60.0,
+        "load_prefill": 0.2,
+        "load_tokens_per_stream": 120,
+        "load_calls_per_second": 50.0,
+        "load_seconds": 4.0,
     },
 }
 
@@ -161,9 +202,10 @@ def request_body(**extra):
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def stream_body(stream_id, events, interval):
+def stream_body(stream_id, events, interval, prefill=0.0):
     return request_body(stream=True, bench_stream_id=stream_id,
-                        bench_events=events, bench_interval=interval)
+                        bench_events=events, bench_interval=interval,
+                        bench_prefill=prefill)
 
 
 def http_request(port, body, path=b"/v1/chat/completions"):
@@ -247,14 +289,16 @@ async def upstream_answer(writer, method, target, body):
 
 
 async def upstream_stream(writer, request):
-    """Send bench_events events, bench_interval seconds apart, each stamped
-    with time.monotonic() just before it is written."""
+    """Send the head, wait bench_prefill seconds (the model reading the
+    prompt), then send bench_events events, bench_interval seconds apart,
+    each stamped with time.monotonic() just before it is written."""
     stream_id = int(request.get("bench_stream_id", 0))
     events = int(request.get("bench_events", 10))
     interval = float(request.get("bench_interval", 0.01))
+    prefill = float(request.get("bench_prefill", 0.0))
     loop = asyncio.get_event_loop()
     writer.write(SSE_HEAD)
-    start = loop.time()
+    start = loop.time() + prefill
     for index in range(events):
         delay = start + index * interval - loop.time()
         if delay > 0:
@@ -293,8 +337,13 @@ def _die_with_parent():
         _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def spawn(argv, **kwargs):
-    process = subprocess.Popen(argv, preexec_fn=_die_with_parent, **kwargs)
+def spawn(argv, cpus=None, **kwargs):
+    """Start a child that dies with this process; cpus: pin it (taskset)."""
+    def prepare():
+        _die_with_parent()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+    process = subprocess.Popen(argv, preexec_fn=prepare, **kwargs)
     _CHILDREN.append(process)
     return process
 
@@ -351,6 +400,20 @@ def write_relay_config(workdir, port, upstream_port):
     return path
 
 
+RELAY_START = {"cpus": None, "module": False}  # set from the command line
+
+
+def relay_command(relay_path, config):
+    """The relay's command line: the script, or its module from bytecode
+    compiled here first (as the README's deployments start it)."""
+    if not RELAY_START["module"]:
+        return [sys.executable, relay_path, "--config", config]
+    import py_compile
+    py_compile.compile(relay_path, doraise=True)
+    module = os.path.splitext(os.path.basename(relay_path))[0]
+    return [sys.executable, "-m", module, "--config", config]
+
+
 class Relay(object):
     """A relay subprocess on a free port; startup is spawn to first /health."""
 
@@ -361,12 +424,15 @@ class Relay(object):
             self.log_path = os.path.join(workdir, "relay-%d.log" % self.port)
             with open(self.log_path, "wb") as log:
                 started = time.perf_counter()
-                self.process = spawn([sys.executable, relay_path, "--config", config],
+                self.process = spawn(relay_command(relay_path, config),
                                      stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=log)
+                                     stdout=subprocess.DEVNULL, stderr=log,
+                                     cwd=os.path.dirname(relay_path),
+                                     cpus=RELAY_START["cpus"])
             if wait_health(self.port, self.process, timeout=10.0):
                 self.startup = time.perf_counter() - started
                 self.pid = self.process.pid
+                self.name = "relay"
                 return
             stop(self.process)  # the port was taken meanwhile: try another
         raise BenchError("the relay did not start; its log:\n" + self.log_tail())
@@ -377,6 +443,87 @@ class Relay(object):
 
     def stop(self, graceful=True):
         stop(self.process, graceful)
+
+
+class Peer(object):
+    """Something the loads are sent to: name, port and the pid whose CPU is
+    counted (None: not counted)."""
+
+    def __init__(self, name, port, pid=None):
+        self.name, self.port, self.pid = name, port, pid
+
+
+NGINX_CONFIG = """# bench_llm_relay.py: nginx as a reference reverse proxy
+worker_processes 1;
+master_process off;
+daemon off;
+pid %(dir)s/nginx.pid;
+error_log %(dir)s/nginx-error.log warn;
+worker_rlimit_nofile 8192;
+events { worker_connections 4096; }
+http {
+    access_log %(dir)s/nginx-access.log;
+    client_body_temp_path %(dir)s/nginx-body;
+    proxy_temp_path %(dir)s/nginx-proxy;
+    fastcgi_temp_path %(dir)s/nginx-fastcgi;
+    uwsgi_temp_path %(dir)s/nginx-uwsgi;
+    scgi_temp_path %(dir)s/nginx-scgi;
+    client_max_body_size 64m;
+    keepalive_requests 1000000;
+    upstream fake {
+        server %(host)s:%(upstream_port)d;
+        keepalive 256;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen %(host)s:%(port)d;
+        location / {
+            proxy_pass http://fake;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 600s;
+        }
+    }
+}
+"""
+
+
+def find_program(name):
+    """Path of an installed program (also in sbin, where nginx lives), or None."""
+    for directory in os.environ.get("PATH", "").split(os.pathsep) + [
+            "/usr/sbin", "/usr/local/sbin", "/sbin"]:
+        path = os.path.join(directory, name)
+        if directory and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def start_nginx(upstream_port, workdir):
+    """nginx (one process, proxy_buffering off, keep-alive upstream) on a free
+    port; return its Peer, or None when nginx is not installed."""
+    program = find_program("nginx")
+    if program is None:
+        return None
+    port = free_port()
+    config = os.path.join(workdir, "nginx.conf")
+    with open(config, "w") as handle:
+        handle.write(NGINX_CONFIG % {"dir": workdir, "host": HOST, "port": port,
+                                     "upstream_port": upstream_port})
+    log = open(os.path.join(workdir, "nginx-stderr.log"), "wb")
+    process = spawn([program, "-p", workdir, "-c", config], stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=log)
+    log.close()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            socket.create_connection((HOST, port), timeout=1.0).close()
+            return Peer("nginx", port, process.pid)
+        except OSError:
+            time.sleep(0.01)
+    stop(process)
+    raise BenchError("nginx did not start; see %s" % config)
 
 
 def get_health(port):
@@ -739,6 +886,202 @@ async def hold_streams(port, count, measure):
 
 
 ###############################################################################
+# Client: the realistic load (asyncio protocols) ##############################
+###############################################################################
+
+class ResponseProtocol(asyncio.Protocol):
+    """One keep-alive connection carrying requests one after another.
+
+    Responses are decoded incrementally in data_received (cheaper than
+    streams at thousands of events per second): a Content-Length body
+    completes the request's future with (status, body); a chunked SSE body
+    feeds each event, stamped with its arrival time, to a StreamResult."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.transport = None
+        self.buffer = bytearray()
+        self.state = "idle"
+        self.need = 0
+        self.status = None
+        self.result = None
+        self.pending = b""
+        self.sent = 0.0
+        self.done = None
+
+    def connection_made(self, transport):
+        transport.get_extra_info("socket").setsockopt(
+            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport = transport
+
+    def connection_lost(self, error):
+        if self.done is not None and not self.done.done():
+            self.done.set_exception(BenchError("connection closed mid-response"))
+
+    def request(self, raw, result=None):
+        """Send raw; return a future of (status, body), or of result (a
+        StreamResult) once its stream has ended."""
+        self.result, self.pending, self.state = result, b"", "head"
+        self.done = self.loop.create_future()
+        self.sent = time.monotonic()
+        self.transport.write(raw)
+        return self.done
+
+    def _finish(self, value):
+        self.state = "idle"
+        if not self.done.done():
+            self.done.set_result(value)
+
+    def data_received(self, data):
+        arrived = time.monotonic()
+        buffer = self.buffer
+        buffer += data
+        while True:
+            if self.state == "size":
+                end = buffer.find(b"\r\n")
+                if end < 0:
+                    return
+                self.need = int(bytes(buffer[:end]).split(b";", 1)[0], 16)
+                del buffer[:end + 2]
+                self.state = "chunk" if self.need else "trailer"
+            elif self.state == "chunk":
+                if len(buffer) < self.need + 2:
+                    return
+                self._events(bytes(buffer[:self.need]), arrived)
+                del buffer[:self.need + 2]
+                self.state = "size"
+            elif self.state == "head":
+                end = buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                head = bytes(buffer[:end])
+                del buffer[:end + 4]
+                self.status = status_of(head)
+                chunked = (header_value(head, b"transfer-encoding") or b"").lower()
+                if self.result is not None and (
+                        self.status != 200 or chunked != b"chunked"):
+                    self.done.set_exception(BenchError(
+                        "unexpected stream head: %r" % head[:300]))
+                    self.transport.close()
+                    return
+                if chunked == b"chunked":
+                    self.state = "size"
+                else:
+                    self.need = int(header_value(head, b"content-length") or 0)
+                    self.state = "body"
+            elif self.state == "body":
+                if len(buffer) < self.need:
+                    return
+                body = bytes(buffer[:self.need])
+                del buffer[:self.need]
+                self._finish((self.status, body))
+            elif self.state == "trailer":
+                end = buffer.find(b"\r\n")
+                if end < 0:
+                    return
+                del buffer[:end + 2]
+                if end == 0:
+                    if self.pending:
+                        self.result.mismatches += 1
+                    self._finish(self.result)
+            else:
+                return  # bytes nobody asked for: the next request reports them
+
+    def _events(self, data, arrived):
+        if self.result is None:
+            return
+        pending = self.pending + data
+        end = pending.find(b"\n\n")
+        while end >= 0:
+            self.result.add(pending[:end + 2], arrived, self.sent)
+            pending = pending[end + 2:]
+            end = pending.find(b"\n\n")
+        self.pending = pending
+
+
+class LoadResult(object):
+    """What the realistic load saw: stream results, call latencies (s), the
+    peer's CPU seconds and the wall time of the load."""
+
+    def __init__(self):
+        self.streams = []
+        self.calls = []
+        self.call_errors = 0
+        self.cpu = None
+        self.wall = 0.0
+
+
+async def realistic_load(port, mode):
+    """load_streams concurrent streams (each load_tokens_per_stream events at
+    load_tokens_per_second after load_prefill, then the next on the same
+    connection) plus load_calls_per_second short non-streamed calls, for
+    load_seconds; return a LoadResult (cpu left for the caller)."""
+    loop = asyncio.get_event_loop()
+    result = LoadResult()
+    rate = mode["load_tokens_per_second"]
+    prefill = mode["load_prefill"]
+    started = loop.time()
+    deadline = started + mode["load_seconds"]
+    # Streams start spread over the time of one stream, as users arrive.
+    spread = min(mode["load_tokens_per_stream"] / rate, mode["load_seconds"] / 4.0)
+
+    async def stream_slot(slot):
+        await asyncio.sleep(spread * slot / mode["load_streams"])
+        _, protocol = await loop.create_connection(
+            lambda: ResponseProtocol(loop), HOST, port)
+        try:
+            for number in range(1000000):
+                events = min(mode["load_tokens_per_stream"],
+                             int((deadline - loop.time() - prefill) * rate))
+                if events < 1:
+                    break
+                stream_id = slot * 10000 + number
+                result.streams.append(await protocol.request(
+                    http_request(port, stream_body(stream_id, events, 1.0 / rate,
+                                                   prefill)),
+                    StreamResult(stream_id, events)))
+        finally:
+            protocol.transport.close()
+
+    idle = []
+
+    async def one_call():
+        if idle:
+            protocol = idle.pop()
+        else:
+            _, protocol = await loop.create_connection(
+                lambda: ResponseProtocol(loop), HOST, port)
+        call_started = time.perf_counter()
+        status, _ = await protocol.request(http_request(port, request_body()))
+        if status == 200:
+            result.calls.append(time.perf_counter() - call_started)
+        else:
+            result.call_errors += 1
+        idle.append(protocol)
+
+    async def calls():
+        interval = 1.0 / mode["load_calls_per_second"]
+        tasks = []
+        for number in range(10 ** 7):
+            at = started + number * interval
+            if at >= deadline:
+                break
+            if at > loop.time():
+                await asyncio.sleep(at - loop.time())
+            tasks.append(asyncio.ensure_future(one_call()))
+        await asyncio.gather(*tasks)
+        for protocol in idle:
+            protocol.transport.close()
+
+    await asyncio.gather(calls(), *[stream_slot(slot)
+                                    for slot in range(mode["load_streams"])])
+    result.wall = loop.time() - started
+    for stream in result.streams:
+        stream.finish()
+    return result
+
+
+###############################################################################
 # Measurements ################################################################
 ###############################################################################
 
@@ -761,19 +1104,53 @@ class Report(object):
             self.section_seconds[name] = round(time.perf_counter() - started, 2)
 
     def figure(self, key, label, unit, relay, direct=None, target=None,
-               passed=None, scale=1.0):
+               passed=None, scale=1.0, nginx=None):
         """Add one figure.  Values are in base units (s, bytes...) and are
         multiplied by scale for display in unit; target is a text and passed
-        True, False or None (no target)."""
+        True, False or None (no target).  "vs direct" and "vs nginx" are
+        relay / direct and relay / nginx; "added" is relay - direct."""
         shown = (lambda value: value if value is None or scale == 1 else value * scale)
         ratio = (relay / direct) if relay is not None and direct else None
-        added = None
-        if unit in TIME_UNITS and relay is not None and direct is not None:
-            added = relay - direct
+        nginx_ratio = (relay / nginx) if relay is not None and nginx else None
+        added = nginx_added = None
+        if unit in TIME_UNITS and direct is not None:
+            added = None if relay is None else relay - direct
+            nginx_added = None if nginx is None else nginx - direct
         self.figures.append({
             "key": key, "label": label, "unit": unit, "direct": shown(direct),
-            "relay": shown(relay), "ratio": ratio, "added": shown(added),
-            "target": target, "pass": passed})
+            "nginx": shown(nginx), "relay": shown(relay), "ratio": ratio,
+            "nginx_ratio": nginx_ratio, "added": shown(added),
+            "nginx_added": shown(nginx_added), "target": target, "pass": passed})
+
+
+class Samples(object):
+    """Per peer name, lists of samples of named quantities."""
+
+    def __init__(self):
+        self.values = {}
+
+    def add(self, peer, quantity, value):
+        if value is not None:
+            self.values.setdefault((peer.name, quantity), []).append(value)
+
+    def median(self, name, quantity):
+        return median(self.values.get((name, quantity), []))
+
+    def of(self, quantity):
+        """(relay, direct, nginx) medians of quantity."""
+        return tuple(self.median(name, quantity)
+                     for name in ("relay", "direct", "nginx"))
+
+
+def cpu_seconds(peer):
+    return None if peer.pid is None else proc_cpu_seconds(peer.pid)
+
+
+def cpu_used(peer, before, work):
+    """CPU seconds of peer since before, divided by work (None: not counted)."""
+    if before is None:
+        return None
+    return (proc_cpu_seconds(peer.pid) - before) / float(max(1, work))
 
 
 def measure_startup(relay_path, upstream_port, workdir, runs):
@@ -790,14 +1167,15 @@ def warm_up(port):
     run_async(sequential_streams, port, 1, 5, 0.0)
 
 
-def measure_idle(report, relay, startup_samples):
+def measure_idle(report, relay, startup_samples, peers):
     startup = median(startup_samples)
     report.figure("startup_ms", "startup to first /health", "ms", startup,
                   target="<= 200 ms", passed=startup <= 0.200, scale=1e3)
-    warm_up(relay.port)
+    for peer in peers:
+        warm_up(peer.port)
     time.sleep(0.3)
     idle = proc_status(relay.pid)["VmRSS"]
-    report.figure("idle_rss_mb", "idle RSS", "MB", idle, target="<= 25 MB",
+    report.figure("idle_rss_mib", "idle RSS", "MiB", idle, target="<= 25 MiB",
                   passed=idle <= 25 * 2 ** 20, scale=2 ** -20)
 
 
@@ -823,35 +1201,97 @@ def measure_big_body(report, relay, upstream_port, runs):
         target="< 3x body", passed=growth < 3 * len(body))
 
 
-def measure_concurrency_1(report, relay, upstream_port, count):
-    direct = latency_sequential(upstream_port, count)
-    through = latency_sequential(relay.port, count)
-    for q, limit in ((50, 0.0005), (99, 0.002)):
-        d, r = percentile(direct, q), percentile(through, q)
-        report.figure("latency_c1_p%d_ms" % q, "latency c=1 p%d" % q, "ms", r, d,
-                      target="added <= %g ms" % (limit * 1e3),
-                      passed=r - d <= limit, scale=1e3)
+def measure_concurrency_1(report, peers, rounds, count):
+    """Latency of one connection, rounds rounds interleaving the peers."""
+    samples = Samples()
+    warmup = 100
+    for _ in range(rounds):
+        for peer in peers:
+            before = cpu_seconds(peer)
+            latencies = latency_sequential(peer.port, count, warmup)
+            samples.add(peer, "cpu", cpu_used(peer, before, count + warmup))
+            for q in (50, 99):
+                samples.add(peer, q, percentile(latencies, q))
+    relay, direct, nginx = samples.of(50)
+    report.figure("latency_c1_p50_ms", "latency c=1 p50 (median of %d)" % rounds,
+                  "ms", relay, direct, target="added <= 0.15 ms",
+                  passed=relay - direct <= 0.00015, scale=1e3, nginx=nginx)
+    relay, direct, nginx = samples.of(99)
+    report.figure("latency_c1_p99_ms", "latency c=1 p99 (median of %d)" % rounds,
+                  "ms", relay, direct, scale=1e3, nginx=nginx)
+    relay, _, nginx = samples.of("cpu")
+    report.figure("cpu_per_request_c1_ms", "CPU per request c=1", "ms", relay,
+                  target="<= 0.2 ms", passed=relay <= 0.0002, scale=1e3, nginx=nginx)
 
 
-def measure_concurrency_32(report, relay, upstream_port, seconds):
-    run_async(keepalive_load, upstream_port, 32, min(0.3, seconds))
-    direct, direct_elapsed = run_async(keepalive_load, upstream_port, 32, seconds)
-    run_async(keepalive_load, relay.port, 32, min(0.3, seconds))
-    cpu_before = proc_cpu_seconds(relay.pid)
-    through, through_elapsed = run_async(keepalive_load, relay.port, 32, seconds)
-    cpu = proc_cpu_seconds(relay.pid) - cpu_before
-    for q in (50, 99):
-        report.figure("latency_c32_p%d_ms" % q, "latency c=32 p%d" % q, "ms",
-                      percentile(through, q), percentile(direct, q), scale=1e3)
-    direct_rate = len(direct) / direct_elapsed
-    relay_rate = len(through) / through_elapsed
-    report.figure("throughput_c32_rps", "throughput c=32", "req/s", relay_rate,
-                  direct_rate, target=">= 12% of direct",
-                  passed=relay_rate >= 0.12 * direct_rate)
-    per_request = cpu / len(through)
-    report.figure("relay_cpu_per_request_ms", "relay CPU per request", "ms",
-                  per_request, target="<= 0.5 ms", passed=per_request <= 0.0005,
-                  scale=1e3)
+WRK_SCRIPT = """-- bench_llm_relay.py: the benchmark's non-streamed chat request
+wrk.method = "POST"
+wrk.body = '%s'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-bench"
+"""
+
+
+def run_wrk(program, script, port, connections, seconds):
+    """(requests, seconds) of one wrk run; raises BenchError on any error."""
+    seconds = max(1, int(round(seconds)))  # wrk takes whole seconds
+    command = [program, "-t1", "-c%d" % connections, "-d%ds" % seconds,
+               "-s", script, "http://%s:%d/v1/chat/completions" % (HOST, port)]
+    output = subprocess.check_output(command, stderr=subprocess.STDOUT,
+                                     timeout=seconds + 30).decode()
+    if "Non-2xx" in output or "Socket errors" in output:
+        raise BenchError("wrk saw errors:\n" + output)
+    for line in output.splitlines():
+        words = line.split()
+        if len(words) > 3 and words[1:3] == ["requests", "in"]:
+            took = words[3].rstrip(",")
+            if took.endswith("ms"):
+                return int(words[0]), float(took[:-2]) / 1e3
+            if took.endswith("m"):
+                return int(words[0]), float(took[:-1]) * 60.0
+            return int(words[0]), float(took.rstrip("s"))
+    raise BenchError("unexpected wrk output:\n" + output)
+
+
+def run_client(port, connections, seconds):
+    """(requests, seconds) from this script's own keep-alive client."""
+    latencies, elapsed = run_async(keepalive_load, port, connections, seconds)
+    return len(latencies), elapsed
+
+
+def measure_throughput(report, peers, rounds, seconds, workdir):
+    """Requests per second at c=1 and c=32, rounds rounds interleaving the
+    peers, with wrk when it is installed (one thread), else this client."""
+    program = find_program("wrk")
+    script = os.path.join(workdir, "wrk-post.lua")
+    with open(script, "w") as handle:
+        handle.write(WRK_SCRIPT % request_body().decode())
+    if program:
+        run = (lambda port, connections: run_wrk(program, script, port,
+                                                 connections, seconds))
+    else:
+        run = (lambda port, connections: run_client(port, connections, seconds))
+    client = "wrk -t1" if program else "this script's client"
+    samples = Samples()
+    for _ in range(rounds):
+        for connections in (1, 32):
+            for peer in peers:
+                before = cpu_seconds(peer)
+                requests, elapsed = run(peer.port, connections)
+                samples.add(peer, connections, requests / elapsed)
+                samples.add(peer, ("cpu", connections),
+                            cpu_used(peer, before, requests))
+    relay_c1, direct_c1, nginx_c1 = samples.of(1)
+    report.figure("throughput_c1_rps", "throughput c=1, %s (median of %d)" % (
+        client, rounds), "req/s", relay_c1, direct_c1, nginx=nginx_c1)
+    relay, direct, nginx = samples.of(32)
+    enough = relay >= relay_c1 and (nginx is None or relay >= 0.08 * nginx)
+    report.figure("throughput_c32_rps", "throughput c=32, %s (median of %d)" % (
+        client, rounds), "req/s", relay, direct, nginx=nginx,
+        target=">= 8% of nginx, >= c=1" if nginx else ">= c=1", passed=enough)
+    relay, _, nginx = samples.of(("cpu", 32))
+    report.figure("cpu_per_request_c32_ms", "CPU per request c=32", "ms", relay,
+                  scale=1e3, nginx=nginx)
 
 
 def stream_stats(results):
@@ -862,46 +1302,88 @@ def stream_stats(results):
             "events": sum(len(result.delays) for result in results)}
 
 
-def report_streams(report, name, direct, through, delay_target=None):
-    """Figures for one stream scenario; delay_target: p99 added limit (s)."""
-    ttfe_qs = (50,) if len(direct["ttfes"]) < 20 else (50, 99)
-    for q in ttfe_qs:
-        report.figure("%s_ttfe_p%d_ms" % (name, q), "%s: TTFE p%d" % (
-            name.replace("_", " "), q), "ms", percentile(through["ttfes"], q),
-            percentile(direct["ttfes"], q), scale=1e3)
-    for q in (50, 99):
-        d, r = percentile(direct["delays"], q), percentile(through["delays"], q)
-        limit = delay_target if q == 99 else None
-        report.figure("%s_event_delay_p%d_ms" % (name, q), "%s: event delay p%d" % (
-            name.replace("_", " "), q), "ms", r, d,
-            target=None if limit is None else "added <= %g ms" % (limit * 1e3),
-            passed=None if limit is None else r - d <= limit, scale=1e3)
+def report_quantiles(report, key, label, stats, field, quantiles, targets=None):
+    """One figure per quantile q of stats[peer][field]; targets: {q: added
+    limit in seconds}."""
+    targets = targets or {}
+    for q in quantiles:
+        relay, direct, nginx = (
+            percentile(stats[name][field], q) if name in stats else None
+            for name in ("relay", "direct", "nginx"))
+        limit = targets.get(q)
+        report.figure("%s_p%s_ms" % (key, str(q).replace(".", "_")),
+                      "%s p%s" % (label, q), "ms", relay, direct, nginx=nginx,
+                      target=None if limit is None else "added <= %g ms" % (limit * 1e3),
+                      passed=None if limit is None else relay - direct <= limit,
+                      scale=1e3)
 
 
-def measure_streams(report, relay, upstream_port, mode):
-    single = [stream_stats(run_async(
-        sequential_streams, port, mode["single_stream_runs"],
-        mode["single_stream_events"], mode["single_stream_interval"]))
-        for port in (upstream_port, relay.port)]
-    report_streams(report, "stream_1", single[0], single[1])
-    direct = stream_stats(run_async(
-        concurrent_streams, upstream_port, mode["streams"],
-        mode["stream_events"], mode["stream_interval"]))
-    cpu_before = proc_cpu_seconds(relay.pid)
-    through = stream_stats(run_async(
-        concurrent_streams, relay.port, mode["streams"],
-        mode["stream_events"], mode["stream_interval"]))
-    cpu = proc_cpu_seconds(relay.pid) - cpu_before
-    report_streams(report, "stream_%d" % mode["streams"], direct, through,
-                   delay_target=0.001)
-    mismatches = [s["mismatches"] for s in (single[0], direct)], [
-        s["mismatches"] for s in (single[1], through)]
+def measure_streams(report, peers, mode):
+    """One stream at a time, then mode["streams"] concurrent streams, per
+    peer; return the number of event mismatches."""
+    single, many, cpu = {}, {}, {}
+    for peer in peers:
+        single[peer.name] = stream_stats(run_async(
+            sequential_streams, peer.port, mode["single_stream_runs"],
+            mode["single_stream_events"], mode["single_stream_interval"]))
+    for peer in peers:
+        before = cpu_seconds(peer)
+        many[peer.name] = stream_stats(run_async(
+            concurrent_streams, peer.port, mode["streams"],
+            mode["stream_events"], mode["stream_interval"]))
+        cpu[peer.name] = cpu_used(peer, before, many[peer.name]["events"])
+    report_quantiles(report, "stream_1_ttfe", "stream 1: TTFE", single, "ttfes", (50,))
+    report_quantiles(report, "stream_1_event_delay", "stream 1: event delay",
+                     single, "delays", (50, 99))
+    name = "stream %d" % mode["streams"]
+    key = name.replace(" ", "_")
+    report_quantiles(report, key + "_ttfe", name + ": TTFE", many, "ttfes", (50, 99))
+    report_quantiles(report, key + "_event_delay", name + ": event delay", many,
+                     "delays", (50, 99), {99: 0.001})
+    report.figure(key + "_cpu_per_event_us", name + ": CPU per event", "us",
+                  cpu["relay"], target="<= 30 us", passed=cpu["relay"] <= 30e-6,
+                  scale=1e6, nginx=cpu.get("nginx"))
+    mismatches = dict((name, single[name]["mismatches"] + many[name]["mismatches"])
+                      for name in single)
     report.figure("event_mismatches", "events not byte-identical", "events",
-                  sum(mismatches[1]), sum(mismatches[0]), target="0",
-                  passed=sum(mismatches[1]) == 0)
-    report.figure("relay_cpu_per_event_us", "relay CPU per streamed event", "us",
-                  cpu / max(1, through["events"]), scale=1e6)
-    return sum(mismatches[0]) + sum(mismatches[1])
+                  mismatches["relay"], mismatches["direct"], target="0",
+                  passed=mismatches["relay"] == 0, nginx=mismatches.get("nginx"))
+    return sum(mismatches.values())
+
+
+def measure_realistic(report, peers, mode):
+    """The load users have (see realistic_load), per peer; return the number
+    of event mismatches and failed calls."""
+    stats, cpu, cores, calls, errors = {}, {}, {}, {}, {}
+    for peer in peers:
+        before = cpu_seconds(peer)
+        load = run_async(realistic_load, peer.port, mode,
+                         timeout=mode["load_seconds"] + 60.0)
+        stats[peer.name] = stream_stats(load.streams)
+        used = cpu_used(peer, before, 1)
+        cpu[peer.name] = None if used is None else used / max(
+            1, stats[peer.name]["events"])
+        cores[peer.name] = None if used is None else used / load.wall
+        calls[peer.name] = {"latencies": load.calls}
+        errors[peer.name] = stats[peer.name]["mismatches"] + load.call_errors
+    name = "load"
+    report_quantiles(report, "load_token_delay", name + ": token delay", stats,
+                     "delays", (50, 99, 99.9), {99: 0.002})
+    report_quantiles(report, "load_ttft", name + ": TTFT", stats, "ttfes", (50, 99))
+    report_quantiles(report, "load_call", name + ": short call", calls,
+                     "latencies", (50, 99))
+    report.figure("load_cpu_cores", name + ": CPU", "cores", cores["relay"],
+                  nginx=cores.get("nginx"))
+    report.figure("load_cpu_per_event_us", name + ": CPU per token event", "us",
+                  cpu["relay"], target="<= 30 us", passed=cpu["relay"] <= 30e-6,
+                  scale=1e6, nginx=cpu.get("nginx"))
+    report.figure("load_events", name + ": token events received", "events",
+                  stats["relay"]["events"], stats["direct"]["events"],
+                  nginx=stats.get("nginx", {}).get("events"))
+    report.figure("load_errors", name + ": events altered + calls failed",
+                  "events", errors["relay"], errors["direct"], target="0",
+                  passed=errors["relay"] == 0, nginx=errors.get("nginx"))
+    return sum(errors.values())
 
 
 def measure_open_streams(report, relay, count):
@@ -910,35 +1392,39 @@ def measure_open_streams(report, relay, count):
     during = run_async(hold_streams, relay.port, count,
                        lambda: proc_status(relay.pid), timeout=60.0)
     per_stream = (during["VmRSS"] - before["VmRSS"]) / float(count)
-    report.figure("rss_open_streams_mb", "RSS with %d open streams" % count, "MB",
+    report.figure("rss_open_streams_mib", "RSS with %d open streams" % count, "MiB",
                   during["VmRSS"], scale=2 ** -20)
-    report.figure("rss_per_stream_kb", "RSS growth per open stream", "KB",
-                  per_stream, target="<= 150 KB", passed=per_stream <= 150 * 1024,
+    report.figure("rss_per_stream_kib", "RSS growth per open stream", "KiB",
+                  per_stream, target="<= 150 KiB", passed=per_stream <= 150 * 1024,
                   scale=2 ** -10)
     if not wait_threads(relay.pid, before["Threads"] + 2, timeout=10.0):
         raise BenchError("the relay kept threads after its streams closed")
 
 
-def run_benchmark(relay_path, mode_name):
-    """Run every measurement; return (Report, event mismatches)."""
+def run_benchmark(relay_path, mode_name, with_nginx=True):
+    """Run every measurement; return (Report, event mismatches, nginx used)."""
     mode = MODES[mode_name]
     report = Report()
     workdir = tempfile.mkdtemp(prefix="bench-llm-relay-")
     upstream, upstream_port = start_upstream(workdir)
     relay = None
     try:
+        nginx = start_nginx(upstream_port, workdir) if with_nginx else None
         startup = report.section("startup", measure_startup, relay_path,
                                  upstream_port, workdir, mode["startup_runs"] - 1)
         relay = Relay(relay_path, upstream_port, workdir)
-        report.section("idle", measure_idle, report, relay, startup + [relay.startup])
+        peers = [Peer("direct", upstream_port), relay] + ([nginx] if nginx else [])
+        report.section("idle", measure_idle, report, relay,
+                       startup + [relay.startup], peers)
         report.section("big_body", measure_big_body, report, relay, upstream_port,
                        mode["big_body_runs"])
-        report.section("concurrency_1", measure_concurrency_1, report, relay,
-                       upstream_port, mode["c1_requests"])
-        report.section("concurrency_32", measure_concurrency_32, report, relay,
-                       upstream_port, mode["c32_seconds"])
-        mismatches = report.section("streams", measure_streams, report, relay,
-                                    upstream_port, mode)
+        report.section("concurrency_1", measure_concurrency_1, report, peers,
+                       mode["rounds"], mode["c1_requests"])
+        report.section("throughput", measure_throughput, report, peers,
+                       mode["rounds"], mode["throughput_seconds"], workdir)
+        mismatches = report.section("streams", measure_streams, report, peers, mode)
+        mismatches += report.section("realistic_load", measure_realistic, report,
+                                     peers, mode)
         report.section("open_streams", measure_open_streams, report, relay,
                        mode["open_streams"])
         if relay.process.poll() is not None:
@@ -949,13 +1435,11 @@ def run_benchmark(relay_path, mode_name):
         stop(upstream)
         stop_children()
         remove_tree(workdir)
-    return report, mismatches
+    return report, mismatches, nginx is not None
 
 
 def remove_tree(path):
-    for name in os.listdir(path):
-        os.unlink(os.path.join(path, name))
-    os.rmdir(path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 ###############################################################################
@@ -973,21 +1457,31 @@ def format_value(value):
     return "%.3f" % value
 
 
+def format_ratio(ratio):
+    return "-" if ratio is None else "%.2fx" % ratio
+
+
+def format_added(item, key):
+    if item[key] is None:
+        return "-"
+    return "%+.3f" % item[key]
+
+
 def format_table(report, header):
-    rows = [("figure", "unit", "direct", "relay", "ratio", "added", "target", "result")]
+    rows = [("figure", "unit", "direct", "nginx", "relay", "vs direct", "vs nginx",
+             "added", "nginx added", "target", "result")]
     for item in report.figures:
         result = {True: "PASS", False: "MISS", None: ""}[item["pass"]]
         rows.append((item["label"], item["unit"], format_value(item["direct"]),
-                     format_value(item["relay"]),
-                     "-" if item["ratio"] is None else "%.2fx" % item["ratio"],
-                     "-" if item["added"] is None or item["direct"] is None
-                     else "%+.3f" % item["added"],
+                     format_value(item["nginx"]), format_value(item["relay"]),
+                     format_ratio(item["ratio"]), format_ratio(item["nginx_ratio"]),
+                     format_added(item, "added"), format_added(item, "nginx_added"),
                      item["target"] or "", result))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = [header]
     for number, row in enumerate(rows):
         lines.append("  ".join(
-            cell.ljust(width) if column in (0, 1, 6, 7) else cell.rjust(width)
+            cell.ljust(width) if column in (0, 1, 9, 10) else cell.rjust(width)
             for column, (cell, width) in enumerate(zip(row, widths))).rstrip())
         if number == 0:
             lines.append("  ".join("-" * width for width in widths))
@@ -1025,6 +1519,7 @@ def summary(report, mismatches, mode_name, relay_path, wall, load):
         "figures": report.figures,
         "targets_missed": sum(1 for item in report.figures if item["pass"] is False),
         "event_mismatches": mismatches,
+        "load_average_after": round(os.getloadavg()[0], 2),
     }
 
 
@@ -1036,13 +1531,22 @@ def build_arg_parser():
     parser = argparse.ArgumentParser(
         description="Benchmark llm_relay.py direct vs through the relay.")
     parser.add_argument("--quick", action="store_true",
-                        help="smaller loads (under 15 s)")
+                        help="smaller loads (about a minute)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object instead of the table")
     parser.add_argument("--relay", metavar="PATH",
                         default=os.path.join(HERE, "llm_relay.py"),
                         help="the relay script (default: llm_relay.py beside "
                              "this script)")
+    parser.add_argument("--no-nginx", action="store_true",
+                        help="leave nginx out even when it is installed")
+    parser.add_argument("--relay-cpus", metavar="CPUS",
+                        help="pin the relay to these CPUs, like taskset -c "
+                             "(e.g. 0); default: not pinned")
+    parser.add_argument("--start", choices=("script", "module"), default="script",
+                        help="start the relay as python3 llm_relay.py (script, "
+                             "the default) or python3 -m llm_relay from "
+                             "precompiled bytecode (module)")
     parser.add_argument("--serve-upstream", action="store_true",
                         help=argparse.SUPPRESS)
     return parser
@@ -1071,34 +1575,65 @@ def main(argv=None):
     raise_fd_limit()
     mode_name = "quick" if args.quick else "full"
     relay_path = os.path.abspath(args.relay)
+    RELAY_START["cpus"] = parse_cpus(args.relay_cpus)
+    RELAY_START["module"] = args.start == "module"
     load = round(os.getloadavg()[0], 2)  # other work on the machine skews figures
     started = time.perf_counter()
     try:
-        report, mismatches = run_benchmark(relay_path, mode_name)
-    except (BenchError, OSError, asyncio.TimeoutError, ValueError) as error:
+        report, mismatches, with_nginx = run_benchmark(
+            relay_path, mode_name, not args.no_nginx)
+    except (BenchError, OSError, asyncio.TimeoutError, ValueError,
+            subprocess.SubprocessError) as error:
         sys.stderr.write("bench_llm_relay: benchmark failed: %s: %s\n" % (
             type(error).__name__, error))
         return 2
     wall = time.perf_counter() - started
     result = summary(report, mismatches, mode_name, relay_path, wall, load)
+    result["nginx"] = with_nginx
+    result["relay_start"] = describe_start(args)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         mode = MODES[mode_name]
         print(format_table(report, (
             "llm_relay benchmark (%s, %.1f s): %s (sha256 %s), Python %s, %d CPUs, "
-            "load average before %.2f,\ncalibration sum(range(1000)) = %.1f us; "
-            "streams of %d events every %g ms (1 stream: %d runs of %d events "
-            "every %g ms)"
+            "load average before %.2f, after %.2f,\ncalibration sum(range(1000)) = "
+            "%.1f us; relay started as %s; nginx %s.\n"
+            "streams: %d of %d events every %g ms (1 stream: %d runs of %d events "
+            "every %g ms); load: %d streams at %g tokens/s after %g ms, %g short "
+            "calls/s, %g s"
             % (mode_name, wall, os.path.basename(relay_path),
                result["relay_sha256"], result["python"], result["cpus"], load,
-               result["calibration_us"],
-               mode["stream_events"], mode["stream_interval"] * 1e3,
+               result["load_average_after"], result["calibration_us"],
+               result["relay_start"],
+               "as reference" if with_nginx else "not installed (or --no-nginx)",
+               mode["streams"], mode["stream_events"], mode["stream_interval"] * 1e3,
                mode["single_stream_runs"], mode["single_stream_events"],
-               mode["single_stream_interval"] * 1e3))))
-        print("targets missed: %d; event mismatches (direct+relay): %d" % (
-            result["targets_missed"], mismatches))
+               mode["single_stream_interval"] * 1e3, mode["load_streams"],
+               mode["load_tokens_per_second"], mode["load_prefill"] * 1e3,
+               mode["load_calls_per_second"], mode["load_seconds"]))))
+        print("targets missed: %d; event mismatches and failed calls "
+              "(all peers): %d" % (result["targets_missed"], mismatches))
     return 1 if mismatches else 0
+
+
+def parse_cpus(text):
+    """"0" or "0,1" or "0-1" -> set of CPU numbers; None for no pinning."""
+    if not text:
+        return None
+    cpus = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def describe_start(args):
+    start = ("python3 -m llm_relay (bytecode)" if args.start == "module"
+             else "python3 llm_relay.py")
+    if args.relay_cpus:
+        start += ", pinned to CPU %s" % args.relay_cpus
+    return start
 
 
 if __name__ == "__main__":
