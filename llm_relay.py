@@ -60,6 +60,7 @@ POOL_IDLE_SECONDS = 30.0  # idle upstream connections are closed after this
 HOUSEKEEPING_INTERVAL_SECONDS = 0.25  # client deadlines, disconnects, pool
 ABORT_WAIT_SECONDS = 1.0  # after the grace, for cut requests to end and log
 MAX_SSE_LINE_BYTES = 64 * 1024  # longer lines are relayed in pieces
+DONE_TAIL_SECONDS = 0.25  # after data: [DONE], for the upstream's end of body
 COPY_BLOCK_BYTES = 64 * 1024
 MAX_BUFFERED_RESPONSE_BYTES = 16 * 1024 * 1024  # larger bodies stream through
 MAX_HEADER_LINE_BYTES = 4096
@@ -99,7 +100,10 @@ RELAYED_RESPONSE_HEADERS = frozenset((
     "www-authenticate", "etag", "last-modified", "request-id",
 ))
 RELAYED_RESPONSE_HEADER_PREFIXES = ("x-", "openai-", "anthropic-")
-UPSTREAM_REQUEST_ID_HEADER = "X-Upstream-Request-Id"
+# Where upstreams put their own request id: OpenAI and vLLM x-request-id,
+# Anthropic request-id.  The first one present reaches the client in
+# X-Request-Id, as it would going direct.
+UPSTREAM_REQUEST_ID_HEADERS = ("x-request-id", "request-id")
 
 SECRET_KEY_PATTERN = re.compile(
     r"(api[-_]?key|authorization|password|secret|token)$", re.IGNORECASE)
@@ -632,16 +636,21 @@ class _ConfigChecker(object):
                                    "trailing CR)")
 
     def warn_shadowed_rules(self, rules):
-        first_rule = {}
+        """Warn about each match_model entry an earlier rule always takes
+        first (see shadowing_entry), and about entries listed twice."""
         for position, rule in enumerate(rules):
-            for name in rule.match_model:
-                if name in first_rule:
+            where = self.where(("model_rules", position))
+            for index, name in enumerate(rule.match_model):
+                if name in rule.match_model[:index]:
+                    self.warnings.append("%s: %r is listed twice in match_model"
+                                         % (where, name))
+                    continue
+                earlier = shadowing_entry(rules[:position], name)
+                if earlier is not None:
                     self.warnings.append(
-                        "%s: never applies to %r: %s matches it first" % (
-                            self.where(("model_rules", position)),
-                            name, first_rule[name]))
-                else:
-                    first_rule[name] = rule.path
+                        "%s: never applies to %r: %s%s matches it first" % (
+                            where, name, earlier[0].path, "" if earlier[1] == name
+                            else " (%r)" % earlier[1]))
 
     def warn_unknown_keys(self, mapping, path, known):
         for key in mapping:
@@ -857,6 +866,29 @@ def index_rules(rules):
             elif name not in exact:
                 exact[name] = (position, rule)
     return RuleIndex(exact, tuple(patterns), default)
+
+
+def shadowing_entry(earlier_rules, name):
+    """Return (Rule, entry) for the first earlier rule that takes every model
+    a match_model entry name would match, or None.
+
+    An exact name is taken by the same name or a pattern matching it (gpt-4*
+    before gpt-4o-mini); "default" by an earlier "default"; a pattern by the
+    same pattern, or by one whose only wildcard is * and that matches it as
+    text (such a pattern matches everything the other one does).
+    """
+    for rule in earlier_rules:
+        for entry in rule.match_model:
+            if entry == name:
+                return rule, entry
+            if name == "default" or not is_pattern(entry) or entry == "default":
+                continue
+            if is_pattern(name) and not GLOB_CHARACTERS.isdisjoint(
+                    entry.replace("*", "")):
+                continue  # ? and [...] can be narrower than the text they match
+            if fnmatch.fnmatchcase(name, entry):
+                return rule, entry
+    return None
 
 
 def select_rule(rule_index, model):
@@ -1135,23 +1167,20 @@ def host_header(upstream):
     return host if upstream.port == default_port else "%s:%d" % (host, upstream.port)
 
 
-def client_headers(response_headers, request_id):
+def client_headers(response_headers):
     """Return the upstream response headers to relay to the client.
 
     response_headers is a list of (name, value) pairs.  Only the allowlist
     (RELAYED_RESPONSE_HEADERS and prefixes) passes, without hop-by-hop or
-    framing headers; the relay's own X-Request-Id wins, and a different
-    upstream id is kept as X-Upstream-Request-Id.
+    framing headers; X-Request-Id is left out, since the relay sends its own
+    (see upstream_request_id).
     """
     relayed = []
     for name, value in strip_hop_by_hop(response_headers):
         lowered = name.lower()
-        if "\r" in value or "\n" in value:
+        if "\r" in value or "\n" in value or lowered == "x-request-id":
             continue
-        if lowered == "x-request-id":
-            if value != request_id:
-                relayed.append((UPSTREAM_REQUEST_ID_HEADER, value))
-        elif lowered in RELAYED_RESPONSE_HEADERS or lowered.startswith(
+        if lowered in RELAYED_RESPONSE_HEADERS or lowered.startswith(
                 RELAYED_RESPONSE_HEADER_PREFIXES):
             relayed.append((name, value))
     return relayed
@@ -1161,6 +1190,22 @@ def media_type(content_type):
     """Return the lowercase media type of a Content-Type value ("" if none),
     without its parameters (RFC 9110 §8.3.1)."""
     return (content_type or "").split(";")[0].strip().lower()
+
+
+def upstream_request_id(response_headers):
+    """Return the upstream's own request id (str) or None.
+
+    response_headers is a list of (name, value) pairs; x-request-id (OpenAI,
+    vLLM) is preferred to request-id (Anthropic); an id that is not printable
+    ASCII of at most MAX_REQUEST_ID_CHARS is ignored.
+    """
+    found = dict((name.lower(), value) for name, value in response_headers
+                 if name.lower() in UPSTREAM_REQUEST_ID_HEADERS)
+    for name in UPSTREAM_REQUEST_ID_HEADERS:
+        request_id = sanitize_request_id(found.get(name, "").strip())
+        if request_id:
+            return request_id
+    return None
 
 
 def is_event_stream(content_type):
@@ -1212,6 +1257,12 @@ def event_boundary(last_line):
     if last_line.endswith(b"\n"):
         return b"\n"
     return b"\n\n"  # after a bare CR too: its LF would only end that line
+
+
+def is_done_line(line):
+    """Return True for the SSE line that ends an OpenAI stream, data: [DONE]
+    (API reference: chat completions, streaming)."""
+    return line.rstrip(b"\r\n") in (b"data: [DONE]", b"data:[DONE]")
 
 _CHUNK_SIZE = re.compile(b"^[0-9A-Fa-f]{1,15}$")
 
@@ -1551,10 +1602,14 @@ def upstream_failure(upstream, error, connecting=False):
     if isinstance(error, RelayError):
         return error
     if isinstance(error, socket.timeout):
-        limit = upstream.connect_timeout if connecting else upstream.read_timeout
-        return RelayError(504, "%s did not %s within %g s." % (
-            where, "accept the connection" if connecting else "answer", limit),
-            code="upstream_timeout", retryable=True, kind="timeout")
+        # The message names the setting to change.
+        if connecting:
+            cause = "did not connect within connect_timeout = %g s" % (
+                upstream.connect_timeout)
+        else:
+            cause = "sent nothing for read_timeout = %g s" % upstream.read_timeout
+        return RelayError(504, "%s %s." % (where, cause), code="upstream_timeout",
+                          retryable=True, kind="timeout")
     if isinstance(error, ConnectionRefusedError):
         cause, kind = "refused the connection", "refused"
     elif isinstance(error, socket.gaierror):
@@ -1970,6 +2025,11 @@ def loggable_target(target):
     return printable(target)[:300]
 
 
+def plural(count, noun):
+    """Return "1 rule", "2 rules", "0 rules": a count that reads naturally."""
+    return "%d %s%s" % (count, noun, "" if count == 1 else "s")
+
+
 def format_model_change(asked, sent):
     """Return "asked→sent" for the access log, or just asked when unchanged."""
     asked = printable(asked)[:MAX_LOGGED_MODEL_CHARS]
@@ -2065,6 +2125,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._started = time.monotonic()
         self._body_read = False
         self._request_id = None
+        self._upstream_request_id = None
         self._route = None
         self._model_asked = None
         self._parsed_body = None
@@ -2123,8 +2184,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         try:
             self._route_request(config)
         except UpstreamAnswer as answer:
-            self._send_buffered(answer.status, client_headers(
-                answer.response_headers, self._request_id), answer.data)
+            self._send_buffered(answer.status, self._client_headers(
+                answer.response_headers), answer.data)
         except RelayError as error:
             self._send_relay_error(error)
         except ClientDisconnected:
@@ -2552,7 +2613,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         finds it in the pool."""
         released = False
         try:
-            headers = client_headers(list(response.getheaders()), self._request_id)
+            headers = self._client_headers(list(response.getheaders()))
             content_type = response.getheader("Content-Type")
             send_rest = None  # what goes to the client once the upstream is done
             if self.command == "HEAD" or response.status in (204, 304):
@@ -2560,8 +2621,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 send_rest = lambda: self._relay_bodiless(response, headers)
             elif is_event_stream(content_type):
                 self.log_fields["stream"] = True
-                complete = self._relay_stream(upstream, response, headers)
-                send_rest = self._finish_chunks if complete else None
+                complete, ended = self._relay_stream(upstream, response, headers,
+                                                     sock)
+                send_rest = None if ended else self._finish_chunks
             elif (response.length is not None and response.length >
                   MAX_BUFFERED_RESPONSE_BYTES) or (
                       response.length is None and not is_json_type(content_type)):
@@ -2579,6 +2641,15 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         finally:
             if not released:
                 self._finish_upstream(upstream, response, connection, False)
+
+    def _client_headers(self, response_headers):
+        """Return the upstream headers to relay (see client_headers) and note
+        the upstream's own request id: the client gets it in X-Request-Id,
+        and the access line carries it beside the relay's."""
+        self._upstream_request_id = upstream_request_id(response_headers)
+        if self._upstream_request_id not in (None, self._request_id):
+            self.log_fields["upstream_id"] = self._upstream_request_id
+        return client_headers(response_headers)
 
     def _send_buffered_answer(self, status, headers, data):
         """Send a whole upstream answer; count the tokens of its usage."""
@@ -2605,13 +2676,18 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
         return True
 
-    def _relay_stream(self, upstream, response, headers):
+    def _relay_stream(self, upstream, response, headers, sock):
         """Relay SSE lines as they arrive, each written and flushed at once.
 
-        Returns True when the upstream ended the stream normally.  An upstream
-        failure after the status line ends the stream with a final SSE error
-        event (the status cannot change any more).
+        Returns (complete, ended): complete when the upstream ended its body
+        normally (its connection can be reused), ended when the client's
+        response has already been ended here.  An upstream failure after the
+        status line ends the stream with a final SSE error event (the status
+        cannot change any more); data: [DONE] ends it at once.
         """
+        if not any(name.lower() == "cache-control" for name, _ in headers):
+            # No intermediary may cache or hold back a stream.
+            headers = headers + [("Cache-Control", "no-cache")]
         self._start_streamed_response(response.status, headers + [
             ("X-Accel-Buffering", "no")])
         lines = iter_upstream_lines(response, MAX_SSE_LINE_BYTES)
@@ -2623,21 +2699,45 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             try:
                 line = next(lines, None)
             except Exception as error:
-                return self._end_stream_with_error(upstream, error, last_line)
+                return False, self._end_stream_with_error(upstream, error, last_line)
             if tracked.client_gone:
                 raise ClientDisconnected()  # also at a close-delimited end
             if line is None:
                 break
             last_line = line
+            if b"[DONE]" in line and is_done_line(line):
+                line += event_boundary(line)
+                send(b"%x\r\n%s\r\n" % (len(line), line) if chunked else line)
+                self._finish_chunks()
+                return self._read_tail_after_done(lines, sock), True
             send(b"%x\r\n%s\r\n" % (len(line), line) if chunked else line)
             if count_tokens and b'"prompt_tokens"' in line:
                 # The final usage chunk (stream_options.include_usage); other
                 # lines are never parsed.
                 self.server.metrics.add_usage(self._model_asked,
                                               usage_from_json(line[5:].strip()))
-        return True  # the caller ends the chunked body
+        return True, False  # the caller ends the chunked body
+
+    def _read_tail_after_done(self, lines, sock):
+        """After data: [DONE] (the client's response has ended), wait up to
+        DONE_TAIL_SECONDS for the upstream to end its body; return True when
+        it did, so its connection can be reused.  An upstream that keeps the
+        stream open, or sends more than blank lines, is cut (closed)."""
+        try:
+            sock.settimeout(DONE_TAIL_SECONDS)  # the pool restores read_timeout
+            for line in lines:
+                if line.strip(b"\r\n"):
+                    break
+            else:
+                return True
+        except Exception:
+            pass
+        self.log_fields["note"] = "upstream did not end its body after [DONE]"
+        return False
 
     def _end_stream_with_error(self, upstream, error, last_line):
+        """End a started stream with a final SSE error event; return True
+        (the client's response has ended)."""
         if self.tracked.client_gone:
             raise ClientDisconnected()
         where = "upstream %s (%s)" % (upstream.name, upstream.url)
@@ -2659,7 +2759,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._write_chunk(event_boundary(last_line) + sse_error_event(
             failure.message, failure.error_type, failure.code))
         self._finish_chunks()
-        return False
+        return True
 
     def _relay_passthrough(self, upstream, response, headers):
         """Stream a large or unknown-length body through in blocks."""
@@ -2723,7 +2823,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         for name, value in headers:
             self.send_header(name, value)
         self._request_id = self._request_id or new_request_id()
-        self.send_header("X-Request-Id", self._request_id)
+        self.send_header("X-Request-Id", self._upstream_request_id or self._request_id)
         for name, value in self._cors_headers():
             self.send_header(name, value)
         if self.server.draining or self.close_connection or (
@@ -2788,8 +2888,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             return []
         return [("Access-Control-Allow-Origin", printable(origin)),
                 ("Vary", "Origin"),
-                ("Access-Control-Expose-Headers", "X-Request-Id, " +
-                 UPSTREAM_REQUEST_ID_HEADER)]
+                ("Access-Control-Expose-Headers", "X-Request-Id")]
 
     # -- errors and logging -----------------------------------------------------------
 
@@ -3160,7 +3259,7 @@ def reload_config(server, path):
         config = config._replace(listen_host=old.listen_host,
                                  listen_port=old.listen_port)
     server.config = config
-    logger.info("reloaded %s: %d rules", path, len(config.rules))
+    logger.info("reloaded %s: %s", path, plural(len(config.rules), "rule"))
     return True
 
 
@@ -3275,19 +3374,19 @@ def main(argv=None):
             error.strerror or error))
         return 1
     install_signal_handlers(server, path)
-    logger.info("llm-relay %s listening on %s, upstream %s, %d rules%s",
+    logger.info("llm-relay %s listening on %s, upstream %s, %s%s",
                 __version__, describe_listen(server.config.listen_host, server.port),
                 server.config.upstreams[DEFAULT_UPSTREAM_NAME].url
                 if DEFAULT_UPSTREAM_NAME in server.config.upstreams else "-",
-                len(server.config.rules),
+                plural(len(server.config.rules), "rule"),
                 ", config " + path if path else ", built-in defaults")
     try:
         server.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:
         pass
     grace = server.config.shutdown_grace
-    logger.info("shutting down: waiting up to %g s for %d connections",
-                grace, server.active_connections())
+    logger.info("shutting down: waiting up to %g s for %s", grace,
+                plural(server.active_connections(), "connection"))
     if not server.drain(grace):
         logger.warning("shutdown grace ended; closed the remaining connections")
     server.server_close()

@@ -176,6 +176,31 @@ class ConfigValidationTest(unittest.TestCase):
                                  "positive number")
         self.assert_config_error('{"api_keys": "k"}', "api_keys", "list of strings")
 
+    def test_every_rule_entry_an_earlier_pattern_takes_is_reported(self):
+        _, warnings = llm_relay.parse_config_text(
+            '{"model_rules": [{"match_model": ["gpt-4*", "x", "x"]},\n'
+            '{"match_model": "gpt-4o-mini"},\n'
+            '{"match_model": ["gpt-4o*", "gpt-3.5-turbo"]},\n'
+            '{"match_model": ["gpt-?", "llama3"]},\n'
+            '{"match_model": ["gpt-3", "gpt-4", "qwen*"]}]}', "c.jsonc", {})
+        self.assertEqual(warnings, [
+            "c.jsonc:1:18: model_rules[0]: 'x' is listed twice in match_model",
+            "c.jsonc:2:1: model_rules[1]: never applies to 'gpt-4o-mini': "
+            "model_rules[0] ('gpt-4*') matches it first",
+            "c.jsonc:3:1: model_rules[2]: never applies to 'gpt-4o*': "
+            "model_rules[0] ('gpt-4*') matches it first",
+            "c.jsonc:5:1: model_rules[4]: never applies to 'gpt-3': "
+            "model_rules[3] ('gpt-?') matches it first",
+            "c.jsonc:5:1: model_rules[4]: never applies to 'gpt-4': "
+            "model_rules[0] ('gpt-4*') matches it first"])
+        shadow = llm_relay.shadowing_entry
+        rules = config_from({"model_rules": [{"match_model": ["a?", "b[xy]", "*z"]}]}).rules
+        self.assertIsNone(shadow(rules, "a*"))  # a? is narrower than a*
+        self.assertIsNone(shadow(rules, "bx*"))
+        self.assertEqual(shadow(rules, "y*z")[1], "*z")
+        self.assertEqual(shadow(rules, "bx")[1], "b[xy]")
+        self.assertIsNone(shadow(rules, "default"))
+
     def test_likely_mistakes_are_errors_or_warnings(self):
         _, warnings = llm_relay.parse_config_text(
             '{"listen": "127.0.0.1:1", "listen": "127.0.0.1:2", "model_rules": ['
@@ -188,6 +213,7 @@ class ConfigValidationTest(unittest.TestCase):
                         warnings)
         self.assertTrue(any("model_rules[1]: never applies to 'default'" in w
                             for w in warnings), warnings)
+        self.assertFalse(any(": model_rules[0]:" in w for w in warnings), warnings)
         error = config_error('{"model_rules": [{"match_model": "a", "set": '
                              '{"model": 5}}]}')
         self.assertEqual(error.path, "model_rules[0].set.model")
@@ -496,13 +522,22 @@ class HeadersTest(unittest.TestCase):
                     ("x-ratelimit-a", "hop"), ("x-ratelimit-remaining-requests", "9"),
                     ("openai-processing-ms", "3"), ("x-request-id", "req_up"),
                     ("Set-Cookie", "a=b"), ("Content-Encoding", "gzip")]
-        self.assertEqual(llm_relay.client_headers(upstream, "mine"), [
+        self.assertEqual(llm_relay.client_headers(upstream), [
             ("Content-Type", "text/event-stream"),
             ("x-ratelimit-remaining-requests", "9"),
-            ("openai-processing-ms", "3"),
-            ("X-Upstream-Request-Id", "req_up"), ("Content-Encoding", "gzip")])
-        self.assertEqual(llm_relay.client_headers([("X-Request-Id", "same")], "same"),
-                         [])
+            ("openai-processing-ms", "3"), ("Content-Encoding", "gzip")])
+        self.assertEqual(llm_relay.client_headers([("X-Request-Id", "same")]), [])
+
+    def test_upstream_request_id_prefers_x_request_id_and_needs_printable(self):
+        self.assertEqual(llm_relay.upstream_request_id(
+            [("request-id", "req_anthropic"), ("X-Request-Id", "req_openai")]),
+            "req_openai")
+        self.assertEqual(llm_relay.upstream_request_id(
+            [("Request-Id", "req_anthropic")]), "req_anthropic")
+        self.assertEqual(llm_relay.upstream_request_id(
+            [("X-Request-Id", "bad id"), ("request-id", "ok")]), "ok")
+        self.assertIsNone(llm_relay.upstream_request_id(
+            [("X-Request-Id", "x" * 129), ("Content-Type", "a/b")]))
 
     def test_event_stream_and_json_types(self):
         self.assertTrue(llm_relay.is_event_stream("Text/Event-Stream; charset=utf-8"))
@@ -1096,6 +1131,57 @@ class StreamingTest(RelayTestCase):
         response = connection.getresponse()
         self.assertEqual(read_sse_lines(response), sse_events(3, "m"))
 
+    def test_stream_gets_cache_control_no_cache_unless_the_upstream_set_one(self):
+        cache_control = []
+
+        def answer(handler, recorded):
+            if not recorded.json().get("stream"):
+                return reply_json(handler, chat_completion())
+            reply_sse_with = [("Cache-Control", value) for value in cache_control]
+            start_chunked(handler, headers=reply_sse_with)
+            write_chunk(handler, b"data: [DONE]\n\n")
+            end_chunks(handler)
+        self.upstream.behaviour = answer
+        self.start_relay()
+        _, headers, data = self.chat({"model": "m", "stream": True})
+        self.assertEqual((headers["cache-control"], data),
+                         ("no-cache", b"data: [DONE]\n\n"))
+        cache_control.append("no-store")
+        _, headers, _ = self.chat({"model": "m", "stream": True})
+        self.assertEqual(headers["cache-control"], "no-store")
+        self.assertNotIn("cache-control", self.chat({"model": "m"})[1])
+
+    def test_stream_ends_at_done_when_the_upstream_keeps_it_open(self):
+        upstream_saw_close = threading.Event()
+
+        def done_but_open(handler, recorded):
+            start_chunked(handler)
+            for line in sse_events(2)[:-1]:  # through "data: [DONE]\n", no blank line
+                write_chunk(handler, line)
+            handler.connection.settimeout(WAIT_SECONDS)
+            try:
+                if handler.connection.recv(1) == b"":
+                    upstream_saw_close.set()
+            except OSError:
+                upstream_saw_close.set()
+            handler.close_connection = True
+        self.upstream.behaviour = done_but_open
+        self.start_relay()
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            connection = self.connect()
+            connection.request("POST", "/v1/chat/completions", body=json.dumps(
+                {"model": "m", "stream": True}),
+                headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            lines = read_sse_lines(response)  # returns at the end of the body
+            self.wait_for_log(logs, "did not end its body after [DONE]")
+        self.assertEqual(lines, sse_events(2))  # the event is ended for the client
+        self.assertTrue(upstream_saw_close.wait(WAIT_SECONDS))
+        self.assertEqual(response.status, 200)
+        # The client's connection stays usable, the upstream's is not reused.
+        self.upstream.behaviour = openai_like
+        self.assertEqual(self.chat({"model": "m"}, connection=connection)[0], 200)
+
     def test_http10_client_gets_a_close_delimited_stream(self):
         self.start_relay()
         body = b'{"model": "m", "stream": true}'
@@ -1237,9 +1323,8 @@ class HeadersOverHttpTest(RelayTestCase):
         self.assertEqual((status, data), (200, b"{}"))
         for name in ("x-up-hop", "keep-alive", "upgrade"):
             self.assertNotIn(name, headers)
-        self.assertEqual(headers["x-upstream-request-id"], "req_123")
         self.assertEqual(headers["openai-processing-ms"], "12")
-        self.assertEqual(len(headers["x-request-id"]), 32)
+        self.assertNotIn("x-upstream-request-id", headers)
 
     def test_forward_auth_true_sends_the_client_authorization(self):
         self.start_relay(forward_auth=True)
@@ -1532,15 +1617,17 @@ class UpstreamFaultsTest(RelayTestCase):
                          connect_timeout=0.3)
         status, _, data = self.chat({"model": "m"})
         error = self.assert_openai_error(status, data, 504, "upstream_timeout")
-        self.assertIn("accept the connection within 0.3 s", error["message"])
+        self.assertIn("did not connect within connect_timeout = 0.3 s",
+                      error["message"])
 
     def test_upstream_that_accepts_but_never_answers_is_504(self):
         release = threading.Event()
         self.addCleanup(release.set)
         self.upstream.behaviour = lambda handler, recorded: release.wait(WAIT_SECONDS)
         self.start_relay(read_timeout=0.3)
-        self.assert_openai_error(*self.chat({"model": "m"})[::2],
-                                 expected_status=504)
+        error = self.assert_openai_error(*self.chat({"model": "m"})[::2],
+                                         expected_status=504)
+        self.assertIn("sent nothing for read_timeout = 0.3 s.", error["message"])
         release.set()
         self.assert_relay_still_serves()
 
@@ -2388,6 +2475,35 @@ class BrowsersAndRequestIdTest(RelayTestCase):
         self.assertEqual(self.upstream.last().headers["X-Request-Id"],
                          headers["x-request-id"])
 
+    def test_the_upstreams_own_request_id_reaches_the_client_and_the_log(self):
+        upstream_ids = {"x-request-id": "req_openai_1", "request-id": "req_anthropic_1"}
+        name_sent = []
+
+        def answer(handler, recorded):
+            name = name_sent[-1]
+            headers = [(name, upstream_ids[name])] if name else []
+            if recorded.json().get("stream"):
+                start_chunked(handler, headers=headers)
+                write_chunk(handler, b"data: [DONE]\n\n")
+                return end_chunks(handler)
+            reply_json(handler, chat_completion(), headers=headers)
+        self.upstream.behaviour = answer
+        self.start_relay()
+        for name in ("x-request-id", "request-id"):
+            for stream in (False, True):
+                name_sent.append(name)
+                with self.assertLogs("llm_relay", "INFO") as logs:
+                    _, headers, _ = self.chat({"model": "m", "stream": stream},
+                                              {"X-Request-Id": "relay-id-7"})
+                    self.wait_for_log(logs, "id=relay-id-7")
+                self.assertEqual(headers["x-request-id"], upstream_ids[name])
+                line = [line for line in logs.output if "id=relay-id-7" in line][0]
+                self.assertIn("upstream_id=%s " % upstream_ids[name], line)
+        self.assertEqual(headers["request-id"], "req_anthropic_1")
+        name_sent.append(None)  # an upstream without an id: the relay's own
+        _, headers, _ = self.chat({"model": "m"}, {"X-Request-Id": "relay-id-8"})
+        self.assertEqual(headers["x-request-id"], "relay-id-8")
+
 
 ###############################################################################
 # Real clients: the official openai package, LangChain ########################
@@ -2760,6 +2876,26 @@ class OperatorCommandLineTest(CommandLineTest):
                                            self.write('{"listen": 5}')])
         self.assertEqual(status, 2)
         self.assertIn("c.jsonc:1:12: listen: expected a string", err)
+
+    def test_check_config_and_startup_report_rules_that_never_apply(self):
+        path = self.write('{"listen": "127.0.0.1:0", "model_rules": [\n'
+                          '  {"match_model": "gpt-4*", "set": {"top_p": 1}},\n'
+                          '  {"match_model": "gpt-4o-mini", "set": {"top_p": 0.5}}]}')
+        status, out, err = self.run_relay(["--check-config", "--config", path])
+        self.assertEqual(status, 0, err)
+        self.assertIn("warning: %s:3:3: model_rules[1]: never applies to "
+                      "'gpt-4o-mini': model_rules[0] ('gpt-4*') matches it first"
+                      % path, out)
+        with open(path) as handle:
+            relay = RelayProcess(self, handle.read())
+        self.assertIsNotNone(relay.port)
+        text = relay.stderr_text()
+        self.assertIn("WARNING %s:3:3: model_rules[1]: never applies to "
+                      "'gpt-4o-mini'" % relay.config_path, text)
+        self.assertIn(", 2 rules, config ", text)
+        relay = RelayProcess(self, '{"listen": "127.0.0.1:0", "model_rules": '
+                                   '[{"match_model": "m"}]}')
+        self.assertIn(", 1 rule, config ", relay.stderr_text())
 
     def test_json_log_format_writes_one_object_per_line(self):
         upstream = FakeUpstream(self)
