@@ -1095,8 +1095,1131 @@ def split_route(target):
 # Protocol translators (pure) #################################################
 ###############################################################################
 
-# Pure functions that turn one API's request or answer into another's go here,
-# between the rule engine and the HTTP framing they feed.
+# Serving the Anthropic Messages API and the OpenAI Responses API from an
+# upstream that speaks only chat completions: requests are translated into a
+# chat completions body, answers (whole or streamed) back into the client's
+# protocol.  Everything here is pure: dropped features are returned as notes
+# for the caller to log, never logged here.
+
+TranslatedRequest = collections.namedtuple("TranslatedRequest", [
+    "body",            # dict: the chat completions request body
+    "notes",           # list of str: what was dropped, for one log line
+    "custom_tools",    # frozenset of str: Responses custom tool names
+    "stop_sequences",  # tuple of str: Anthropic stop_sequences asked for
+])
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+# Anthropic thinking budgets (tokens) -> chat completions reasoning_effort.
+THINKING_BUDGET_EFFORTS = ((4096, "low"), (16384, "medium"))
+REASONING_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium",
+                     "high": "high", "xhigh": "high", "max": "high"}
+
+# Chat finish_reason -> Anthropic stop_reason (API reference: Messages).
+ANTHROPIC_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens",
+                          "tool_calls": "tool_use", "function_call": "tool_use",
+                          "content_filter": "refusal"}
+
+ANTHROPIC_PING_EVENT = b'event: ping\ndata: {"type":"ping"}\n\n'
+
+# Sampling fields with the same name and meaning in both request shapes.
+MESSAGES_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k")
+RESPONSES_SAMPLING_FIELDS = ("temperature", "top_p", "parallel_tool_calls", "user")
+
+STATELESS_MESSAGE = (
+    "The relay is stateless: it keeps no stored responses or conversations, "
+    "so %s cannot be served from an upstream that speaks only chat "
+    "completions. Send \"store\": false and the whole conversation in "
+    "\"input\" on every turn (as Codex does).")
+
+
+DONE = "[DONE]"  # what parse_chat_sse_line returns for the end marker
+
+
+class UpstreamStreamError(Exception):
+    """An error object the upstream sent inside its event stream."""
+
+
+def new_item_id(prefix):
+    """Return an id such as "msg_" + 24 hex digits for a translated answer."""
+    return prefix + binascii.hexlify(os.urandom(12)).decode("ascii")
+
+
+def sse_event(event_type, payload):
+    """Return one named SSE event as bytes (WHATWG HTML, server-sent events):
+    b"event: <type>\\ndata: <compact JSON>\\n\\n"."""
+    return (b"event: " + event_type.encode("ascii") + b"\ndata: " +
+            serialize_json(payload) + b"\n\n")
+
+
+def anthropic_error_body(message, error_type="api_error"):
+    """Return Anthropic's error object: {"type": "error", "error": {"type":
+    error_type, "message": message}} (API reference: Errors)."""
+    return {"type": "error", "error": {"type": error_type, "message": message}}
+
+
+def text_of_blocks(content, notes=None, where="content"):
+    """Return the text of a string or a list of text blocks / parts.
+
+    Text of blocks of type text, input_text and output_text is joined with
+    blank lines; other blocks are noted as dropped in notes (a list).
+    """
+    if isinstance(content, str):
+        return content
+    texts = []
+    for block in content if isinstance(content, list) else ():
+        if isinstance(block, dict) and block.get("type") in (
+                "text", "input_text", "output_text"):
+            texts.append(str(block.get("text") or ""))
+        elif isinstance(block, str):
+            texts.append(block)
+        elif notes is not None:
+            notes.append("%s block %s" % (where, _block_type(block)))
+    return "\n\n".join(texts)
+
+
+def _block_type(block):
+    return str(block.get("type")) if isinstance(block, dict) else type(block).__name__
+
+
+def _chat_content(parts):
+    """Return chat message content: a plain string when every part is text
+    (older upstreams accept nothing else), else the list of parts."""
+    if all(part["type"] == "text" for part in parts):
+        return "\n\n".join(part["text"] for part in parts)
+    return parts
+
+
+def _function_tool(name, description, parameters):
+    function = {"name": name, "parameters": parameters if isinstance(
+        parameters, dict) else {"type": "object", "properties": {}}}
+    if description:
+        function["description"] = description
+    return {"type": "function", "function": function}
+
+
+def _tool_call(call_id, name, arguments):
+    return {"id": call_id, "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+class _ChatMessages(object):
+    """Builds a chat completions messages list: system text gathered at the
+    top (chat templates of local models refuse a system message anywhere
+    else), consecutive tool calls merged into one assistant message."""
+
+    def __init__(self):
+        self.system = []
+        self.messages = []
+
+    def add_system(self, text):
+        if text:
+            self.system.append(text)
+
+    def add(self, role, content):
+        self.messages.append({"role": role, "content": content})
+
+    def add_tool_call(self, call_id, name, arguments):
+        last = self.messages[-1] if self.messages else None
+        if last is None or last["role"] != "assistant":
+            last = {"role": "assistant", "content": None}
+            self.messages.append(last)
+        last.setdefault("tool_calls", []).append(_tool_call(call_id, name, arguments))
+
+    def add_tool_result(self, call_id, text):
+        self.messages.append({"role": "tool", "tool_call_id": call_id,
+                              "content": text})
+
+    def result(self):
+        system = [{"role": "system", "content": "\n\n".join(self.system)}] if \
+            self.system else []
+        return system + self.messages
+
+
+def messages_to_chat_request(body):
+    """Translate an Anthropic Messages request body into chat completions.
+
+    body is the (rule-rewritten) Messages request dict.  Returns a
+    TranslatedRequest.  thinking and redacted_thinking blocks are never sent;
+    server tools, unknown blocks and Anthropic-only keys (cache_control,
+    context_management, ...) are dropped and noted.  Source: the Anthropic
+    API reference (Messages) and the OpenAI API reference (Chat).
+    """
+    notes = []
+    chat = collections.OrderedDict()
+    chat["model"] = body.get("model")
+    messages = _ChatMessages()
+    messages.add_system(text_of_blocks(body.get("system") or "", notes, "system"))
+    for message in body.get("messages") or ():
+        if not isinstance(message, dict):
+            raise RelayError(400, "messages: each message must be an object.")
+        _translate_anthropic_message(message, messages, notes)
+    chat["messages"] = messages.result()
+    for field in MESSAGES_SAMPLING_FIELDS:
+        if body.get(field) is not None:
+            chat[field] = body[field]
+    if body.get("stop_sequences"):
+        chat["stop"] = list(body["stop_sequences"])
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
+        chat["user"] = metadata["user_id"]
+    effort = anthropic_reasoning_effort(body)
+    if effort:
+        chat["reasoning_effort"] = effort
+    tools = _translate_anthropic_tools(body.get("tools") or (), notes)
+    if tools:
+        chat["tools"] = tools
+        _translate_anthropic_tool_choice(body.get("tool_choice"), chat)
+    if body.get("stream") is True:
+        chat["stream"] = True
+        chat["stream_options"] = {"include_usage": True}
+    stops = tuple(stop for stop in body.get("stop_sequences") or ()
+                  if isinstance(stop, str))
+    return TranslatedRequest(dict(chat), notes, frozenset(), stops)
+
+
+def anthropic_reasoning_effort(body):
+    """Return the chat reasoning_effort for a Messages request, or None.
+
+    thinking {"type": "enabled", "budget_tokens": N} maps by budget (under
+    4096 low, under 16384 medium, else high); output_config.effort (sent with
+    adaptive thinking) maps by name; disabled thinking gives None.
+    """
+    thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
+    if thinking.get("type") == "disabled":
+        return None
+    output_config = body.get("output_config")
+    effort = output_config.get("effort") if isinstance(output_config, dict) else None
+    if isinstance(effort, str) and effort in REASONING_EFFORTS:
+        return REASONING_EFFORTS[effort]
+    budget = thinking.get("budget_tokens")
+    if thinking.get("type") == "enabled" and isinstance(budget, int):
+        for limit, name in THINKING_BUDGET_EFFORTS:
+            if budget < limit:
+                return name
+        return "high"
+    return None
+
+
+def _translate_anthropic_message(message, messages, notes):
+    role, content = message.get("role"), message.get("content")
+    if role == "system":  # Claude Code sends some mid-conversation
+        messages.add_system(text_of_blocks(content, notes, "system"))
+        return
+    if isinstance(content, str):
+        messages.add("assistant" if role == "assistant" else "user", content)
+        return
+    parts, tool_images = [], []
+    for block in content if isinstance(content, list) else ():
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            parts.append({"type": "text", "text": str(block.get("text") or "")})
+        elif kind == "image":
+            image = anthropic_image_url(block)
+            if image:
+                parts.append({"type": "image_url", "image_url": {"url": image}})
+            else:
+                notes.append("image block without a base64 or URL source")
+        elif kind == "document" and isinstance(block.get("source"), dict) and \
+                block["source"].get("type") == "text":
+            parts.append({"type": "text", "text": str(block["source"].get("data") or "")})
+        elif kind == "tool_use" and role == "assistant":
+            _flush_parts(messages, role, parts)
+            parts = []
+            messages.add_tool_call(str(block.get("id") or new_item_id("toolu_")),
+                                   str(block.get("name") or ""),
+                                   serialize_json(block.get("input") or {}).decode("utf-8"))
+        elif kind == "tool_result":
+            _flush_parts(messages, role, parts)
+            parts = []
+            tool_images.extend(_translate_tool_result(block, messages, notes))
+        elif kind in ("thinking", "redacted_thinking"):
+            continue  # never sent upstream: the signature means nothing there
+        else:
+            notes.append("%s block %s" % (role, _block_type(block)))
+    # Chat tool messages hold text only: images a tool returned follow the
+    # tool messages in a user message.
+    _flush_parts(messages, role, tool_images + parts)
+
+
+def _flush_parts(messages, role, parts):
+    if not parts:
+        return
+    if role == "assistant":
+        last = messages.messages[-1] if messages.messages else None
+        text = "\n\n".join(part.get("text", "") for part in parts)
+        if last is not None and last["role"] == "assistant" and not last.get("content"):
+            last["content"] = text  # text after the calls: one assistant turn
+        else:
+            messages.add("assistant", text)
+    else:
+        messages.add("user", _chat_content(parts))
+
+
+def _translate_tool_result(block, messages, notes):
+    """Add a tool message for a tool_result block; return the image parts it
+    carried, which chat tool messages cannot hold, for a user message."""
+    content = block.get("content")
+    images, texts = [], []
+    for item in [content] if isinstance(content, str) else (content or ()):
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, dict) and item.get("type") == "text":
+            texts.append(str(item.get("text") or ""))
+        elif isinstance(item, dict) and item.get("type") == "image" and \
+                anthropic_image_url(item):
+            images.append({"type": "image_url",
+                           "image_url": {"url": anthropic_image_url(item)}})
+        else:
+            notes.append("tool_result block %s" % _block_type(item))
+    text = "\n\n".join(texts)
+    if block.get("is_error") is True:
+        text = "Error: " + text if text else "Error"
+    messages.add_tool_result(str(block.get("tool_use_id") or ""), text)
+    return images
+
+
+def anthropic_image_url(block):
+    """Return an image block's source as a URL (data: URL for base64), or
+    None.  Source shapes: {"type": "base64", "media_type", "data"} and
+    {"type": "url", "url"}."""
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if source.get("type") == "base64" and source.get("data"):
+        return "data:%s;base64,%s" % (source.get("media_type") or "image/png",
+                                      source["data"])
+    if source.get("type") == "url" and source.get("url"):
+        return str(source["url"])
+    return None
+
+
+def _translate_anthropic_tools(tools, notes):
+    translated, dropped = [], []
+    for tool in tools if isinstance(tools, list) else ():
+        if not isinstance(tool, dict):
+            continue
+        # Client tools have no type or "custom"; server tools such as
+        # web_search_20250305 or bash_20250124 run at Anthropic only.
+        if tool.get("type") in (None, "custom") and tool.get("name"):
+            translated.append(_function_tool(tool["name"], tool.get("description"),
+                                             tool.get("input_schema")))
+        else:
+            dropped.append(str(tool.get("name") or tool.get("type")))
+    if dropped:
+        notes.append("tools %s (not client tools)" % ", ".join(dropped))
+    return translated
+
+
+def _translate_anthropic_tool_choice(choice, chat):
+    if not isinstance(choice, dict):
+        return
+    kind = choice.get("type")
+    if kind == "any":
+        chat["tool_choice"] = "required"
+    elif kind == "tool" and choice.get("name"):
+        chat["tool_choice"] = {"type": "function",
+                               "function": {"name": choice["name"]}}
+    elif kind in ("auto", "none"):
+        chat["tool_choice"] = kind
+    if choice.get("disable_parallel_tool_use") is True:
+        chat["parallel_tool_calls"] = False
+
+
+def responses_to_chat_request(body):
+    """Translate an OpenAI Responses request body into chat completions.
+
+    Returns a TranslatedRequest whose custom_tools names the free-form
+    (custom) tools, such as Codex's apply_patch, sent upstream as functions
+    with one string parameter "input".  Raises RelayError(400) for
+    previous_response_id, conversation or store: true, which need state the
+    relay does not keep.  Source: the OpenAI API reference (Responses, Chat).
+    """
+    for field in ("previous_response_id", "conversation"):
+        if body.get(field):
+            raise RelayError(400, STATELESS_MESSAGE % field, param=field,
+                             code="stateless_relay")
+    if body.get("store") is True:
+        raise RelayError(400, STATELESS_MESSAGE % "\"store\": true", param="store",
+                         code="stateless_relay")
+    notes = []
+    chat = collections.OrderedDict()
+    chat["model"] = body.get("model")
+    messages = _ChatMessages()
+    if isinstance(body.get("instructions"), str):
+        messages.add_system(body["instructions"])
+    items = body.get("input")
+    if isinstance(items, str):
+        messages.add("user", items)
+    else:
+        for item in items if isinstance(items, list) else ():
+            _translate_input_item(item, messages, notes)
+    chat["messages"] = messages.result()
+    tools, custom_tools = _translate_responses_tools(body.get("tools") or (), notes)
+    if tools:
+        chat["tools"] = tools
+        _translate_responses_tool_choice(body.get("tool_choice"), chat)
+    if body.get("max_output_tokens") is not None:
+        chat["max_tokens"] = body["max_output_tokens"]
+    for field in RESPONSES_SAMPLING_FIELDS:
+        if body.get(field) is not None and (field != "parallel_tool_calls" or tools):
+            chat[field] = body[field]
+    reasoning = body.get("reasoning")
+    effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
+    if effort in REASONING_EFFORTS:
+        chat["reasoning_effort"] = REASONING_EFFORTS[effort]
+    response_format = responses_text_format(body.get("text"))
+    if response_format:
+        chat["response_format"] = response_format
+    if body.get("stream") is True:
+        chat["stream"] = True
+        chat["stream_options"] = {"include_usage": True}
+    return TranslatedRequest(dict(chat), notes, frozenset(custom_tools), ())
+
+
+def _translate_input_item(item, messages, notes):
+    if not isinstance(item, dict):
+        raise RelayError(400, "input: each item must be an object.", param="input")
+    kind = item.get("type") or ("message" if "role" in item else None)
+    if kind == "message":
+        _translate_input_message(item, messages, notes)
+    elif kind == "function_call":
+        messages.add_tool_call(str(item.get("call_id") or ""), str(item.get("name") or ""),
+                               _arguments_text(item.get("arguments")))
+    elif kind == "custom_tool_call":
+        messages.add_tool_call(str(item.get("call_id") or ""), str(item.get("name") or ""),
+                               serialize_json({"input": str(item.get("input") or "")}
+                                              ).decode("utf-8"))
+    elif kind in ("function_call_output", "custom_tool_call_output"):
+        output = item.get("output")
+        messages.add_tool_result(str(item.get("call_id") or ""), output if isinstance(
+            output, str) else text_of_blocks(output, notes, kind))
+    elif kind == "reasoning":
+        pass  # the upstream's own reasoning is not replayed
+    else:
+        notes.append("input item %s" % kind)
+
+
+def _arguments_text(arguments):
+    if isinstance(arguments, str):
+        return arguments
+    return serialize_json(arguments if arguments is not None else {}).decode("utf-8")
+
+
+def _translate_input_message(item, messages, notes):
+    role, content = item.get("role"), item.get("content")
+    if role in ("system", "developer"):
+        messages.add_system(text_of_blocks(content, notes, role))
+        return
+    role = "assistant" if role == "assistant" else "user"
+    if isinstance(content, str):
+        messages.add(role, content)
+        return
+    parts = []
+    for part in content if isinstance(content, list) else ():
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text", "text"):
+            parts.append({"type": "text", "text": str(part.get("text") or "")})
+        elif kind == "input_image" and isinstance(part.get("image_url"), str):
+            parts.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
+        elif kind == "refusal":
+            parts.append({"type": "text", "text": str(part.get("refusal") or "")})
+        else:
+            notes.append("%s content part %s" % (role, _block_type(part)))
+    if parts:
+        _flush_parts(messages, role, parts)
+
+
+def custom_tool_parameters(tool):
+    """Return the JSON schema of the one-string-parameter function that
+    stands for a free-form custom tool; its grammar, if any, is described."""
+    description = "The tool's whole input, as free-form text."
+    tool_format = tool.get("format") if isinstance(tool.get("format"), dict) else {}
+    if tool_format.get("type") == "grammar" and tool_format.get("definition"):
+        description += " It must match this %s grammar:\n%s" % (
+            tool_format.get("syntax") or "", tool_format["definition"])
+    return {"type": "object", "properties": {"input": {
+        "type": "string", "description": description}}, "required": ["input"]}
+
+
+def _translate_responses_tools(tools, notes):
+    translated, custom, dropped = [], [], []
+    for tool in tools if isinstance(tools, list) else ():
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind == "function" and tool.get("name"):
+            translated.append(_function_tool(tool["name"], tool.get("description"),
+                                             tool.get("parameters")))
+        elif kind == "custom" and tool.get("name"):
+            custom.append(tool["name"])
+            translated.append(_function_tool(tool["name"], tool.get("description"),
+                                             custom_tool_parameters(tool)))
+        else:
+            dropped.append(str(kind if kind != "function" else tool))
+    if dropped:
+        notes.append("tools of type %s" % ", ".join(dropped))
+    return translated, custom
+
+
+def _translate_responses_tool_choice(choice, chat):
+    if choice in ("auto", "none", "required"):
+        chat["tool_choice"] = choice
+    elif isinstance(choice, dict) and choice.get("type") in ("function", "custom") \
+            and choice.get("name"):
+        chat["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+
+
+def responses_text_format(text):
+    """Return the chat response_format for a Responses text.format, or None.
+
+    {"type": "json_schema", "name", "schema", "strict"} becomes {"type":
+    "json_schema", "json_schema": {...}}; {"type": "json_object"} is kept.
+    """
+    text_format = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(text_format, dict):
+        return None
+    if text_format.get("type") == "json_schema":
+        schema = collections.OrderedDict((key, text_format[key]) for key in (
+            "name", "description", "schema", "strict") if key in text_format)
+        return {"type": "json_schema", "json_schema": dict(schema)}
+    if text_format.get("type") == "json_object":
+        return {"type": "json_object"}
+    return None
+
+
+# -- answers --------------------------------------------------------------------
+
+class ThinkTagSplitter(object):
+    """Split streamed answer text into reasoning and text.
+
+    Models served without a reasoning parser write their reasoning inside
+    <think>...</think> at the start of the content; the tags may be split
+    across chunks.  feed(text) and flush() return lists of (kind, text),
+    kind "thinking" or "text".  Tags later in the answer are plain text.
+    """
+
+    def __init__(self):
+        self.state = "start"  # start, thinking, after (the close tag), text
+        self.pending = ""
+
+    def feed(self, text):
+        if self.state == "text":
+            return [("text", text)] if text else []
+        self.pending += text
+        pieces = []
+        if self.state == "start":
+            stripped = self.pending.lstrip()
+            if stripped.startswith(THINK_OPEN):
+                self.state, self.pending = "thinking", stripped[len(THINK_OPEN):]
+            elif THINK_OPEN.startswith(stripped):
+                return pieces  # maybe the start of the tag: wait for more
+            else:
+                self.state = "text"
+                text, self.pending = self.pending, ""
+                return [("text", text)]
+        if self.state == "thinking":
+            end = self.pending.find(THINK_CLOSE)
+            if end < 0:
+                keep = _partial_suffix(self.pending, THINK_CLOSE)
+                thought = self.pending[:len(self.pending) - keep]
+                self.pending = self.pending[len(self.pending) - keep:]
+                return [("thinking", thought)] if thought else []
+            if end:
+                pieces.append(("thinking", self.pending[:end]))
+            self.state, self.pending = "after", self.pending[end + len(THINK_CLOSE):]
+        if self.state == "after":
+            self.pending = self.pending.lstrip()  # the blank line after the tag
+            if self.pending:
+                self.state = "text"
+                pieces.append(("text", self.pending))
+                self.pending = ""
+        return pieces
+
+    def flush(self):
+        text, self.pending = self.pending, ""
+        if not text:
+            return []
+        return [("thinking" if self.state == "thinking" else "text", text)]
+
+
+def _partial_suffix(text, tag):
+    """Return the length of the longest end of text that starts tag."""
+    for length in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-length:]):
+            return length
+    return 0
+
+
+class ChatDeltaReader(object):
+    """Read chat completions chunks into answer pieces, in order.
+
+    read(chunk) and flush() return lists of pieces: ("thinking", text),
+    ("text", text) or ("tool", number, call_id, name, arguments fragment);
+    a new number starts a new tool call.  Handles reasoning_content and
+    reasoning fields, <think> tags, several calls in one chunk, calls that
+    share an index (told apart by their id), arguments split across chunks
+    and arguments sent as objects.  finish_reason, matched_stop (vLLM's
+    stop_reason), usage and model keep the last values seen.
+    """
+
+    def __init__(self):
+        self.splitter = ThinkTagSplitter()
+        # index -> [number, upstream id, id, name, pending arguments, arguments]
+        self.calls = {}
+        self.call_count = 0
+        self.finish_reason = None
+        self.matched_stop = None
+        self.usage = None
+        self.model = None
+
+    def read(self, chunk):
+        if not isinstance(chunk, dict):
+            return []
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        if isinstance(chunk.get("model"), str):
+            self.model = chunk["model"]
+        pieces = []
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict) or choice.get("index", 0) not in (0, None):
+                continue  # n > 1 has no counterpart in either protocol
+            delta = choice.get("delta") or choice.get("message") or {}
+            self._read_delta(delta, pieces)
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+            if isinstance(choice.get("stop_reason"), str):
+                self.matched_stop = choice["stop_reason"]
+        return pieces
+
+    def _read_delta(self, delta, pieces):
+        for field in ("reasoning_content", "reasoning"):
+            if isinstance(delta.get(field), str) and delta[field]:
+                pieces.append(("thinking", delta[field]))
+                break
+        if isinstance(delta.get("content"), str) and delta["content"]:
+            pieces.extend(self.splitter.feed(delta["content"]))
+        for position, call in enumerate(delta.get("tool_calls") or ()):
+            if isinstance(call, dict):
+                self._read_tool_call(call, position, pieces)
+
+    def _read_tool_call(self, call, position, pieces):
+        index = call.get("index")
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        upstream_id, name = call.get("id"), function.get("name")
+        arguments = function.get("arguments")
+        if arguments is not None and not isinstance(arguments, str):
+            arguments = serialize_json(arguments).decode("utf-8")
+        current = self.calls.get(index)
+        if current is None or self._starts_new_call(current, upstream_id, name):
+            self.call_count += 1
+            current = [self.call_count, upstream_id, upstream_id or new_item_id(
+                "call_"), None, "", ""]
+            self.calls[index] = current
+        if name and not current[3]:
+            current[3] = name
+        current[4] += arguments or ""
+        current[5] += arguments or ""
+        if current[3] and (current[4] or name):
+            pieces.extend(self.splitter.flush())
+            pieces.append(("tool", current[0], current[2], current[3], current[4]))
+            current[4] = ""
+
+    @staticmethod
+    def _starts_new_call(current, upstream_id, name):
+        """Tell a new call from a piece of the current one at the same index:
+        a different id, or (without ids) a name after complete arguments."""
+        if upstream_id and current[1]:
+            return upstream_id != current[1]
+        if not name or not current[3] or upstream_id:
+            return False
+        try:
+            json.loads(current[5])
+        except ValueError:
+            return False
+        return True
+
+    def flush(self):
+        """Return the pieces held back at the end of the answer."""
+        pieces = self.splitter.flush()
+        for current in sorted(self.calls.values()):
+            if current[4] or not current[3]:
+                pieces.append(("tool", current[0], current[2], current[3] or "",
+                               current[4]))
+                current[4] = ""
+        return pieces
+
+
+def chat_message_as_chunk(chat):
+    """Return a whole chat completion as one chunk dict for ChatDeltaReader:
+    the message becomes the delta and each tool call gets its position as
+    index (a whole answer's calls need no index)."""
+    choices = []
+    for choice in chat.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        message = dict(choice.get("message") or {})
+        if isinstance(message.get("tool_calls"), list):
+            message["tool_calls"] = [dict(call, index=position) for position, call in
+                                     enumerate(message["tool_calls"])
+                                     if isinstance(call, dict)]
+        choices.append(dict(choice, delta=message))
+    return dict(chat, choices=choices)
+
+
+def collect_pieces(pieces):
+    """Merge answer pieces into blocks: lists ["thinking", text], ["text",
+    text] or ["tool", call id, name, arguments], in order."""
+    blocks, tool_numbers = [], {}
+    for piece in pieces:
+        last = blocks[-1] if blocks else None
+        if piece[0] == "tool":
+            if last is not None and last[0] == "tool" and tool_numbers.get(
+                    piece[1]) is last:
+                last[3] += piece[4]
+            else:
+                block = ["tool", piece[2], piece[3], piece[4]]
+                tool_numbers[piece[1]] = block
+                blocks.append(block)
+        elif last is not None and last[0] == piece[0]:
+            last[1] += piece[1]
+        else:
+            blocks.append([piece[0], piece[1]])
+    return blocks
+
+
+def parse_tool_input(arguments):
+    """Return the tool input object of a call's arguments JSON text; text
+    that is not a JSON object (a model's slip) is kept under "arguments"."""
+    if not arguments.strip():
+        return {}
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return {"arguments": arguments}
+    return value if isinstance(value, dict) else {"arguments": value}
+
+
+def _count(usage, *path):
+    value = usage
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def anthropic_usage(chat_usage, input_estimate=0):
+    """Return Anthropic usage from a chat usage object (None: unknown).
+
+    input_tokens excludes the cached prompt tokens, reported as
+    cache_read_input_tokens, as Anthropic counts them.
+    """
+    if not isinstance(chat_usage, dict):
+        return {"input_tokens": input_estimate, "output_tokens": 0}
+    cached = _count(chat_usage, "prompt_tokens_details", "cached_tokens")
+    usage = {"input_tokens": max(_count(chat_usage, "prompt_tokens") - cached, 0),
+             "output_tokens": _count(chat_usage, "completion_tokens")}
+    if cached:
+        usage["cache_read_input_tokens"] = cached
+    return usage
+
+
+def responses_usage(chat_usage):
+    """Return Responses usage (input, output and total tokens, with details)
+    from a chat usage object; zeros when the upstream sent none."""
+    usage = chat_usage if isinstance(chat_usage, dict) else {}
+    prompt, completion = _count(usage, "prompt_tokens"), _count(usage, "completion_tokens")
+    return {"input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": _count(
+                usage, "prompt_tokens_details", "cached_tokens")},
+            "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": _count(
+                usage, "completion_tokens_details", "reasoning_tokens")},
+            "total_tokens": _count(usage, "total_tokens") or prompt + completion}
+
+
+def anthropic_stop(finish_reason, matched_stop, stop_sequences, sent_tool_use):
+    """Return (stop_reason, stop_sequence) from what was actually sent:
+    tool_use whenever a tool_use block went out, whatever the upstream
+    said; stop_sequence when the upstream names the sequence it matched."""
+    if sent_tool_use:
+        return "tool_use", None
+    if finish_reason == "stop" and matched_stop in stop_sequences:
+        return "stop_sequence", matched_stop
+    return ANTHROPIC_STOP_REASONS.get(finish_reason, "end_turn"), None
+
+
+def chat_to_messages_response(chat, model, stop_sequences=(), message_id=None):
+    """Translate a whole chat completion into an Anthropic Messages answer.
+
+    model is the name to report when the upstream gave none.  Shape: {"id",
+    "type": "message", "role": "assistant", "model", "content": [blocks],
+    "stop_reason", "stop_sequence", "usage"} (API reference: Messages).
+    """
+    reader = ChatDeltaReader()
+    blocks = collect_pieces(reader.read(chat_message_as_chunk(chat)) + reader.flush())
+    content = []
+    for block in blocks:
+        if block[0] == "thinking":
+            content.append({"type": "thinking", "thinking": block[1], "signature": ""})
+        elif block[0] == "text":
+            content.append({"type": "text", "text": block[1]})
+        else:
+            content.append({"type": "tool_use", "id": block[1], "name": block[2],
+                            "input": parse_tool_input(block[3])})
+    stop_reason, stop_sequence = anthropic_stop(
+        reader.finish_reason, reader.matched_stop, stop_sequences,
+        any(block[0] == "tool" for block in blocks))
+    return {"id": message_id or new_item_id("msg_"), "type": "message",
+            "role": "assistant", "model": reader.model or model, "content": content,
+            "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+            "usage": anthropic_usage(reader.usage)}
+
+
+def parse_chat_sse_line(line):
+    """Return the chunk dict of one chat completions SSE line, DONE for the
+    end marker, or None for other lines (blank, comments, event names).
+
+    Raises UpstreamStreamError for an {"error": ...} event and ValueError
+    for a data line that is not JSON.
+    """
+    if not line.startswith(b"data:"):
+        return None
+    payload = line[5:].strip()
+    if payload == b"[DONE]":
+        return DONE
+    if not payload:
+        return None
+    chunk = json.loads(payload.decode("utf-8"))
+    if isinstance(chunk, dict) and chunk.get("error") is not None:
+        error = chunk["error"]
+        raise UpstreamStreamError(error.get("message") if isinstance(error, dict) and
+                                  error.get("message") else str(error)[:500])
+    return chunk
+
+
+class MessagesStreamTranslator(object):
+    """Turn a chat completions SSE stream into Anthropic's event stream.
+
+    start() gives message_start (sent at once); feed_line(line) the events
+    for one upstream SSE line; finish() closes the open block and sends
+    message_delta (stop_reason, cumulative usage: only now, after the
+    upstream's final usage chunk) and message_stop; fail(message) an error
+    event.  Blocks are never interleaved and their indexes rise from 0.
+    Source: the Anthropic API reference, "Streaming Messages".  No [DONE].
+    """
+
+    def __init__(self, model, stop_sequences=(), input_tokens=0, message_id=None):
+        self.reader = ChatDeltaReader()
+        self.model = model
+        self.stop_sequences = stop_sequences
+        self.input_tokens = input_tokens
+        self.message_id = message_id or new_item_id("msg_")
+        self.index = -1
+        self.open_block = None  # ("text" | "thinking", None) or ("tool", number)
+        self.sent_tool_use = False
+        self.done = False
+
+    def start(self):
+        return sse_event("message_start", {"type": "message_start", "message": {
+            "id": self.message_id, "type": "message", "role": "assistant",
+            "model": self.model, "content": [], "stop_reason": None,
+            "stop_sequence": None, "usage": {"input_tokens": self.input_tokens,
+                                             "output_tokens": 0}}})
+
+    def feed_line(self, line):
+        chunk = parse_chat_sse_line(line)
+        if chunk is DONE:
+            self.done = True
+            return b""
+        if chunk is None or self.done:
+            return b""
+        return self._write(self.reader.read(chunk))
+
+    def _write(self, pieces):
+        events = []
+        for piece in pieces:
+            kind = piece[0]
+            key = (kind, piece[1]) if kind == "tool" else (kind, None)
+            if key != self.open_block:
+                events.append(self._close_block())
+                events.append(self._open_block(key, piece))
+            if kind == "tool":
+                delta = {"type": "input_json_delta", "partial_json": piece[4]}
+            elif kind == "text":
+                delta = {"type": "text_delta", "text": piece[1]}
+            else:
+                delta = {"type": "thinking_delta", "thinking": piece[1]}
+            if kind != "tool" or piece[4]:
+                events.append(sse_event("content_block_delta", {
+                    "type": "content_block_delta", "index": self.index,
+                    "delta": delta}))
+        return b"".join(events)
+
+    def _open_block(self, key, piece):
+        self.index += 1
+        self.open_block = key
+        if key[0] == "tool":
+            self.sent_tool_use = True
+            block = {"type": "tool_use", "id": piece[2], "name": piece[3], "input": {}}
+        elif key[0] == "text":
+            block = {"type": "text", "text": ""}
+        else:
+            block = {"type": "thinking", "thinking": "", "signature": ""}
+        return sse_event("content_block_start", {
+            "type": "content_block_start", "index": self.index, "content_block": block})
+
+    def _close_block(self):
+        if self.open_block is None:
+            return b""
+        self.open_block = None
+        return sse_event("content_block_stop", {"type": "content_block_stop",
+                                                "index": self.index})
+
+    def finish(self):
+        events = self._write(self.reader.flush()) + self._close_block()
+        stop_reason, stop_sequence = anthropic_stop(
+            self.reader.finish_reason, self.reader.matched_stop, self.stop_sequences,
+            self.sent_tool_use)
+        return events + sse_event("message_delta", {
+            "type": "message_delta", "delta": {"stop_reason": stop_reason,
+                                               "stop_sequence": stop_sequence},
+            "usage": anthropic_usage(self.reader.usage, self.input_tokens)}) + \
+            sse_event("message_stop", {"type": "message_stop"})
+
+    @staticmethod
+    def fail(message, error_type="api_error"):
+        return sse_event("error", anthropic_error_body(message, error_type))
+
+    @staticmethod
+    def ping():
+        return ANTHROPIC_PING_EVENT
+
+
+def responses_object(response_id, model, created_at, request, status="completed",
+                     output=(), usage=None, error=None):
+    """Return a Responses API response object (API reference: Responses).
+
+    request is the client's body, from which the echoed settings come;
+    status is completed, incomplete (max_output_tokens), failed or
+    in_progress.
+    """
+    return collections.OrderedDict((
+        ("id", response_id), ("object", "response"), ("created_at", created_at),
+        ("status", status), ("error", error),
+        ("incomplete_details", {"reason": "max_output_tokens"}
+         if status == "incomplete" else None),
+        ("instructions", request.get("instructions")),
+        ("max_output_tokens", request.get("max_output_tokens")),
+        ("model", model), ("output", list(output)),
+        ("parallel_tool_calls", request.get("parallel_tool_calls", True)),
+        ("reasoning", request.get("reasoning")),
+        ("store", False),
+        ("temperature", request.get("temperature")),
+        ("text", request.get("text") or {"format": {"type": "text"}}),
+        ("tool_choice", request.get("tool_choice", "auto")),
+        ("tools", request.get("tools") or []),
+        ("top_p", request.get("top_p")),
+        ("usage", usage), ("metadata", request.get("metadata") or {}),
+    ))
+
+
+def responses_output_item(block, custom_tools, item_id=None, status="completed"):
+    """Return the Responses output item for one collected answer block:
+    reasoning (summary text), message (output_text), function_call, or
+    custom_tool_call for a call of one of custom_tools (its input unwrapped
+    from the one-string-parameter function)."""
+    kind = block[0]
+    if kind == "thinking":
+        return {"id": item_id or new_item_id("rs_"), "type": "reasoning",
+                "summary": [{"type": "summary_text", "text": block[1]}]}
+    if kind == "text":
+        return {"id": item_id or new_item_id("msg_"), "type": "message",
+                "status": status, "role": "assistant", "content": [
+                    {"type": "output_text", "text": block[1], "annotations": [],
+                     "logprobs": []}]}
+    if block[2] in custom_tools:
+        return {"id": item_id or new_item_id("ctc_"), "type": "custom_tool_call",
+                "status": status, "call_id": block[1], "name": block[2],
+                "input": custom_tool_input(block[3])}
+    return {"id": item_id or new_item_id("fc_"), "type": "function_call",
+            "status": status, "call_id": block[1], "name": block[2],
+            "arguments": block[3]}
+
+
+def custom_tool_input(arguments):
+    """Return a custom tool's free-form input from the arguments of the
+    function that stood for it ({"input": "..."}); other text as it is."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return arguments
+    if isinstance(value, dict) and isinstance(value.get("input"), str):
+        return value["input"]
+    return value if isinstance(value, str) else arguments
+
+
+def responses_status(finish_reason):
+    """Return a response's status: incomplete when the upstream stopped at
+    the token limit, else completed."""
+    return "incomplete" if finish_reason == "length" else "completed"
+
+
+def chat_to_responses_response(chat, model, request, custom_tools=frozenset(),
+                               response_id=None, created_at=None):
+    """Translate a whole chat completion into a Responses API response object
+    (see responses_object); request is the client's body."""
+    reader = ChatDeltaReader()
+    blocks = collect_pieces(reader.read(chat_message_as_chunk(chat)) + reader.flush())
+    output = [responses_output_item(block, custom_tools) for block in blocks]
+    return responses_object(
+        response_id or new_item_id("resp_"), reader.model or model,
+        created_at or int(time.time()), request,
+        responses_status(reader.finish_reason), output,
+        responses_usage(reader.usage))
+
+
+class ResponsesStreamTranslator(object):
+    """Turn a chat completions SSE stream into the Responses event stream.
+
+    start() gives response.created and response.in_progress; feed_line(line)
+    the events for one upstream SSE line; finish() closes the open item and
+    sends response.completed (response.incomplete when the upstream hit the
+    token limit) with usage; fail(message) sends response.failed.  Every
+    event carries a rising sequence_number.  Calls of custom_tools become
+    custom_tool_call items, their input sent whole once the call is complete
+    (the upstream streams it JSON-encoded).  Source: the OpenAI API
+    reference, "Streaming events" of the Responses API.
+    """
+
+    def __init__(self, model, request, custom_tools=frozenset(), response_id=None,
+                 created_at=None):
+        self.reader = ChatDeltaReader()
+        self.model = model
+        self.request = request
+        self.custom_tools = custom_tools
+        self.response_id = response_id or new_item_id("resp_")
+        self.created_at = created_at or int(time.time())
+        self.sequence = -1
+        self.output = []  # finished output items
+        self.open_item = None  # [key, item id, collected block, ...]
+        self.done = False
+
+    def _event(self, event_type, payload):
+        self.sequence += 1
+        payload = collections.OrderedDict([("type", event_type)] + list(
+            payload.items()) + [("sequence_number", self.sequence)])
+        return sse_event(event_type, payload)
+
+    def _response(self, status, usage=None, error=None):
+        return responses_object(self.response_id, self.reader.model or self.model,
+                                self.created_at, self.request, status, self.output,
+                                usage, error)
+
+    def start(self):
+        return self._event("response.created", {
+            "response": self._response("in_progress")}) + self._event(
+            "response.in_progress", {"response": self._response("in_progress")})
+
+    def feed_line(self, line):
+        chunk = parse_chat_sse_line(line)
+        if chunk is DONE:
+            self.done = True
+            return b""
+        if chunk is None or self.done:
+            return b""
+        return self._write(self.reader.read(chunk))
+
+    def _write(self, pieces):
+        events = []
+        for piece in pieces:
+            key = (piece[0], piece[1]) if piece[0] == "tool" else (piece[0], None)
+            if self.open_item is None or self.open_item[0] != key:
+                events.append(self._close_item())
+                events.append(self._open_item(key, piece))
+            events.append(self._delta(piece))
+        return b"".join(events)
+
+    def _open_item(self, key, piece):
+        if key[0] == "tool":
+            block = ["tool", piece[2], piece[3], ""]
+        else:
+            block = [key[0], ""]
+        item = responses_output_item(block, self.custom_tools, status="in_progress")
+        if item["type"] == "message":
+            item["content"] = []
+        elif item["type"] == "reasoning":
+            item["summary"] = []
+        elif item["type"] == "custom_tool_call":
+            item["input"] = ""
+        self.open_item = [key, item["id"], block]
+        events = [self._event("response.output_item.added", {
+            "output_index": len(self.output), "item": item})]
+        where = {"item_id": item["id"], "output_index": len(self.output)}
+        if item["type"] == "message":
+            events.append(self._event("response.content_part.added", dict(
+                where, content_index=0, part={"type": "output_text", "text": "",
+                                              "annotations": []})))
+        elif item["type"] == "reasoning":
+            events.append(self._event("response.reasoning_summary_part.added", dict(
+                where, summary_index=0, part={"type": "summary_text", "text": ""})))
+        return b"".join(events)
+
+    def _delta(self, piece):
+        block = self.open_item[2]
+        where = {"item_id": self.open_item[1], "output_index": len(self.output)}
+        if piece[0] == "tool":
+            block[3] += piece[4]
+            if block[2] in self.custom_tools or not piece[4]:
+                return b""  # sent whole at the end of the call
+            return self._event("response.function_call_arguments.delta",
+                               dict(where, delta=piece[4]))
+        block[1] += piece[1]
+        if piece[0] == "text":
+            return self._event("response.output_text.delta", dict(
+                where, content_index=0, delta=piece[1], logprobs=[]))
+        return self._event("response.reasoning_summary_text.delta", dict(
+            where, summary_index=0, delta=piece[1]))
+
+    def _close_item(self):
+        if self.open_item is None:
+            return b""
+        key, item_id, block = self.open_item
+        self.open_item = None
+        item = responses_output_item(block, self.custom_tools, item_id)
+        where = {"item_id": item_id, "output_index": len(self.output)}
+        events = []
+        if item["type"] == "message":
+            part = item["content"][0]
+            events.append(self._event("response.output_text.done", dict(
+                where, content_index=0, text=part["text"], logprobs=[])))
+            events.append(self._event("response.content_part.done", dict(
+                where, content_index=0, part=part)))
+        elif item["type"] == "reasoning":
+            events.append(self._event("response.reasoning_summary_text.done", dict(
+                where, summary_index=0, text=block[1])))
+            events.append(self._event("response.reasoning_summary_part.done", dict(
+                where, summary_index=0, part=item["summary"][0])))
+        elif item["type"] == "custom_tool_call":
+            events.append(self._event("response.custom_tool_call_input.delta", dict(
+                where, delta=item["input"])))
+            events.append(self._event("response.custom_tool_call_input.done", dict(
+                where, input=item["input"])))
+        else:
+            events.append(self._event("response.function_call_arguments.done", dict(
+                where, name=item["name"], arguments=item["arguments"])))
+        events.append(self._event("response.output_item.done", {
+            "output_index": len(self.output), "item": item}))
+        self.output.append(item)
+        return b"".join(events)
+
+    def finish(self):
+        events = self._write(self.reader.flush()) + self._close_item()
+        status = responses_status(self.reader.finish_reason)
+        return events + self._event("response.completed" if status == "completed"
+                                    else "response.incomplete", {
+            "response": self._response(status, responses_usage(self.reader.usage))})
+
+    def fail(self, message, code="server_error"):
+        """Return response.failed with the error (the open item is left as
+        it is: the answer is cut)."""
+        return self._event("response.failed", {"response": self._response(
+            "failed", error={"code": code, "message": message})})
 
 
 ###############################################################################

@@ -626,6 +626,629 @@ class SmallHelpersTest(unittest.TestCase):
         self.assertEqual(merged["object"], "list")
 
 
+# -- Protocol translators ------------------------------------------------------
+
+def chat_chunk(delta=None, finish_reason=None, usage=None, choices=True, **extra):
+    """Return one chat completions chunk dict as an upstream streams it."""
+    chunk = {"id": "chatcmpl-9", "object": "chat.completion.chunk", "created": 1,
+             "model": "qwen3-coder"}
+    chunk["choices"] = [dict({"index": 0, "delta": delta or {},
+                              "finish_reason": finish_reason}, **extra)] if choices else []
+    if usage is not None:
+        chunk["usage"] = usage
+    return chunk
+
+
+def chat_sse(chunks, done=True):
+    """Return the SSE lines (bytes) of a chat completions stream."""
+    lines = []
+    for chunk in chunks:
+        lines += [b"data: " + json.dumps(chunk).encode("utf-8") + b"\n", b"\n"]
+    return lines + ([b"data: [DONE]\n", b"\n"] if done else [])
+
+
+def parse_sse_events(data):
+    """Return [(event name, data dict)] from SSE bytes with named events."""
+    events = []
+    for block in data.decode("utf-8").split("\n\n"):
+        if not block.strip():
+            continue
+        fields = dict(line.split(": ", 1) for line in block.split("\n"))
+        events.append((fields.get("event"), json.loads(fields["data"])))
+    return events
+
+
+def run_translator(translator, lines):
+    """Feed SSE lines to a stream translator; return its parsed events."""
+    data = translator.start()
+    for line in lines:
+        data += translator.feed_line(line)
+    return parse_sse_events(data + translator.finish())
+
+
+# A recorded-shape stream with every pitfall: reasoning in both field names,
+# <think> tags split across chunks, text, two calls in one chunk, a call that
+# shares index 0 with the first (told apart by its id), arguments split
+# across chunks, "stop" although calls went out, usage after the finish.
+PITFALL_STREAM = [
+    chat_chunk({"role": "assistant", "content": ""}),
+    chat_chunk({"reasoning_content": "Plan: "}),
+    chat_chunk({"reasoning": "read first."}),
+    chat_chunk({"content": "I will "}),
+    chat_chunk({"content": "look."}),
+    chat_chunk({"tool_calls": [
+        {"index": 0, "id": "call_a", "type": "function",
+         "function": {"name": "Read", "arguments": "{\"path\": "}}]}),
+    chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": "\"a.txt\"}"}}]}),
+    chat_chunk({"tool_calls": [
+        {"index": 0, "id": "call_b", "type": "function",
+         "function": {"name": "Bash", "arguments": "{\"command\": \"ls\"}"}},
+        {"index": 1, "id": "call_c", "type": "function",
+         "function": {"name": "Grep", "arguments": ""}}]}),
+    chat_chunk({"tool_calls": [{"index": 1, "function": {"arguments": "{\"q\":"}}]}),
+    chat_chunk({"tool_calls": [{"index": 1, "function": {"arguments": " 1}"}}]}),
+    chat_chunk({}, finish_reason="stop"),
+    chat_chunk(choices=False, usage={"prompt_tokens": 120, "completion_tokens": 42,
+                                     "total_tokens": 162}),
+]
+
+
+def assert_anthropic_grammar(test, events):
+    """Check the Anthropic streaming grammar: message_start first; blocks
+    start, get deltas of their own kind and stop, one at a time, indexes
+    0, 1, ...; then message_delta and message_stop last (pings anywhere)."""
+    events = [event for event in events if event[0] != "ping"]
+    test.assertEqual(events[0][0], "message_start")
+    test.assertEqual([name for name, _ in events[-2:]], ["message_delta", "message_stop"])
+    delta_kinds = {"text": "text_delta", "thinking": "thinking_delta",
+                   "tool_use": "input_json_delta"}
+    open_block, next_index = None, 0
+    for name, data in events[1:-2]:
+        test.assertEqual(name, data["type"])
+        if name == "content_block_start":
+            test.assertIsNone(open_block, "blocks interleaved")
+            test.assertEqual(data["index"], next_index)
+            open_block = data["content_block"]["type"]
+        elif name == "content_block_delta":
+            test.assertEqual(data["index"], next_index)
+            test.assertEqual(data["delta"]["type"], delta_kinds[open_block])
+        else:
+            test.assertEqual(name, "content_block_stop")
+            test.assertEqual(data["index"], next_index)
+            open_block, next_index = None, next_index + 1
+    test.assertIsNone(open_block)
+
+
+def anthropic_blocks(events):
+    """Rebuild the content blocks a client would assemble from events."""
+    blocks = []
+    for name, data in events:
+        if name == "content_block_start":
+            block = dict(data["content_block"])
+            if block["type"] == "tool_use":
+                block["partial"] = ""
+            blocks.append(block)
+        elif name == "content_block_delta":
+            delta, block = data["delta"], blocks[data["index"]]
+            if delta["type"] == "text_delta":
+                block["text"] += delta["text"]
+            elif delta["type"] == "thinking_delta":
+                block["thinking"] += delta["thinking"]
+            else:
+                block["partial"] += delta["partial_json"]
+    for block in blocks:
+        if block["type"] == "tool_use":
+            block["input"] = json.loads(block.pop("partial") or "{}")
+    return blocks
+
+
+class MessagesRequestTranslationTest(unittest.TestCase):
+    """Anthropic Messages request -> chat completions request."""
+
+    def translate(self, body):
+        return llm_relay.messages_to_chat_request(body)
+
+    def test_claude_code_conversation(self):
+        body = {
+            "model": "claude-sonnet-4-5", "max_tokens": 32000, "stream": True,
+            "system": [{"type": "text", "text": "You are Claude Code."},
+                       {"type": "text", "text": "Be brief.",
+                        "cache_control": {"type": "ephemeral"}}],
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "list files",
+                                              "cache_control": {"type": "ephemeral"}}]},
+                {"role": "system", "content": "# Environment\ncwd: /w"},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "hmm", "signature": "sig"},
+                    {"type": "redacted_thinking", "data": "xyz"},
+                    {"type": "text", "text": "Running two tools."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                     "input": {"command": "ls"}},
+                    {"type": "tool_use", "id": "toolu_2", "name": "Read",
+                     "input": {"file_path": "/w/a.png"}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1",
+                     "content": "a.png\nb.txt", "cache_control": {"type": "ephemeral"}},
+                    {"type": "tool_result", "tool_use_id": "toolu_2", "is_error": True,
+                     "content": [{"type": "text", "text": "too big"},
+                                 {"type": "image", "source": {
+                                     "type": "base64", "media_type": "image/png",
+                                     "data": "iVBOR"}}]},
+                    {"type": "text", "text": "<system-reminder>go on</system-reminder>"}]},
+            ],
+            "tools": [{"name": "Bash", "description": "Run a command",
+                       "input_schema": {"type": "object", "properties": {
+                           "command": {"type": "string"}}},
+                       "cache_control": {"type": "ephemeral"}},
+                      {"type": "web_search_20250305", "name": "web_search"}],
+            "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
+            "metadata": {"user_id": "user-7"},
+            "thinking": {"type": "adaptive"}, "output_config": {"effort": "medium"},
+            "context_management": {"edits": []},
+            "stop_sequences": ["</answer>"], "temperature": 0.2, "top_k": 40,
+        }
+        translated = self.translate(body)
+        chat = translated.body
+        self.assertEqual(chat["messages"], [
+            {"role": "system", "content":
+             "You are Claude Code.\n\nBe brief.\n\n# Environment\ncwd: /w"},
+            {"role": "user", "content": "list files"},
+            {"role": "assistant", "content": "Running two tools.", "tool_calls": [
+                {"id": "toolu_1", "type": "function", "function": {
+                    "name": "Bash", "arguments": "{\"command\":\"ls\"}"}},
+                {"id": "toolu_2", "type": "function", "function": {
+                    "name": "Read", "arguments": "{\"file_path\":\"/w/a.png\"}"}}]},
+            {"role": "tool", "tool_call_id": "toolu_1", "content": "a.png\nb.txt"},
+            {"role": "tool", "tool_call_id": "toolu_2", "content": "Error: too big"},
+            {"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}},
+                {"type": "text", "text": "<system-reminder>go on</system-reminder>"}]},
+        ])
+        self.assertEqual(chat["tools"], [{"type": "function", "function": {
+            "name": "Bash", "description": "Run a command", "parameters": {
+                "type": "object", "properties": {"command": {"type": "string"}}}}}])
+        self.assertEqual(chat["tool_choice"], "auto")
+        self.assertIs(chat["parallel_tool_calls"], False)
+        self.assertEqual(chat["stop"], ["</answer>"])
+        self.assertEqual(translated.stop_sequences, ("</answer>",))
+        self.assertEqual((chat["max_tokens"], chat["temperature"], chat["top_k"],
+                          chat["user"], chat["reasoning_effort"]),
+                         (32000, 0.2, 40, "user-7", "medium"))
+        self.assertEqual(chat["stream_options"], {"include_usage": True})
+        for key in ("system", "metadata", "thinking", "output_config",
+                    "context_management", "stop_sequences"):
+            self.assertNotIn(key, chat)
+        self.assertNotIn("cache_control", json.dumps(chat))
+        self.assertEqual(translated.notes, ["tools web_search (not client tools)"])
+
+    def test_tool_choice_and_thinking_budgets(self):
+        tools = [{"name": "f", "input_schema": {"type": "object"}}]
+        cases = [({"type": "any"}, "required"), ({"type": "none"}, "none"),
+                 ({"type": "tool", "name": "f"},
+                  {"type": "function", "function": {"name": "f"}})]
+        for choice, expected in cases:
+            chat = self.translate({"model": "m", "messages": [], "tools": tools,
+                                   "tool_choice": choice}).body
+            self.assertEqual(chat["tool_choice"], expected)
+        for budget, effort in ((1024, "low"), (8000, "medium"), (32000, "high")):
+            chat = self.translate({"model": "m", "messages": [], "thinking": {
+                "type": "enabled", "budget_tokens": budget}}).body
+            self.assertEqual(chat["reasoning_effort"], effort)
+        chat = self.translate({"model": "m", "messages": [],
+                               "thinking": {"type": "disabled"}}).body
+        self.assertNotIn("reasoning_effort", chat)
+        self.assertNotIn("stream", chat)
+
+    def test_image_url_and_string_content(self):
+        chat = self.translate({"model": "m", "system": "sys", "messages": [
+            {"role": "user", "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image", "source": {"type": "url",
+                                             "url": "https://x/cat.jpg"}}]},
+            {"role": "assistant", "content": "a cat"}]}).body
+        self.assertEqual(chat["messages"], [
+            {"role": "system", "content": "sys"},
+            {"role": "user", "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": "https://x/cat.jpg"}}]},
+            {"role": "assistant", "content": "a cat"}])
+
+    def test_unknown_blocks_are_noted(self):
+        translated = self.translate({"model": "m", "messages": [
+            {"role": "user", "content": [{"type": "search_result", "x": 1},
+                                         {"type": "text", "text": "hi"}]}]})
+        self.assertEqual(translated.body["messages"], [{"role": "user", "content": "hi"}])
+        self.assertEqual(translated.notes, ["user block search_result"])
+
+
+class MessagesAnswerTranslationTest(unittest.TestCase):
+    """Chat completions answers -> Anthropic Messages answers."""
+
+    def answer(self, message, finish_reason="stop", usage=None, **choice):
+        chat = {"id": "chatcmpl-1", "object": "chat.completion", "model": "qwen3",
+                "choices": [dict({"index": 0, "message": message,
+                                  "finish_reason": finish_reason}, **choice)]}
+        if usage is not None:
+            chat["usage"] = usage
+        return chat
+
+    def test_reasoning_text_and_tool_calls(self):
+        chat = self.answer({"role": "assistant", "reasoning_content": "think",
+                            "content": "Let me check.", "tool_calls": [
+                                {"id": "call_1", "type": "function", "function": {
+                                    "name": "Bash", "arguments": "{\"command\":\"ls\"}"}},
+                                {"id": "call_2", "type": "function", "function": {
+                                    "name": "Read", "arguments": "not json"}}]},
+                           usage={"prompt_tokens": 50, "completion_tokens": 9,
+                                  "total_tokens": 59,
+                                  "prompt_tokens_details": {"cached_tokens": 20}})
+        message = llm_relay.chat_to_messages_response(chat, "claude-x", message_id="msg_1")
+        self.assertEqual(message, {
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "qwen3",
+            "content": [
+                {"type": "thinking", "thinking": "think", "signature": ""},
+                {"type": "text", "text": "Let me check."},
+                {"type": "tool_use", "id": "call_1", "name": "Bash",
+                 "input": {"command": "ls"}},
+                {"type": "tool_use", "id": "call_2", "name": "Read",
+                 "input": {"arguments": "not json"}}],
+            # "stop" from the upstream, but tool_use blocks went out
+            "stop_reason": "tool_use", "stop_sequence": None,
+            "usage": {"input_tokens": 30, "output_tokens": 9,
+                      "cache_read_input_tokens": 20}})
+
+    def test_think_tags_in_content(self):
+        chat = self.answer({"role": "assistant",
+                            "content": "<think>\nstep 1\n</think>\n\nThe answer."})
+        content = llm_relay.chat_to_messages_response(chat, "m")["content"]
+        self.assertEqual(content, [{"type": "thinking", "thinking": "\nstep 1\n",
+                                    "signature": ""},
+                                   {"type": "text", "text": "The answer."}])
+
+    def test_stop_reasons_and_missing_usage(self):
+        length = llm_relay.chat_to_messages_response(self.answer(
+            {"role": "assistant", "content": "cut"}, "length"), "m")
+        self.assertEqual(length["stop_reason"], "max_tokens")
+        self.assertEqual(length["usage"], {"input_tokens": 0, "output_tokens": 0})
+        matched = llm_relay.chat_to_messages_response(self.answer(
+            {"role": "assistant", "content": "x"}, "stop", stop_reason="END"), "m",
+            stop_sequences=("END",))
+        self.assertEqual((matched["stop_reason"], matched["stop_sequence"]),
+                         ("stop_sequence", "END"))
+        plain = llm_relay.chat_to_messages_response(self.answer(
+            {"role": "assistant", "content": None}, "stop"), "asked")
+        self.assertEqual((plain["stop_reason"], plain["content"], plain["model"]),
+                         ("end_turn", [], "qwen3"))
+
+
+class ThinkTagSplitterTest(unittest.TestCase):
+    def split(self, pieces):
+        splitter = llm_relay.ThinkTagSplitter()
+        out = []
+        for piece in pieces:
+            out += splitter.feed(piece)
+        return llm_relay.collect_pieces(out + splitter.flush())
+
+    def test_tags_split_at_every_position(self):
+        text = "<think>a<b</think>\n\nanswer <think> kept"
+        for cut in range(1, len(text)):
+            self.assertEqual(self.split([text[:cut], text[cut:]]),
+                             [["thinking", "a<b"], ["text", "answer <think> kept"]],
+                             "cut at %d" % cut)
+        self.assertEqual(self.split(list(text)),
+                         [["thinking", "a<b"], ["text", "answer <think> kept"]])
+
+    def test_text_without_tags_and_unclosed_reasoning(self):
+        self.assertEqual(self.split(["  <thi", "nk", "ing is fun"]),
+                         [["text", "  <thinking is fun"]])
+        self.assertEqual(self.split(["<think>never closed</th"]),
+                         [["thinking", "never closed</th"]])
+        self.assertEqual(self.split(["<", "t"]), [["text", "<t"]])
+
+
+class MessagesStreamTranslationTest(unittest.TestCase):
+    """Chat completions SSE -> the Anthropic event grammar."""
+
+    def translator(self, **options):
+        options.setdefault("message_id", "msg_1")
+        return llm_relay.MessagesStreamTranslator("claude-x", **options)
+
+    def test_pitfall_stream(self):
+        events = run_translator(self.translator(input_tokens=7), chat_sse(PITFALL_STREAM))
+        assert_anthropic_grammar(self, events)
+        start = events[0][1]["message"]
+        self.assertEqual((start["id"], start["model"], start["content"], start["usage"]),
+                         ("msg_1", "claude-x", [], {"input_tokens": 7, "output_tokens": 0}))
+        self.assertEqual(anthropic_blocks(events), [
+            {"type": "thinking", "thinking": "Plan: read first.", "signature": ""},
+            {"type": "text", "text": "I will look."},
+            {"type": "tool_use", "id": "call_a", "name": "Read", "input": {"path": "a.txt"}},
+            {"type": "tool_use", "id": "call_b", "name": "Bash", "input": {"command": "ls"}},
+            {"type": "tool_use", "id": "call_c", "name": "Grep", "input": {"q": 1}}])
+        self.assertEqual(events[-2][1], {
+            "type": "message_delta",
+            "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+            "usage": {"input_tokens": 120, "output_tokens": 42}})
+        self.assertEqual(events[-1][1], {"type": "message_stop"})
+        self.assertNotIn(b"[DONE]", json.dumps(events).encode())
+
+    def test_every_line_split_keeps_grammar(self):
+        """Calls without ids at one index, tags split, text after a call."""
+        chunks = [chat_chunk({"content": "<th"}), chat_chunk({"content": "ink>x</thi"}),
+                  chat_chunk({"content": "nk>hi"}),
+                  chat_chunk({"tool_calls": [{"index": 0, "function": {
+                      "name": "a", "arguments": "{}"}}]}),
+                  chat_chunk({"tool_calls": [{"index": 0, "function": {
+                      "name": "b", "arguments": "{\"k\""}}]}),
+                  chat_chunk({"tool_calls": [{"index": 0, "function": {
+                      "arguments": ": 2}"}}]}),
+                  chat_chunk({"content": " done"}, finish_reason="tool_calls")]
+        events = run_translator(self.translator(), chat_sse(chunks, done=False))
+        assert_anthropic_grammar(self, events)
+        blocks = anthropic_blocks(events)
+        self.assertEqual([(b["type"], b.get("name"), b.get("input")) for b in blocks], [
+            ("thinking", None, None), ("text", None, None), ("tool_use", "a", {}),
+            ("tool_use", "b", {"k": 2}), ("text", None, None)])
+        self.assertEqual((blocks[0]["thinking"], blocks[1]["text"], blocks[4]["text"]),
+                         ("x", "hi", " done"))
+        self.assertTrue(blocks[2]["id"].startswith("call_"))
+        self.assertNotEqual(blocks[2]["id"], blocks[3]["id"])
+        self.assertEqual(events[-2][1]["usage"], {"input_tokens": 0, "output_tokens": 0})
+
+    def test_message_delta_waits_for_the_usage_chunk(self):
+        translator = self.translator()
+        translator.start()
+        lines = chat_sse([chat_chunk({"content": "hi"}),
+                          chat_chunk({}, finish_reason="length")])
+        emitted = b"".join(translator.feed_line(line) for line in lines)
+        self.assertNotIn(b"message_delta", emitted)
+        self.assertTrue(translator.done)
+        events = parse_sse_events(translator.finish())
+        self.assertEqual([name for name, _ in events],
+                         ["content_block_stop", "message_delta", "message_stop"])
+        self.assertEqual(events[1][1]["delta"]["stop_reason"], "max_tokens")
+
+    def test_stop_sequence_and_upstream_error(self):
+        events = run_translator(self.translator(stop_sequences=("###",)), chat_sse([
+            chat_chunk({"content": "a"}), chat_chunk({}, "stop", stop_reason="###")]))
+        self.assertEqual(events[-2][1]["delta"],
+                         {"stop_reason": "stop_sequence", "stop_sequence": "###"})
+        translator = self.translator()
+        with self.assertRaises(llm_relay.UpstreamStreamError) as caught:
+            translator.feed_line(b'data: {"error": {"message": "out of memory"}}\n')
+        self.assertEqual(str(caught.exception), "out of memory")
+        self.assertEqual(parse_sse_events(translator.fail("cut")), [
+            ("error", {"type": "error", "error": {"type": "api_error",
+                                                  "message": "cut"}})])
+        self.assertEqual(parse_sse_events(translator.ping()), [("ping", {"type": "ping"})])
+        with self.assertRaises(ValueError):
+            translator.feed_line(b"data: {not json\n")
+
+    def test_comments_and_blank_lines_are_ignored(self):
+        translator = self.translator()
+        for line in (b": keep-alive\n", b"\n", b"event: x\n", b"data:\n"):
+            self.assertEqual(translator.feed_line(line), b"")
+
+
+class ResponsesRequestTranslationTest(unittest.TestCase):
+    """OpenAI Responses request -> chat completions request."""
+
+    APPLY_PATCH = {"type": "custom", "name": "apply_patch",
+                   "description": "Edit files with a patch.",
+                   "format": {"type": "grammar", "syntax": "lark",
+                              "definition": "start: begin_patch hunk+ end_patch"}}
+
+    def test_codex_turn(self):
+        body = {
+            "model": "gpt-5-codex", "instructions": "You are Codex.", "store": False,
+            "stream": True, "include": ["reasoning.encrypted_content"],
+            "prompt_cache_key": "abc", "parallel_tool_calls": False,
+            "reasoning": {"effort": "high", "summary": "auto"},
+            "input": [
+                {"type": "message", "role": "developer", "content": [
+                    {"type": "input_text", "text": "sandbox: workspace-write"}]},
+                {"type": "message", "role": "user", "content": [
+                    {"type": "input_text", "text": "fix the bug"},
+                    {"type": "input_image", "image_url": "data:image/png;base64,AA"}]},
+                {"type": "reasoning", "id": "rs_1", "summary": [],
+                 "encrypted_content": "xx"},
+                {"type": "message", "role": "assistant", "content": [
+                    {"type": "output_text", "text": "Looking."}]},
+                {"type": "function_call", "call_id": "call_1", "name": "shell",
+                 "arguments": "{\"command\":[\"ls\"]}"},
+                {"type": "custom_tool_call", "call_id": "call_2", "name": "apply_patch",
+                 "input": "*** Begin Patch\n*** End Patch\n"},
+                {"type": "function_call_output", "call_id": "call_1", "output": "a.py"},
+                {"type": "custom_tool_call_output", "call_id": "call_2",
+                 "output": "Done!"},
+                {"role": "user", "content": "thanks"},
+            ],
+            "tools": [{"type": "function", "name": "shell", "description": "Run",
+                       "strict": False, "parameters": {"type": "object", "properties": {
+                           "command": {"type": "array"}}}},
+                      self.APPLY_PATCH, {"type": "web_search"},
+                      {"type": "local_shell"}],
+            "tool_choice": "auto", "max_output_tokens": 4096,
+            "text": {"format": {"type": "json_schema", "name": "out", "strict": True,
+                                "schema": {"type": "object"}}},
+            "temperature": 0.1, "top_p": 0.9, "user": "u1",
+        }
+        translated = llm_relay.responses_to_chat_request(body)
+        chat = translated.body
+        self.assertEqual(chat["messages"], [
+            {"role": "system", "content": "You are Codex.\n\nsandbox: workspace-write"},
+            {"role": "user", "content": [
+                {"type": "text", "text": "fix the bug"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]},
+            {"role": "assistant", "content": "Looking.", "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {
+                    "name": "shell", "arguments": "{\"command\":[\"ls\"]}"}},
+                {"id": "call_2", "type": "function", "function": {
+                    "name": "apply_patch",
+                    "arguments": "{\"input\":\"*** Begin Patch\\n*** End Patch\\n\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "a.py"},
+            {"role": "tool", "tool_call_id": "call_2", "content": "Done!"},
+            {"role": "user", "content": "thanks"}])
+        self.assertEqual([tool["function"]["name"] for tool in chat["tools"]],
+                         ["shell", "apply_patch"])
+        patch_parameters = chat["tools"][1]["function"]["parameters"]
+        self.assertEqual(patch_parameters["required"], ["input"])
+        self.assertIn("start: begin_patch hunk+ end_patch",
+                      patch_parameters["properties"]["input"]["description"])
+        self.assertEqual(translated.custom_tools, frozenset(["apply_patch"]))
+        self.assertEqual(translated.notes, ["tools of type web_search, local_shell"])
+        self.assertEqual(chat["response_format"], {"type": "json_schema", "json_schema": {
+            "name": "out", "schema": {"type": "object"}, "strict": True}})
+        self.assertEqual((chat["max_tokens"], chat["reasoning_effort"], chat["tool_choice"],
+                          chat["parallel_tool_calls"], chat["temperature"], chat["top_p"],
+                          chat["user"]), (4096, "high", "auto", False, 0.1, 0.9, "u1"))
+        self.assertEqual((chat["stream"], chat["stream_options"]),
+                         (True, {"include_usage": True}))
+        for key in ("input", "instructions", "store", "include", "prompt_cache_key",
+                    "reasoning", "text", "max_output_tokens"):
+            self.assertNotIn(key, chat)
+
+    def test_string_input_and_named_tool_choice(self):
+        chat = llm_relay.responses_to_chat_request({
+            "model": "m", "input": "hi", "tools": [self.APPLY_PATCH],
+            "tool_choice": {"type": "custom", "name": "apply_patch"},
+            "text": {"format": {"type": "text"}}}).body
+        self.assertEqual(chat["messages"], [{"role": "user", "content": "hi"}])
+        self.assertEqual(chat["tool_choice"], {"type": "function",
+                                               "function": {"name": "apply_patch"}})
+        self.assertNotIn("response_format", chat)
+        self.assertNotIn("stream", chat)
+
+    def test_state_is_refused(self):
+        for extra, param in (({"previous_response_id": "resp_1"}, "previous_response_id"),
+                             ({"store": True}, "store"),
+                             ({"conversation": "conv_1"}, "conversation")):
+            with self.assertRaises(llm_relay.RelayError) as caught:
+                llm_relay.responses_to_chat_request(dict({"model": "m", "input": "x"},
+                                                         **extra))
+            self.assertEqual((caught.exception.status, caught.exception.param),
+                             (400, param))
+            self.assertIn("stateless", caught.exception.message)
+
+
+class ResponsesAnswerTranslationTest(unittest.TestCase):
+    """Chat completions answers -> Responses API objects and events."""
+
+    REQUEST = {"model": "gpt-5-codex", "input": "x", "tools": []}
+
+    def test_whole_answer(self):
+        chat = {"id": "c", "model": "qwen3", "choices": [{"index": 0, "finish_reason":
+                "tool_calls", "message": {
+                    "role": "assistant", "content": "<think>why</think>Patching.",
+                    "tool_calls": [
+                        {"id": "call_1", "type": "function", "function": {
+                            "name": "apply_patch",
+                            "arguments": "{\"input\": \"*** Begin Patch\\n\"}"}},
+                        {"id": "call_2", "type": "function", "function": {
+                            "name": "shell", "arguments": "{\"command\": [\"ls\"]}"}}]}}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+        response = llm_relay.chat_to_responses_response(
+            chat, "gpt-5-codex", self.REQUEST, frozenset(["apply_patch"]),
+            response_id="resp_1", created_at=5)
+        self.assertEqual((response["id"], response["object"], response["status"],
+                          response["model"], response["created_at"]),
+                         ("resp_1", "response", "completed", "qwen3", 5))
+        output = [dict((key, value) for key, value in item.items() if key != "id")
+                  for item in response["output"]]
+        self.assertEqual(output, [
+            {"type": "reasoning", "summary": [{"type": "summary_text", "text": "why"}]},
+            {"type": "message", "status": "completed", "role": "assistant", "content": [
+                {"type": "output_text", "text": "Patching.", "annotations": [],
+                 "logprobs": []}]},
+            {"type": "custom_tool_call", "status": "completed", "call_id": "call_1",
+             "name": "apply_patch", "input": "*** Begin Patch\n"},
+            {"type": "function_call", "status": "completed", "call_id": "call_2",
+             "name": "shell", "arguments": "{\"command\": [\"ls\"]}"}])
+        self.assertEqual(response["usage"], {
+            "input_tokens": 10, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": 15})
+
+    def test_length_is_incomplete(self):
+        chat = {"choices": [{"index": 0, "finish_reason": "length",
+                             "message": {"role": "assistant", "content": "cut"}}]}
+        response = llm_relay.chat_to_responses_response(chat, "m", self.REQUEST)
+        self.assertEqual((response["status"], response["incomplete_details"]),
+                         ("incomplete", {"reason": "max_output_tokens"}))
+        self.assertEqual(response["usage"]["total_tokens"], 0)
+
+    def assert_responses_grammar(self, events):
+        self.assertEqual([data["sequence_number"] for _, data in events],
+                         list(range(len(events))))
+        self.assertEqual([name for name, _ in events[:2]],
+                         ["response.created", "response.in_progress"])
+        open_item, next_index = None, 0
+        for name, data in events:
+            self.assertEqual(name, data["type"])
+            if name == "response.output_item.added":
+                self.assertIsNone(open_item)
+                self.assertEqual(data["output_index"], next_index)
+                open_item = data["item"]["id"]
+            elif name == "response.output_item.done":
+                self.assertEqual(data["item"]["id"], open_item)
+                open_item, next_index = None, next_index + 1
+            elif "item_id" in data:
+                self.assertEqual((data["item_id"], data["output_index"]),
+                                 (open_item, next_index))
+        self.assertIsNone(open_item)
+
+    def test_stream(self):
+        chunks = PITFALL_STREAM[:4] + [
+            chat_chunk({"tool_calls": [{"index": 2, "id": "call_p", "function": {
+                "name": "apply_patch", "arguments": "{\"input\": \"*** Begin"}}]}),
+            chat_chunk({"tool_calls": [{"index": 2, "function": {
+                "arguments": " Patch\\n\"}"}}]})] + PITFALL_STREAM[5:]
+        translator = llm_relay.ResponsesStreamTranslator(
+            "gpt-5-codex", self.REQUEST, frozenset(["apply_patch"]), "resp_1", 5)
+        events = run_translator(translator, chat_sse(chunks))
+        self.assert_responses_grammar(events)
+        names = [name for name, _ in events]
+        self.assertEqual(names[-1], "response.completed")
+        self.assertIn("response.custom_tool_call_input.done", names)
+        self.assertEqual(names[2:6], ["response.output_item.added",
+                                      "response.reasoning_summary_part.added",
+                                      "response.reasoning_summary_text.delta",
+                                      "response.reasoning_summary_text.delta"])
+        final = events[-1][1]["response"]
+        self.assertEqual([(item["type"], item.get("name")) for item in final["output"]], [
+            ("reasoning", None), ("message", None), ("custom_tool_call", "apply_patch"),
+            ("function_call", "Read"), ("function_call", "Bash"), ("function_call", "Grep")])
+        self.assertEqual(final["output"][1]["content"][0]["text"], "I will ")
+        self.assertEqual(final["output"][2]["input"], "*** Begin Patch\n")
+        self.assertEqual(final["output"][3]["arguments"], "{\"path\": \"a.txt\"}")
+        self.assertEqual(final["usage"]["total_tokens"], 162)
+        done = [data for name, data in events if name.endswith("output_item.done")]
+        self.assertEqual([item["item"] for item in done], final["output"])
+        arguments = "".join(data["delta"] for name, data in events if name ==
+                            "response.function_call_arguments.delta" and
+                            data["item_id"] == final["output"][5]["id"])
+        self.assertEqual(arguments, "{\"q\": 1}")
+        text = [data for name, data in events if name == "response.output_text.done"]
+        self.assertEqual(text[0]["text"], "I will ")
+        self.assertEqual(events[0][1]["response"]["status"], "in_progress")
+
+    def test_incomplete_and_failed(self):
+        translator = llm_relay.ResponsesStreamTranslator("m", self.REQUEST)
+        events = run_translator(translator, chat_sse([
+            chat_chunk({"content": "a"}), chat_chunk({}, "length")]))
+        self.assertEqual(events[-1][0], "response.incomplete")
+        self.assertEqual(events[-1][1]["response"]["status"], "incomplete")
+        translator = llm_relay.ResponsesStreamTranslator("m", self.REQUEST)
+        translator.start()
+        translator.feed_line(chat_sse([chat_chunk({"content": "a"})])[0])
+        failed = parse_sse_events(translator.fail("upstream dropped"))
+        self.assertEqual(failed[0][0], "response.failed")
+        self.assertEqual(failed[0][1]["sequence_number"], 5)
+        self.assertEqual(failed[0][1]["response"]["error"],
+                         {"code": "server_error", "message": "upstream dropped"})
+        self.assertEqual(failed[0][1]["response"]["status"], "failed")
+
+
 ###############################################################################
 # Fake upstream ###############################################################
 ###############################################################################
