@@ -2817,12 +2817,43 @@ def read_response_body(response, upstream, max_bytes):
 # Model list ##################################################################
 ###############################################################################
 
+class NoModelList(Exception):
+    """An upstream answered GET /models without an OpenAI model list: it has
+    no such endpoint (404, 405) or sent something else with 200 (an HTML
+    page).  Its models are left out; the aliases are still listed."""
+
+    def __init__(self, upstream, reason):
+        Exception.__init__(self)
+        self.message = "upstream %s (%s) has no model list: %s" % (
+            upstream.name, upstream.url, reason)
+
+
+def parse_model_list(status, data):
+    """Return the OpenAI model list dict in an upstream's /models answer, or
+    None when it holds none.
+
+    status is the HTTP status (int), data the body (bytes).  A list is a 200
+    JSON object whose "data" is an array (API reference: Models, list).
+    """
+    if status != 200:
+        return None
+    try:
+        listing = json.loads(data.decode("utf-8"))
+    except ValueError:
+        return None
+    if isinstance(listing, dict) and isinstance(listing.get("data"), list):
+        return listing
+    return None
+
+
 def fetch_model_list(pool, upstream, headers):
     """Return an upstream's GET <url>/models list dict.
 
     Waits at most MODELS_TIMEOUT_SECONDS of silence, so one hung upstream
-    cannot hold the merged list for read_timeout.  Raises RelayError, or
-    UpstreamAnswer carrying a non-200 (or non-list) answer to relay as it is.
+    cannot hold the merged list for read_timeout.  Raises NoModelList for a
+    404, 405 or a 200 that is no list; RelayError when unreachable, and
+    UpstreamAnswer carrying any other non-200 answer (401, 500) to relay as
+    it is.
     """
     upstream = upstream._replace(read_timeout=min(upstream.read_timeout,
                                                   MODELS_TIMEOUT_SECONDS))
@@ -2835,29 +2866,31 @@ def fetch_model_list(pool, upstream, headers):
         complete = True
     finally:
         finish_upstream_response(pool, upstream, response, connection, complete)
-    listing = None
+    listing = parse_model_list(response.status, data)
+    if listing is not None:
+        return listing
+    if response.status in (404, 405):
+        raise NoModelList(upstream, "GET /models answered %d" % response.status)
     if response.status == 200:
-        try:
-            listing = json.loads(data.decode("utf-8"))
-        except ValueError:
-            pass
-    if not (isinstance(listing, dict) and isinstance(listing.get("data"), list)):
-        raise UpstreamAnswer(response, data, upstream)
-    return listing
+        raise NoModelList(upstream, "GET /models answered %s, not a model list"
+                          % (media_type(response.getheader("Content-Type"))
+                             or "an untyped body"))
+    raise UpstreamAnswer(response, data, upstream)
 
 
 def fetch_model_lists(pool, upstreams, headers_for):
     """Fetch several upstreams' model lists at once.
 
     headers_for(upstream) gives each request's headers.  Returns one result
-    per upstream, in order: the list dict, or the RelayError it failed with.
+    per upstream, in order: the list dict, or the NoModelList or RelayError
+    it failed with.
     """
     results = [None] * len(upstreams)
 
     def fetch(position, upstream):
         try:
             results[position] = fetch_model_list(pool, upstream, headers_for(upstream))
-        except RelayError as error:
+        except (NoModelList, RelayError) as error:
             results[position] = error
     if len(upstreams) == 1:
         fetch(0, upstreams[0])
@@ -3062,8 +3095,9 @@ def usage_from_json(data):
 
 
 def check_upstream_ready(upstream, timeout_seconds=READY_TIMEOUT_SECONDS):
-    """Return None when an upstream answers GET <base>/models with 200 within
-    timeout_seconds, else a short reason (str)."""
+    """Return None when an upstream answers GET <base>/models with any HTTP
+    response within timeout_seconds (a 404 from a server without /models is
+    up too), else a short reason (str): refused, timeout, invalid."""
     connection_class = (http.client.HTTPSConnection if upstream.scheme == "https"
                         else http.client.HTTPConnection)
     options = {"context": upstream.ssl_context} if upstream.ssl_context else {}
@@ -3074,9 +3108,8 @@ def check_upstream_ready(upstream, timeout_seconds=READY_TIMEOUT_SECONDS):
         headers["Authorization"] = "Bearer " + upstream.api_key
     try:
         connection.request("GET", upstream.base_path + "/models", headers=headers)
-        response = connection.getresponse()
-        response.read()
-        return None if response.status == 200 else "answered %d" % response.status
+        connection.getresponse().close()
+        return None
     except Exception as error:
         failure = upstream_failure(upstream, error) if isinstance(
             error, (OSError, http.client.HTTPException)) else error
@@ -3085,19 +3118,40 @@ def check_upstream_ready(upstream, timeout_seconds=READY_TIMEOUT_SECONDS):
         connection.close()
 
 
-def check_readiness(config):
+def route_chains(config):
+    """Return {route name: upstream chain} for every route a request can take:
+    each rule's chain by its path (model_rules[2]), and "default" for
+    requests no rule matches when there is no "default" rule."""
+    chains = collections.OrderedDict(
+        (rule.path, rule.upstreams) for rule in config.rules)
+    if config.rule_index.default is None:
+        chains[DEFAULT_UPSTREAM_NAME] = (DEFAULT_UPSTREAM_NAME,)
+    return chains
+
+
+def routes_down(chains, reasons):
+    """Return the route names (a list) none of whose upstreams is up.
+
+    chains is route_chains' dict; reasons maps upstream name -> None (up)
+    or the reason it is down.
+    """
+    return [route for route, chain in chains.items()
+            if all(reasons.get(name) for name in chain)]
+
+
+def check_readiness(config, timeout_seconds=READY_TIMEOUT_SECONDS):
     """Check every configured upstream at once; return {name: reason or None}."""
-    results = dict((name, "no answer within %g s" % READY_TIMEOUT_SECONDS)
+    results = dict((name, "no answer within %g s" % timeout_seconds)
                    for name in config.upstreams)
 
     def check(name, upstream):
-        results[name] = check_upstream_ready(upstream)
+        results[name] = check_upstream_ready(upstream, timeout_seconds)
     threads = [threading.Thread(target=check, args=item)
                for item in config.upstreams.items()]
     for thread in threads:
         thread.daemon = True
         thread.start()
-    deadline = time.monotonic() + READY_TIMEOUT_SECONDS + 0.5
+    deadline = time.monotonic() + timeout_seconds + 0.5
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
     return dict(results)
@@ -3507,13 +3561,16 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._send_json(200, {"status": "ok"})
 
     def _serve_readiness(self, config, route, query):
-        """Answer GET /health/ready: 200 when every upstream answers /models."""
-        results = check_readiness(config)
+        """Answer GET /health/ready: 200 when every route (see route_chains)
+        has an upstream that answers HTTP, else 503 naming the routes without
+        one; both name every upstream that is down."""
+        results = check_readiness(config, self.server.ready_timeout)
         failing = sorted(name for name, reason in results.items() if reason)
-        self._send_json(503 if failing else 200, {
-            "status": "not ready" if failing else "ready",
+        down = routes_down(route_chains(config), results)
+        self._send_json(503 if down else 200, {
+            "status": "not ready" if down else "ready",
             "upstreams": dict((name, reason or "ok") for name, reason in results.items()),
-            "failing": failing})
+            "failing": failing, "routes_down": down})
 
     def _serve_metrics(self, config, route, query):
         """Answer GET /metrics in the Prometheus text format 0.0.4."""
@@ -3531,17 +3588,18 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                                     upstream_headers(self._request_headers(),
                                                      upstream, config.forward_auth,
                                                      None, self._request_id))
-        if len(results) == 1 and isinstance(results[0], RelayError):
-            raise results[0]  # the only upstream's own answer, or 502/504
-        listings = [result for result in results if isinstance(result, dict)]
-        for result in results:
-            if isinstance(result, RelayError):
-                logger.warning("%s models: left out %s", self._request_id,
-                               result.message)
-        if not listings:
+        failures = [result for result in results if isinstance(result, RelayError)]
+        if len(results) == 1 and failures:
+            raise failures[0]  # the only upstream's own answer, or 502/504
+        if len(failures) == len(results):
             raise RelayError(502, "No upstream answered /models: %s" % "; ".join(
                 result.message for result in results), code="upstream_unreachable")
-        self._send_json(200, merge_model_lists(listings, config))
+        for result in results:
+            if not isinstance(result, dict):
+                logger.warning("%s models: left out %s", self._request_id,
+                               result.message)
+        self._send_json(200, merge_model_lists(
+            [result for result in results if isinstance(result, dict)], config))
 
     def _serve_one_model(self, config, route, query):
         """Answer GET /v1/models/{id}: an alias here, other ids upstream."""
@@ -4122,6 +4180,7 @@ class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                                else socket.AF_INET)
         self.pool = UpstreamPool()
         self.metrics = Metrics()
+        self.ready_timeout = READY_TIMEOUT_SECONDS  # per upstream, /health/ready
         self.draining = False
         self._grace_deadline = 0.0
         self._grace_ended = False

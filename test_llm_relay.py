@@ -1641,6 +1641,45 @@ class RelayEndpointsTest(RelayTestCase):
         status, _, data = self.request("GET", "/v1/models")
         self.assert_openai_error(status, data, 502, "upstream_unreachable")
 
+    def test_models_without_an_upstream_list_still_lists_the_aliases(self):
+        answers = [
+            (404, "application/json", b'{"detail": "Not Found"}', "answered 404"),
+            (405, "text/plain", b"Method Not Allowed", "answered 405"),
+            (200, "text/html", b"<html><body>llama.cpp web UI</body></html>",
+             "answered text/html, not a model list"),
+            (200, "application/json", b'{"models": [{"name": "llama3"}]}',
+             "answered application/json, not a model list")]
+        current = []
+
+        def answer(handler, recorded):
+            status, content_type, body = current[-1][:3]
+            handler.send_response(status)
+            handler.send_header("Content-Type", content_type)
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+        self.upstream.behaviour = answer
+        self.start_relay(model_rules=[{"match_model": ["gpt-3.5-turbo", "gpt-4*"]},
+                                      {"match_model": "default"}])
+        for item in answers:
+            current.append(item)
+            with self.assertLogs("llm_relay", "WARNING") as logs:
+                status, headers, data = self.request("GET", "/v1/models")
+            self.assertEqual((status, headers["content-type"]),
+                             (200, "application/json"), data)
+            self.assertEqual(json.loads(data.decode("utf-8"))["data"], [
+                {"id": "gpt-3.5-turbo", "object": "model",
+                 "created": self.relay.config.created, "owned_by": "llm-relay"}])
+            warnings = [line for line in logs.output if "WARNING" in line]
+            self.assertEqual(len(warnings), 1, warnings)
+            self.assertIn("has no model list: GET /models " + item[3], warnings[0])
+
+    def test_parse_model_list_accepts_only_an_openai_list(self):
+        self.assertEqual(llm_relay.parse_model_list(200, b'{"data": []}'), {"data": []})
+        for status, data in ((200, b"<html>"), (200, b'{"data": {}}'), (200, b"[]"),
+                             (404, b'{"data": []}'), (200, b"\xff")):
+            self.assertIsNone(llm_relay.parse_model_list(status, data), data)
+
     def test_unknown_path_is_404_and_wrong_method_405_in_openai_shape(self):
         self.start_relay()
         status, _, data = self.request("GET", "/nope")
@@ -3447,25 +3486,65 @@ class MetricsTest(RelayTestCase):
 
 class ReadinessTest(RelayTestCase):
 
-    def test_ready_only_when_every_upstream_answers(self):
+    def ready(self):
+        status, _, data = self.request("GET", "/health/ready")
+        return status, json.loads(data.decode("utf-8"))
+
+    def test_ready_when_the_default_route_answers_and_down_upstreams_are_named(self):
         second = FakeUpstream(self)
         self.start_relay(upstreams={"second": {"url": second.url}}, api_keys=["k"])
-        status, _, data = self.request("GET", "/health/ready")
-        self.assertEqual((status, json.loads(data.decode())), (200, {
+        self.relay.ready_timeout = 0.3
+        self.assertEqual(self.ready(), (200, {
             "status": "ready", "upstreams": {"default": "ok", "second": "ok"},
-            "failing": []}))
-        second.stop()
+            "failing": [], "routes_down": []}))
+        second.stop()  # no rule routes to it: still ready, but named
+        self.assertEqual(self.ready(), (200, {
+            "status": "ready", "upstreams": {"default": "ok", "second": "refused"},
+            "failing": ["second"], "routes_down": []}))
         release = threading.Event()
         self.addCleanup(release.set)
         self.upstream.behaviour = lambda handler, recorded: release.wait(WAIT_SECONDS)
-        started = time.monotonic()
-        status, _, data = self.request("GET", "/health/ready")
-        self.assertLess(time.monotonic() - started, WAIT_SECONDS)
-        answer = json.loads(data.decode())
-        self.assertEqual((status, answer["failing"]), (503, ["default", "second"]), answer)
-        self.assertEqual(answer["upstreams"]["second"], "refused")
+        status, answer = self.ready()
+        self.assertEqual((status, answer["status"], answer["failing"],
+                          answer["routes_down"]),
+                         (503, "not ready", ["default", "second"], ["default"]))
         self.assertEqual(answer["upstreams"]["default"], "timeout")
         self.assertEqual(self.request("GET", "/health")[0], 200)
+
+    def test_an_upstream_without_models_is_up(self):
+        self.upstream.behaviour = lambda handler, recorded: reply_json(
+            handler, {"detail": "Not Found"}, 404)
+        self.start_relay()
+        self.assertEqual(self.ready()[0], 200)
+
+    def test_ready_while_each_rule_chain_has_one_upstream_up(self):
+        second, third = FakeUpstream(self), FakeUpstream(self)
+        self.start_relay(upstreams={"second": {"url": second.url},
+                                    "third": {"url": third.url}},
+                         model_rules=[
+                             {"match_model": "a", "upstream": ["second", "default"]},
+                             {"match_model": "default", "upstream": "third"}])
+        self.relay.ready_timeout = 0.3
+        self.upstream.stop()  # the fallback of one chain; "default" alone is unrouted
+        status, answer = self.ready()
+        self.assertEqual((status, answer["failing"]), (200, ["default"]), answer)
+        second.stop()
+        status, answer = self.ready()
+        self.assertEqual((status, answer["routes_down"], answer["failing"]),
+                         (503, ["model_rules[0]"], ["default", "second"]))
+
+    def test_route_chains_and_routes_down(self):
+        config = config_from({"upstreams": {"b": {"url": "http://b/v1"}},
+                              "model_rules": [{"match_model": "x",
+                                               "upstream": ["b", "default"]}]})
+        chains = llm_relay.route_chains(config)
+        self.assertEqual(list(chains.items()), [
+            ("model_rules[0]", ("b", "default")), ("default", ("default",))])
+        self.assertEqual(llm_relay.routes_down(chains, {"b": "refused",
+                                                        "default": None}), [])
+        self.assertEqual(llm_relay.routes_down(chains, {"b": None,
+                                                        "default": "timeout"}),
+                         ["default"])
 
 
 class OperatorCommandLineTest(CommandLineTest):
