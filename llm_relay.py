@@ -128,11 +128,35 @@ ROUTES = collections.OrderedDict((route.path, route) for route in (
     Route("/models", ("GET",), "_serve_models", True, True),
     Route("/chat/completions", ("POST",), "_forward", True, True),
     Route("/completions", ("POST",), "_forward", True, True),
+    Route("/messages", ("POST",), "_forward", True, True),
+    Route("/messages/count_tokens", ("POST",), "_forward", True, True),
+    Route("/responses", ("POST",), "_forward", True, True),
 ))
 ENDPOINTS = collections.OrderedDict(
     (path, route.methods) for path, route in ROUTES.items())
 UNAUTHENTICATED_PATHS = frozenset(
     path for path, route in ROUTES.items() if not route.needs_key)
+
+# The API a request speaks, known from its route alone (see request_protocol):
+# it decides the shape of the relay's own errors and of a stream's failure
+# event, where token usage is found, and it is named in the access log.
+PROTOCOL_CHAT = "chat"                # OpenAI chat completions
+PROTOCOL_COMPLETIONS = "completions"  # OpenAI legacy completions
+PROTOCOL_MESSAGES = "messages"        # Anthropic Messages API
+PROTOCOL_RESPONSES = "responses"      # OpenAI Responses API
+PROTOCOL_OTHER = "other"              # everything else (OpenAI error shape)
+
+# Anthropic's error "type" for each status the relay answers with itself
+# (Anthropic API reference, "Errors"); the SDKs pick their exception class by
+# status.  Other 4xx are invalid_request_error, other 5xx api_error.
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error",
+    402: "billing_error", 403: "permission_error", 404: "not_found_error",
+    413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+    502: "api_error", 503: "overloaded_error", 504: "api_error",
+    529: "overloaded_error",
+}
+
 CORS_ALLOWED_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 
 logger = logging.getLogger("llm_relay")
@@ -212,6 +236,34 @@ def openai_error(message, error_type="invalid_request_error", code=None,
     """
     return {"error": {"message": message, "type": error_type,
                       "param": param, "code": code}}
+
+
+def anthropic_error(message, error_type="invalid_request_error"):
+    """Return the error body dict of the Anthropic API reference ("Errors").
+
+    Shape: {"type": "error", "error": {"type": str, "message": str}}.
+    """
+    return {"type": "error", "error": {"type": error_type, "message": message}}
+
+
+def anthropic_error_type(status):
+    """Return Anthropic's error "type" for an HTTP status (see
+    ANTHROPIC_ERROR_TYPES)."""
+    return ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500
+                                     else "invalid_request_error")
+
+
+def error_body(protocol, status, message, error_type=None, code=None,
+               param=None):
+    """Return the body dict of an error the relay makes itself, in the
+    request's protocol: Anthropic's shape for PROTOCOL_MESSAGES (its type
+    from the status), OpenAI's for every other protocol (error_type, or
+    server_error for 5xx and invalid_request_error otherwise).
+    """
+    if protocol == PROTOCOL_MESSAGES:
+        return anthropic_error(message, anthropic_error_type(status))
+    return openai_error(message, error_type or (
+        "server_error" if status >= 500 else "invalid_request_error"), code, param)
 
 
 ###############################################################################
@@ -1049,20 +1101,51 @@ def sanitize_request_id(value):
     return None
 
 
-def check_api_key(authorization, api_keys):
-    """Return True when "Bearer <key>" names one of api_keys (bytes).
+def client_credential(authorization, x_api_key):
+    """Return the key a client presented (str), or None.
+
+    The OpenAI SDKs and Claude Code's ANTHROPIC_AUTH_TOKEN send
+    "Authorization: Bearer <key>"; the Anthropic SDKs and ANTHROPIC_API_KEY
+    send "x-api-key: <key>".  A Bearer token wins when both are there.
+    """
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    if x_api_key and x_api_key.strip():
+        return x_api_key.strip()
+    return None
+
+
+def check_api_key(credential, api_keys):
+    """Return True when credential (str or None; see client_credential) is
+    one of api_keys (bytes).
 
     Every key is compared in constant time (hmac.compare_digest), so the
     answer's timing does not tell how much of a key matched.
     """
-    scheme, _, token = (authorization or "").strip().partition(" ")
-    if scheme.lower() != "bearer":
+    if credential is None:
         return False
-    token = token.strip().encode("utf-8", "surrogateescape")
+    token = credential.encode("utf-8", "surrogateescape")
     matched = False
     for key in api_keys:
         matched |= hmac.compare_digest(token, key)
     return matched
+
+
+def request_protocol(route):
+    """Return the PROTOCOL_* a request speaks, from its route path (without
+    the /v1 prefix): /chat/completions, /completions, /messages and every
+    path under it (count_tokens, batches), /responses and every path under it.
+    """
+    if route == "/chat/completions":
+        return PROTOCOL_CHAT
+    if route == "/completions":
+        return PROTOCOL_COMPLETIONS
+    if route == "/messages" or route.startswith("/messages/"):
+        return PROTOCOL_MESSAGES
+    if route == "/responses" or route.startswith("/responses/"):
+        return PROTOCOL_RESPONSES
+    return PROTOCOL_OTHER
 
 
 def split_route(target):
@@ -2371,6 +2454,47 @@ def sse_error_event(message, error_type="server_error", code=None):
     return b"data: " + serialize_json(openai_error(message, error_type, code)) + b"\n\n"
 
 
+def stream_failure_event(protocol, status, message, error_type=None, code=None,
+                         response=None, sequence_number=None):
+    """Return the SSE event that ends a stream its upstream failed mid-way,
+    in the request's protocol, as bytes (the status line has gone out).
+
+    PROTOCOL_MESSAGES: "event: error" with Anthropic's error object (Messages
+    API, "Streaming messages": error events).  PROTOCOL_RESPONSES:
+    "event: response.failed" whose response object (response: the one the
+    stream announced, a dict, else a minimal one) has status "failed" and an
+    error {"code", "message"} (Responses API, streaming events); its
+    sequence_number follows the last event's when known.  Other protocols:
+    data: {"error": {...}} as OpenAI's streams carry errors.
+    """
+    if protocol == PROTOCOL_MESSAGES:
+        return b"event: error\ndata: " + serialize_json(anthropic_error(
+            message, anthropic_error_type(status))) + b"\n\n"
+    if protocol == PROTOCOL_RESPONSES:
+        failed = failed_response(response, message, code or (
+            "server_error" if status >= 500 else "invalid_request"))
+        event = collections.OrderedDict((("type", "response.failed"),))
+        if sequence_number is not None:
+            event["sequence_number"] = sequence_number
+        event["response"] = failed
+        return b"event: response.failed\ndata: " + serialize_json(event) + b"\n\n"
+    return sse_error_event(message, error_type or (
+        "server_error" if status >= 500 else "invalid_request_error"), code)
+
+
+def failed_response(response, message, code):
+    """Return a Responses API response object marked failed: a copy of
+    response (dict or None) with status "failed" and error {code, message}.
+    A minimal object (id, object, created_at, status, error, output, usage)
+    stands in when the stream announced none."""
+    failed = collections.OrderedDict(response if isinstance(response, dict) else (
+        ("id", "resp_" + new_request_id()), ("object", "response"),
+        ("created_at", int(time.time())), ("output", []), ("usage", None)))
+    failed["status"] = "failed"
+    failed["error"] = {"code": code, "message": message}
+    return failed
+
+
 def event_boundary(last_line):
     """Return the bytes that end the SSE event in progress after last_line,
     so that a following event stands on its own (WHATWG HTML: an event ends
@@ -3304,6 +3428,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._request_id = None
         self._upstream_request_id = None
         self._route = None
+        self._protocol = PROTOCOL_OTHER
         self._model_asked = None
         self._parsed_body = None
         self._chunked_response = False
@@ -3417,6 +3542,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         """
         route, query = split_route(self.path)
         self._route = route
+        self._protocol = request_protocol(route)
+        if route not in ROUTES or ROUTES[route].under_v1:  # not /health, /metrics
+            self.log_fields["protocol"] = self._protocol
         allowed = ENDPOINTS.get(route)
         if self.command == "OPTIONS":
             return route, query
@@ -3429,10 +3557,12 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 ", ".join(allowed)),
                 code="method_not_allowed", headers=[("Allow", ", ".join(allowed))])
         if config.api_keys and route not in UNAUTHENTICATED_PATHS and not check_api_key(
-                self._header("authorization"), config.api_keys):
+                client_credential(self._header("authorization"),
+                                  self._header("x-api-key")), config.api_keys):
             raise RelayError(401, "Incorrect or missing API key. Send "
-                             "'Authorization: Bearer <key>' with one of the "
-                             "relay's api_keys.", code="invalid_api_key",
+                             "'Authorization: Bearer <key>' or 'x-api-key: <key>' "
+                             "with one of the relay's api_keys.",
+                             code="invalid_api_key",
                              headers=[("WWW-Authenticate", "Bearer")])
         self._body_length(config)
         return route, query
@@ -3937,8 +4067,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.log_fields["error"] = failure.message
         self._count_upstream_failure(upstream, failure.kind)
         logger.warning("%s stream ended early: %s", self._request_id, failure.message)
-        self._write_chunk(event_boundary(last_line) + sse_error_event(
-            failure.message, failure.error_type, failure.code))
+        self._write_chunk(event_boundary(last_line) + stream_failure_event(
+            self._protocol, failure.status, failure.message, failure.error_type,
+            failure.code))
         self._finish_chunks()
         return True
 
@@ -4074,7 +4205,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     # -- errors and logging -----------------------------------------------------------
 
     def _send_relay_error(self, error):
-        """Answer a RelayError in OpenAI's error shape, or end a started stream."""
+        """Answer a RelayError in the request protocol's error shape (see
+        error_body), or end a started stream."""
         if self.tracked.aborted:
             error = RelayError(503, "The relay is shutting down.",
                                code="shutting_down")
@@ -4085,8 +4217,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if not self._body_read and self._declares_body():
             self.close_connection = True  # unread body bytes would be parsed
         headers = list(error.headers)
-        self._send_json(error.status, openai_error(
-            error.message, error.error_type, error.code, error.param), headers)
+        self._send_json(error.status, error_body(
+            self._protocol, error.status, error.message, error.error_type,
+            error.code, error.param), headers)
 
     def _declares_body(self):
         return bool(self._header_values("transfer-encoding")) or (

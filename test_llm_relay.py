@@ -565,10 +565,21 @@ class SmallHelpersTest(unittest.TestCase):
 
     def test_check_api_key(self):
         keys = (b"k1", b"k2")
-        self.assertTrue(llm_relay.check_api_key("Bearer k2", keys))
-        self.assertTrue(llm_relay.check_api_key("bearer  k1 ", keys))
+
+        def check(authorization, x_api_key=None):
+            return llm_relay.check_api_key(llm_relay.client_credential(
+                authorization, x_api_key), keys)
+        self.assertTrue(check("Bearer k2"))
+        self.assertTrue(check("bearer  k1 "))
+        self.assertTrue(check(None, "k1"))
+        self.assertTrue(check("Basic k3", " k2 "))
         for bad in (None, "", "k1", "Basic k1", "Bearer k3", "Bearer k", "Bearer "):
-            self.assertFalse(llm_relay.check_api_key(bad, keys), bad)
+            self.assertFalse(check(bad), bad)
+        for bad in (None, "", " ", "k3", "Bearer k1"):
+            self.assertFalse(check(None, bad), bad)
+        self.assertFalse(check("Bearer wrong", "k1"))  # the Bearer token wins
+        self.assertEqual(llm_relay.client_credential("Bearer a", "b"), "a")
+        self.assertIsNone(llm_relay.client_credential("Bearer  ", " "))
 
     def test_split_route(self):
         self.assertEqual(llm_relay.split_route("/v1/chat/completions?x=1"),
@@ -4053,3 +4064,338 @@ class ThirdReviewRegressionTest(RelayTestCase):
                                   b"Connection: close\r\n\r\n" + chunks + b"0\r\n\r\n")
         self.assertTrue(reply.startswith(b"HTTP/1.1 200"), reply[:100])
         self.assertEqual(self.upstream.last().body, payload)
+
+
+###############################################################################
+# Coding agents: Anthropic Messages and OpenAI Responses #######################
+###############################################################################
+
+def sse_event(name, value):
+    """Return one named SSE event as the lines a native upstream sends."""
+    return [b"event: " + name.encode() + b"\n",
+            b"data: " + json.dumps(value).encode() + b"\n", b"\n"]
+
+
+def anthropic_message(model="m", content=None, stop_reason="end_turn",
+                      usage=None):
+    """A Messages API answer as Ollama/vLLM's native /v1/messages gives it."""
+    return {"id": "msg_1", "type": "message", "role": "assistant", "model": model,
+            "content": content or [{"type": "text", "text": "hello"}],
+            "stop_reason": stop_reason, "stop_sequence": None,
+            "usage": usage or {"input_tokens": 11, "output_tokens": 3,
+                               "cache_read_input_tokens": 5,
+                               "cache_creation_input_tokens": 7}}
+
+
+def anthropic_stream(model="m", text="hello", input_tokens=11, output_tokens=3):
+    """The SSE lines of a streamed Messages API answer with one text block."""
+    return (sse_event("message_start", {"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": model,
+        "content": [], "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": input_tokens, "output_tokens": 1,
+                  "cache_read_input_tokens": 2, "cache_creation_input_tokens": 4}}})
+        + sse_event("content_block_start", {"type": "content_block_start", "index": 0,
+                                            "content_block": {"type": "text", "text": ""}})
+        + sse_event("ping", {"type": "ping"})
+        + sse_event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                            "delta": {"type": "text_delta", "text": text}})
+        + sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        + sse_event("message_delta", {"type": "message_delta", "delta": {
+            "stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": 1}})
+        + sse_event("message_delta", {"type": "message_delta", "delta": {
+            "stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": output_tokens}})
+        + sse_event("message_stop", {"type": "message_stop"}))
+
+
+def responses_object(model="m", output=None, status="completed", usage=None):
+    """A Responses API response object as a native /v1/responses gives it."""
+    return {"id": "resp_1", "object": "response", "created_at": 1, "status": status,
+            "error": None, "incomplete_details": None, "instructions": None,
+            "model": model, "output": output if output is not None else [{
+                "type": "message", "id": "msg_1", "status": "completed",
+                "role": "assistant", "content": [{"type": "output_text",
+                                                  "text": "hello", "annotations": []}]}],
+            "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+            "usage": usage, "metadata": {}}
+
+
+def responses_stream(model="m", text="hello", usage=None):
+    """The SSE lines of a streamed Responses API answer with one message."""
+    usage = usage or {"input_tokens": 13, "output_tokens": 4, "total_tokens": 17,
+                      "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens_details": {"reasoning_tokens": 0}}
+    item = {"type": "message", "id": "msg_1", "status": "in_progress",
+            "role": "assistant", "content": []}
+    done_item = dict(item, status="completed", content=[
+        {"type": "output_text", "text": text, "annotations": []}])
+    events = [
+        ("response.created", {"response": responses_object(model, [], "in_progress")}),
+        ("response.in_progress", {"response": responses_object(model, [], "in_progress")}),
+        ("response.output_item.added", {"output_index": 0, "item": item}),
+        ("response.content_part.added", {"item_id": "msg_1", "output_index": 0,
+                                         "content_index": 0, "part": {
+                                             "type": "output_text", "text": "",
+                                             "annotations": []}}),
+        ("response.output_text.delta", {"item_id": "msg_1", "output_index": 0,
+                                        "content_index": 0, "delta": text}),
+        ("response.output_text.done", {"item_id": "msg_1", "output_index": 0,
+                                       "content_index": 0, "text": text}),
+        ("response.output_item.done", {"output_index": 0, "item": done_item}),
+        ("response.completed", {"response": responses_object(
+            model, [done_item], "completed", usage)}),
+    ]
+    lines = []
+    for number, (name, fields) in enumerate(events):
+        event = {"type": name, "sequence_number": number}
+        event.update(fields)
+        lines += sse_event(name, event)
+    return lines
+
+
+def parse_sse(data):
+    """Return the (event name or None, parsed data) pairs of an SSE body."""
+    events, name = [], None
+    for line in data.decode("utf-8").splitlines():
+        if line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            payload = line[5:].strip()
+            events.append((name, payload if payload == "[DONE]" else json.loads(payload)))
+            name = None
+    return events
+
+
+def native_agent_upstream(handler, recorded):
+    """Answer like Ollama/vLLM's native Messages and Responses endpoints."""
+    body = recorded.json() if recorded.body else {}
+    model = body.get("model")
+    if recorded.path.startswith("/v1/messages"):
+        if body.get("stream"):
+            return reply_sse(handler, anthropic_stream(model))
+        return reply_json(handler, anthropic_message(model))
+    if recorded.path.startswith("/v1/responses"):
+        if body.get("stream"):
+            return reply_sse(handler, responses_stream(model))
+        return reply_json(handler, responses_object(model, usage={
+            "input_tokens": 13, "output_tokens": 4, "total_tokens": 17}))
+    return openai_like(handler, recorded)
+
+
+class ProtocolHelpersTest(unittest.TestCase):
+
+    def test_request_protocol_comes_from_the_route(self):
+        for route, protocol in (("/chat/completions", "chat"),
+                                ("/completions", "completions"),
+                                ("/messages", "messages"),
+                                ("/messages/count_tokens", "messages"),
+                                ("/messages/batches/x", "messages"),
+                                ("/responses", "responses"),
+                                ("/responses/resp_1/cancel", "responses"),
+                                ("/messagesx", "other"), ("/embeddings", "other"),
+                                ("/models", "other")):
+            self.assertEqual(llm_relay.request_protocol(route), protocol, route)
+
+    def test_error_body_uses_anthropic_types_on_messages(self):
+        for status, error_type in ((400, "invalid_request_error"),
+                                   (401, "authentication_error"),
+                                   (403, "permission_error"), (404, "not_found_error"),
+                                   (405, "invalid_request_error"),
+                                   (413, "request_too_large"), (429, "rate_limit_error"),
+                                   (500, "api_error"), (502, "api_error"),
+                                   (503, "overloaded_error"), (504, "api_error"),
+                                   (529, "overloaded_error"), (501, "api_error")):
+            self.assertEqual(llm_relay.error_body("messages", status, "why", code="c"),
+                             {"type": "error", "error": {"type": error_type,
+                                                         "message": "why"}}, status)
+        for protocol in ("chat", "completions", "responses", "other"):
+            self.assertEqual(llm_relay.error_body(protocol, 502, "m", code="c"),
+                             llm_relay.openai_error("m", "server_error", "c"))
+            self.assertEqual(llm_relay.error_body(protocol, 401, "m", None, "k", "p"),
+                             llm_relay.openai_error("m", "invalid_request_error",
+                                                    "k", "p"))
+
+    def test_stream_failure_event_per_protocol(self):
+        event = llm_relay.stream_failure_event("messages", 502, "cut")
+        self.assertEqual(parse_sse(event), [("error", {"type": "error", "error": {
+            "type": "api_error", "message": "cut"}})])
+        self.assertTrue(event.endswith(b"\n\n"))
+        self.assertEqual(parse_sse(llm_relay.stream_failure_event("chat", 504, "slow",
+                                                                  code="t")),
+                         [(None, llm_relay.openai_error("slow", "server_error", "t"))])
+        announced = responses_object("m", [], "in_progress")
+        [(name, failed)] = parse_sse(llm_relay.stream_failure_event(
+            "responses", 502, "cut", code="upstream_error", response=announced,
+            sequence_number=7))
+        self.assertEqual(name, "response.failed")
+        self.assertEqual((failed["type"], failed["sequence_number"]),
+                         ("response.failed", 7))
+        self.assertEqual(failed["response"]["status"], "failed")
+        self.assertEqual(failed["response"]["error"], {"code": "upstream_error",
+                                                       "message": "cut"})
+        self.assertEqual(failed["response"]["id"], "resp_1")
+        self.assertEqual(announced["status"], "in_progress")  # not mutated
+        [(_, minimal)] = parse_sse(llm_relay.stream_failure_event("responses", 504, "x"))
+        self.assertNotIn("sequence_number", minimal)
+        self.assertTrue(minimal["response"]["id"].startswith("resp_"))
+        self.assertEqual((minimal["response"]["object"], minimal["response"]["status"],
+                          minimal["response"]["error"]["code"]),
+                         ("response", "failed", "server_error"))
+
+
+class AgentProtocolErrorsTest(RelayTestCase):
+    """Errors the relay makes itself, in the protocol of the request."""
+
+    def assert_anthropic_error(self, status, data, expected_status, error_type):
+        self.assertEqual(status, expected_status, data)
+        body = json.loads(data.decode("utf-8"))
+        self.assertEqual(set(body), {"type", "error"})
+        self.assertEqual(body["type"], "error")
+        self.assertEqual(body["error"]["type"], error_type)
+        self.assertTrue(body["error"]["message"])
+        return body["error"]["message"]
+
+    def test_relay_errors_on_messages_have_anthropic_shape(self):
+        self.start_relay(api_keys=["k"], max_body_bytes=1000)
+        key = {"x-api-key": "k", "anthropic-version": "2023-06-01"}
+        message = self.assert_anthropic_error(*self.request(
+            "POST", "/v1/messages", {"model": "m"})[::2],
+            expected_status=401, error_type="authentication_error")
+        self.assertIn("x-api-key", message)
+        self.assert_anthropic_error(*self.request(
+            "POST", "/v1/messages/count_tokens", {"model": "m"},
+            {"x-api-key": "wrong"})[::2], expected_status=401,
+            error_type="authentication_error")
+        self.assert_anthropic_error(*self.request(
+            "POST", "/v1/messages", b"{not json", dict(key, **{
+                "Content-Type": "application/json"}))[::2],
+            expected_status=400, error_type="invalid_request_error")
+        self.assert_anthropic_error(*self.request(
+            "POST", "/v1/messages", {"model": "m", "pad": "x" * 2000}, key)[::2],
+            expected_status=413, error_type="request_too_large")
+        self.assert_anthropic_error(*self.request("GET", "/v1/messages", None, key)[::2],
+                                    expected_status=405,
+                                    error_type="invalid_request_error")
+        self.assertEqual(self.upstream.requests, [])
+        self.upstream.stop()
+        self.assert_anthropic_error(*self.request(
+            "POST", "/v1/messages", {"model": "m"}, key)[::2],
+            expected_status=502, error_type="api_error")
+        # The other protocols keep OpenAI's shape.
+        self.assert_openai_error(*self.request("POST", "/v1/responses", {"model": "m"},
+                                               key)[::2], expected_status=502)
+        self.assert_openai_error(*self.request("POST", "/v1/responses", {"model": "m"}
+                                               )[::2], expected_status=401)
+
+    def test_upstream_errors_on_messages_reach_the_client_unchanged(self):
+        upstream_error = {"type": "error", "error": {"type": "overloaded_error",
+                                                     "message": "busy upstream"}}
+        self.upstream.behaviour = lambda handler, recorded: reply_json(
+            handler, upstream_error, 529)
+        self.start_relay()
+        status, _, data = self.request("POST", "/v1/messages", {"model": "m"})
+        self.assertEqual((status, json.loads(data.decode())), (529, upstream_error))
+
+    def test_x_api_key_and_bearer_both_authorize_every_path(self):
+        self.upstream.behaviour = native_agent_upstream
+        self.start_relay(api_keys=["relay-key"])
+        for headers in ({"x-api-key": "relay-key"},
+                        {"Authorization": "Bearer relay-key"}):
+            for method, path, body in (("POST", "/v1/messages", {"model": "m"}),
+                                       ("POST", "/v1/responses", {"model": "m"}),
+                                       ("POST", "/v1/chat/completions", {"model": "m"}),
+                                       ("GET", "/v1/models", None),
+                                       ("POST", "/v1/embeddings", {"model": "m"})):
+                status, _, data = self.request(method, path, body, headers)
+                self.assertEqual(status, 200, (path, headers, data))
+                # Without forward_auth the relay's key never goes upstream.
+                sent = self.upstream.last().headers
+                self.assertIsNone(sent.get("x-api-key"))
+                self.assertIsNone(sent.get("Authorization"))
+
+    def test_forward_auth_forwards_whichever_credential_header_was_sent(self):
+        self.upstream.behaviour = native_agent_upstream
+        self.start_relay(forward_auth=True)
+        self.request("POST", "/v1/messages", {"model": "m"}, {"x-api-key": "sk-ant-1"})
+        sent = self.upstream.last().headers
+        self.assertEqual((sent.get("x-api-key"), sent.get("Authorization")),
+                         ("sk-ant-1", None))
+        self.request("POST", "/v1/messages", {"model": "m"},
+                     {"Authorization": "Bearer sk-2"})
+        sent = self.upstream.last().headers
+        self.assertEqual((sent.get("x-api-key"), sent.get("Authorization")),
+                         (None, "Bearer sk-2"))
+
+
+class AgentAccessLogTest(RelayTestCase):
+
+    def test_access_line_names_the_protocol_and_the_models(self):
+        self.upstream.behaviour = native_agent_upstream
+        self.start_relay(model_rules=[{"match_model": "claude-*",
+                                       "set": {"model": "qwen3-coder"}}])
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            for path in ("/v1/messages", "/v1/responses", "/v1/chat/completions",
+                         "/v1/completions", "/v1/embeddings"):
+                self.request("POST", path, {"model": "claude-sonnet-4-5-20250929"})
+            self.request("GET", "/health")
+            self.wait_for_log(logs, "/v1/embeddings")
+        for path, protocol in (("/v1/messages", "messages"),
+                               ("/v1/responses", "responses"),
+                               ("/v1/chat/completions", "chat"),
+                               ("/v1/completions", "completions"),
+                               ("/v1/embeddings", "other")):
+            self.wait_for_log(logs, "POST %s 200" % path)
+            [line] = [line for line in logs.output if "POST %s 200" % path in line]
+            self.assertIn(" protocol=%s " % protocol, line)
+            self.assertIn(" model=claude-sonnet-4-5-20250929→qwen3-coder", line)
+
+
+class AgentStreamFailureTest(RelayTestCase):
+    """An upstream that fails after the first byte: the protocol's own event."""
+
+    def drop_after(self, lines):
+        def behaviour(handler, recorded):
+            start_chunked(handler)
+            for line in lines:
+                write_chunk(handler, line)
+            handler.close_connection = True
+            handler.wfile.flush()
+            handler.connection.shutdown(socket.SHUT_RDWR)
+        return behaviour
+
+    def streamed(self, path, body):
+        connection = self.connect()
+        connection.request("POST", path, body=json.dumps(body).encode(),
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        self.assertEqual(response.status, 200)
+        return parse_sse(b"".join(read_sse_lines(response)))
+
+    def test_messages_stream_ends_with_an_error_event(self):
+        self.upstream.behaviour = self.drop_after(anthropic_stream("m")[:9])
+        self.start_relay()
+        events = self.streamed("/v1/messages", {"model": "m", "stream": True})
+        self.assertEqual([name for name, _ in events],
+                         ["message_start", "content_block_start", "ping", "error"])
+        self.assertEqual(events[-1][1]["type"], "error")
+        self.assertEqual(events[-1][1]["error"]["type"], "api_error")
+        self.assertIn("mid-stream", events[-1][1]["error"]["message"])
+
+    def test_responses_stream_ends_with_response_failed(self):
+        self.upstream.behaviour = self.drop_after(responses_stream("m")[:12])
+        self.start_relay()
+        events = self.streamed("/v1/responses", {"model": "m", "stream": True})
+        self.assertEqual([name for name, _ in events][-2:],
+                         ["response.content_part.added", "response.failed"])
+        failed = events[-1][1]
+        self.assertEqual(failed["type"], "response.failed")
+        self.assertEqual(failed["response"]["status"], "failed")
+        self.assertIn("mid-stream", failed["response"]["error"]["message"])
+
+    def test_chat_stream_keeps_the_openai_error_event(self):
+        self.upstream.behaviour = self.drop_after(sse_events(2)[:4])
+        self.start_relay()
+        events = self.streamed("/v1/chat/completions", {"model": "m", "stream": True})
+        self.assertEqual(events[-1][0], None)
+        self.assertEqual(events[-1][1]["error"]["type"], "server_error")
