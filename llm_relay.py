@@ -3401,7 +3401,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._in_dispatch = False
 
     def handle_one_request(self):
-        if not self.server.mark_idle(self.tracked):
+        if not self.tracked.wait_for_request():
             self.close_connection = True
             return
         self._reset_request_state()
@@ -3440,7 +3440,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.log_fields = collections.OrderedDict()
 
     def parse_request(self):
-        self.server.mark_reading(self.tracked)
+        self.tracked.request_started()
         return http.server.BaseHTTPRequestHandler.parse_request(self)
 
     def _header_list(self):
@@ -3480,6 +3480,16 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     # -- dispatch ---------------------------------------------------------------
 
     def _serve_request(self):
+        """Serve one request: the error boundary of the handler (do_*).
+
+        A RelayError becomes its OpenAI-shaped answer and an UpstreamAnswer
+        the upstream's own; a client that leaves is logged as 499 with no
+        answer.  Anything unexpected is a bug: the client gets a JSON 500
+        (never http.server's HTML), the log one line, and the traceback
+        appears at debug level only.  Once the head has gone out the status
+        cannot change, so the connection closes instead.  The access line
+        and the request metrics are written in every case.
+        """
         config = self.server.config
         self._in_dispatch = True
         self.server.metrics.request_started()
@@ -3508,7 +3518,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                                                   code="internal_error"))
         finally:
             self._in_dispatch = False
-            self.server.watch_upstream(self.tracked, None)
+            self.tracked.watch(None)
             self._log_access()
             self.server.metrics.request_finished(
                 metrics_path(self._route),
@@ -3519,11 +3529,14 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         _serve_request)
 
     def _route_request(self, config):
+        """Name the request, check it before any body byte is read (see
+        _precheck) and pass it to its endpoint in ROUTES, the alias lookup
+        of GET /v1/models/{id}, or the upstream (_forward)."""
         self._request_id = sanitize_request_id(
             self._header("x-request-id")) or new_request_id()
         route, query = self._precheck(config)
         if not self._declares_body():
-            self.server.mark_busy(self.tracked)
+            self.tracked.request_read()
         if self.command == "OPTIONS":
             return self._answer_options(config)
         endpoint = ROUTES.get(route)  # _precheck allowed its method
@@ -3583,6 +3596,16 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         return self._declared_length
 
     def _check_body_length(self, config):
+        """Decide how the request body is framed, refusing what could be
+        read two ways (request smuggling, RFC 9112 §6.1 and §6.3).
+
+        Only Transfer-Encoding "chunked" is decoded (else 501, and close).
+        Transfer-Encoding and Content-Length together: chunked wins and the
+        connection closes after the answer.  Content-Length must be one
+        decimal number, repeated values equal (else 400); POST, PUT and
+        PATCH need a length (411); a length over max_body_bytes is 413
+        before any body byte is read.  Returns the length, or None (chunked).
+        """
         if self._header_values("transfer-encoding"):
             declared = ",".join(self._header_values("transfer-encoding"))
             codings = [coding.strip().lower() for coding in declared.split(",")]
@@ -3628,7 +3651,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             if len(data) < length:
                 raise ClientDisconnected()
         self._body_read = True
-        self.server.mark_busy(self.tracked)
+        self.tracked.request_read()
         return data
 
     def _read_chunked_body(self, max_body_bytes):
@@ -3821,7 +3844,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if gathered:
             yield bytes(gathered)
         self._body_read = True
-        self.server.mark_busy(self.tracked)
+        self.tracked.request_read()
 
     def _body_blocks(self, length, finishes_body=True):
         """Yield length bytes of the request body in blocks, never holding it
@@ -3838,7 +3861,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             yield block
         if finishes_body:
             self._body_read = True
-            self.server.mark_busy(self.tracked)
+            self.tracked.request_read()
 
     def _open_upstream(self, config, chain, target_suffix, body):
         """Send the request along a fallback chain of upstream names.
@@ -3907,8 +3930,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             return send_upstream_request(
                 self.server.pool, upstream, self.command,
                 upstream.base_path + target_suffix, headers, body,
-                on_connected=lambda sock: self.server.watch_upstream(
-                    self.tracked, sock),
+                on_connected=self.tracked.watch,
                 may_retry=lambda: not (self.tracked.client_gone or self.tracked.aborted))
         except RelayError:
             if self.tracked.client_gone:
@@ -4047,8 +4069,12 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         return False
 
     def _end_stream_with_error(self, upstream, error, last_line):
-        """End a started stream with a final SSE error event; return True
-        (the client's response has ended)."""
+        """End a started SSE stream that the upstream cut: the status has
+        gone out, so the client gets a final SSE error event (after a blank
+        line if the last line did not end an event) and the end of the
+        chunked body (Go's ReverseProxy does the same).  The failure is
+        logged and counted.  Returns True (the client's response has ended).
+        """
         if self.tracked.client_gone:
             raise ClientDisconnected()
         where = "upstream %s (%s)" % (upstream.name, upstream.url)
@@ -4113,7 +4139,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     def _finish_upstream(self, upstream, response, connection, complete):
         """Pool the upstream connection after a complete response, else close
         it at once (so an abandoned generation stops upstream)."""
-        self.server.watch_upstream(self.tracked, None)
+        self.tracked.watch(None)
         finish_upstream_response(self.server.pool, upstream, response, connection,
                                  complete)
 
@@ -4271,28 +4297,84 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 # Server ######################################################################
 ###############################################################################
 
+# Connection tracking: why, and the state of each client connection.
+#
+# Socket timeouts count per operation, so a client that sends one byte every
+# few seconds never trips them (pitfall 8), and a thread blocked reading the
+# upstream cannot notice that its client has left.  Both jobs fall to one
+# housekeeping thread (RelayServer._housekeeping, every
+# HOUSEKEEPING_INTERVAL_SECONDS), which learns from each handler thread
+# through that connection's TrackedConnection:
+#
+#   idle --request line--> reading --whole request read--> busy --answered--+
+#    ^   (client_timeout)           (client_timeout)    (watch(upstream))   |
+#    +----------------------------------------------------------------------+
+#
+# - idle: handle_one_request calls wait_for_request() before each request;
+#   it returns False while the server drains, and the connection closes.
+# - reading: parse_request calls request_started(); the head and the body
+#   must arrive within client_timeout, else housekeeping shuts the socket.
+# - busy: request_read() comes from _route_request for a request without a
+#   body, else from the RequestBodyReader when the last body byte arrived
+#   (for a streamed upload that is inside http.client's send).
+# - While busy, watch(upstream socket) is set by send_upstream_request's
+#   on_connected and cleared (watch(None)) when the upstream is released and
+#   at the end of _serve_request.  If the client hangs up meanwhile,
+#   housekeeping sets client_gone and shuts the upstream socket, so the
+#   upstream stops generating; the end of a drain's grace sets aborted.  The
+#   handler checks both flags before it writes to the client.
+
 PHASE_IDLE, PHASE_READING, PHASE_BUSY = "idle", "reading", "busy"
 
 
 class TrackedConnection(object):
     """What the server knows of one client connection, guarded by its lock.
 
-    phase is idle (waiting for a request), reading (a request is arriving,
-    deadline applies) or busy; upstream_sock is the upstream socket while a
-    response is pending; client_gone is set when the client disconnects and
-    aborted when a shutdown cuts the request.
+    phase is idle, reading or busy (see the diagram above) and deadline the
+    monotonic time by which an idle or reading client must have sent its
+    request; upstream_sock is the upstream socket while a response is
+    pending; client_gone is set when the client disconnects and aborted when
+    a shutdown cuts the request.
     """
 
     __slots__ = ("sock", "phase", "deadline", "upstream_sock", "client_gone",
-                 "aborted")
+                 "aborted", "_server")
 
-    def __init__(self, sock, deadline):
+    def __init__(self, sock, server):
         self.sock = sock
+        self._server = server
         self.phase = PHASE_IDLE
-        self.deadline = deadline
+        self.deadline = time.monotonic() + server.config.client_timeout
         self.upstream_sock = None
         self.client_gone = False
         self.aborted = False  # cut by the end of the shutdown grace
+
+    def wait_for_request(self):
+        """Start waiting for a request; False when draining (stop serving)."""
+        server = self._server
+        with server._lock:
+            if server.draining:
+                return False
+            self.phase = PHASE_IDLE
+            self.deadline = time.monotonic() + server.config.client_timeout
+            return True
+
+    def request_started(self):
+        """A request line arrived: its headers and body get client_timeout."""
+        with self._server._lock:
+            self.phase = PHASE_READING
+            self.deadline = time.monotonic() + self._server.config.client_timeout
+
+    def request_read(self):
+        """The whole request has arrived: stop its client_timeout deadline."""
+        with self._server._lock:
+            self.phase = PHASE_BUSY
+
+    def watch(self, upstream_sock):
+        """While upstream_sock is set, a client disconnect shuts it down, so
+        the upstream stops generating (None: stop watching)."""
+        with self._server._lock:
+            self.upstream_sock = upstream_sock
 
 
 class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -4379,8 +4461,9 @@ class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     # -- connection tracking ----------------------------------------------------------
 
     def track_connection(self, sock):
-        tracked = TrackedConnection(
-            sock, time.monotonic() + self.config.client_timeout)
+        """Return the new TrackedConnection of a client socket (see the
+        connection tracking comment above TrackedConnection)."""
+        tracked = TrackedConnection(sock, self)
         with self._lock:
             self._connections.add(tracked)
         return tracked
@@ -4388,32 +4471,6 @@ class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     def untrack_connection(self, tracked):
         with self._lock:
             self._connections.discard(tracked)
-
-    def mark_idle(self, tracked):
-        """Start waiting for a request; False when draining (stop serving)."""
-        with self._lock:
-            if self.draining:
-                return False
-            tracked.phase = PHASE_IDLE
-            tracked.deadline = time.monotonic() + self.config.client_timeout
-            return True
-
-    def mark_reading(self, tracked):
-        """A request line arrived: its headers and body get client_timeout."""
-        with self._lock:
-            tracked.phase = PHASE_READING
-            tracked.deadline = time.monotonic() + self.config.client_timeout
-
-    def mark_busy(self, tracked):
-        """The whole request has arrived: stop its client_timeout deadline."""
-        with self._lock:
-            tracked.phase = PHASE_BUSY
-
-    def watch_upstream(self, tracked, upstream_sock):
-        """While upstream_sock is set, a client disconnect shuts it down, so
-        the upstream stops generating (None: stop watching)."""
-        with self._lock:
-            tracked.upstream_sock = upstream_sock
 
     # -- housekeeping --------------------------------------------------------------------
 
