@@ -63,7 +63,11 @@ MAX_SSE_LINE_BYTES = 64 * 1024  # longer lines are relayed in pieces
 DONE_TAIL_SECONDS = 0.25  # after data: [DONE], for the upstream's end of body
 COPY_BLOCK_BYTES = 64 * 1024
 MAX_BUFFERED_RESPONSE_BYTES = 16 * 1024 * 1024  # larger bodies stream through
-MAX_HEADER_LINE_BYTES = 4096
+MAX_REQUEST_LINE_BYTES = 65536  # longer request lines are refused with 414
+MAX_FIELD_LINE_BYTES = 8192  # one header or trailer line; then 431
+MAX_FIELD_LINES = 100  # header or trailer fields in one section; then 431
+MAX_CHUNK_LINE_BYTES = 4096  # a chunk-size line with its extensions
+MAX_INTERIM_RESPONSES = 16  # 1xx responses an upstream may send first
 MAX_REQUEST_ID_CHARS = 128
 MAX_JSON_INT_DIGITS = 4300  # CPython 3.11's limit; older ones parse in O(n^2)
 MAX_LOGGED_MODEL_CHARS = 200
@@ -221,6 +225,25 @@ class UpstreamAnswer(RelayError):
             upstream.name, response.status))
         self.data = data
         self.response_headers = list(response.getheaders())
+
+
+class BadMessage(http.client.HTTPException):
+    """An HTTP/1.1 message the relay will not read further (RFC 9112).
+
+    reason says what is wrong (never the offending bytes); status is the
+    answer to a client that sent it: 400 malformed, 413 a body past its
+    limit, 431 a head past its limits, 501 a transfer coding the relay does
+    not decode, 505 another HTTP version.  From an upstream it is a 502.
+    """
+
+    def __init__(self, reason, status=400):
+        http.client.HTTPException.__init__(self, reason)
+        self.reason = reason
+        self.status = status
+
+
+class MessageCutShort(http.client.IncompleteRead):
+    """The peer closed its connection inside a message head or body."""
 
 
 class ClientDisconnected(Exception):
@@ -2311,6 +2334,355 @@ class ResponsesStreamTranslator(object):
 
 _OBS_FOLD = re.compile(r"\r?\n[ \t]+")
 
+# RFC 9110 §5.6.2: a token, the syntax of field names, methods and codings.
+_TOKEN = br"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_IS_TOKEN = re.compile(_TOKEN + br"\Z")
+_DIGITS = re.compile(r"[0-9]+\Z")
+_STR_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+# RFC 9112 §5: field-name ":" OWS field-value OWS, ended by CRLF (or LF,
+# §2.2).  A value is visible ASCII, obs-text, SP and HTAB: never CR, LF, NUL
+# or another control character.  The trailing OWS is stripped afterwards.
+_FIELD_LINE = re.compile(
+    br"(" + _TOKEN + br"):[ \t]*([\t\x20-\x7e\x80-\xff]*)\r?\n\Z")
+# RFC 9112 §3: method SP request-target SP HTTP-version, single spaces.
+_REQUEST_LINE = re.compile(
+    br"(" + _TOKEN + br") ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])\r?\n\Z")
+# RFC 9112 §4; the reason phrase may be missing (many servers omit it).
+_STATUS_LINE = re.compile(
+    br"HTTP/(1\.[01]) ([1-9][0-9]{2})(?: ([\t\x20-\x7e\x80-\xff]*))?\r?\n\Z")
+_QUOTED_STRING = br'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
+# RFC 9112 §7.1: chunk-size [ chunk-ext ] CRLF, nothing before the size and
+# nothing but extensions after it.
+_CHUNK_LINE = re.compile(
+    br"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*" + _TOKEN + br"(?:[ \t]*=[ \t]*(?:"
+    + _TOKEN + br"|" + _QUOTED_STRING + br"))?)*\r\n\Z")
+
+
+class FieldList(object):
+    """Header fields in arrival order, looked up case-insensitively.
+
+    fields is a list of (name, value) str pairs.  Offers the part of
+    email.message.Message's interface that http.server and http.client
+    callers use (get, get_all, items, keys, in, []), without its parser.
+    """
+
+    __slots__ = ("_fields", "_by_name")
+
+    def __init__(self, fields):
+        self._fields = fields
+        by_name = {}
+        for name, value in fields:
+            by_name.setdefault(name.lower(), []).append(value)
+        self._by_name = by_name
+
+    def get(self, name, default=None):
+        values = self._by_name.get(name.lower())
+        return values[0] if values else default
+
+    __getitem__ = get
+
+    def get_all(self, name, default=None):
+        return list(self._by_name.get(name.lower(), ())) or default
+
+    def items(self):
+        return list(self._fields)
+
+    def keys(self):
+        return [name for name, _ in self._fields]
+
+    def values(self):
+        return [value for _, value in self._fields]
+
+    def __contains__(self, name):
+        return name.lower() in self._by_name
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self):
+        return len(self._fields)
+
+
+def read_field_lines(source, section="header"):
+    """Read a field section up to its empty line (RFC 9112 §5, §7.1.2).
+
+    source is a buffered binary file; section names it in messages
+    ("header" or "trailer").  Returns a list of (name, value) str pairs
+    (values decoded as Latin-1, outer whitespace removed).  Raises
+    BadMessage (400 malformed, 431 past MAX_FIELD_LINE_BYTES or
+    MAX_FIELD_LINES) or MessageCutShort when the peer closes first.
+    """
+    fields = []
+    while True:
+        line = source.readline(MAX_FIELD_LINE_BYTES + 1)
+        match = _FIELD_LINE.match(line)
+        if match is None:
+            if line == b"\r\n" or line == b"\n":
+                return fields
+            raise field_line_error(line, section)
+        if len(fields) == MAX_FIELD_LINES:
+            raise BadMessage("more than %d %s fields" % (MAX_FIELD_LINES, section),
+                             431)
+        fields.append((match.group(1).decode("ascii"),
+                       match.group(2).rstrip(b" \t").decode("latin-1")))
+
+
+def field_line_error(line, section):
+    """Return the exception for a line that is not a valid field line."""
+    if not line.endswith(b"\n"):
+        if len(line) > MAX_FIELD_LINE_BYTES:
+            return BadMessage("a %s line longer than %d bytes" % (
+                section, MAX_FIELD_LINE_BYTES), 431)
+        return MessageCutShort(b"")
+    name, colon, _ = line.partition(b":")
+    if line[:1] in (b" ", b"\t"):
+        reason = "obsolete line folding (a %s line starting with whitespace)"
+    elif not colon:
+        reason = "a %s line without a colon"
+    elif name != name.rstrip(b" \t"):
+        reason = "whitespace between a %s name and its colon"
+    elif not _IS_TOKEN.match(name):
+        reason = "a %s name that is not a token"
+    else:
+        reason = "a control character (CR, NUL, ...) in a %s value"
+    return BadMessage(reason % section)
+
+
+def parse_request_line(line):
+    """Split a request line into (method, target, version) str.
+
+    RFC 9112 §3: single spaces, a token method, a visible-ASCII target and
+    HTTP/1.0 or HTTP/1.1.  Raises BadMessage (400, or 505 for another
+    version).
+    """
+    match = _REQUEST_LINE.match(line)
+    if match is None:
+        raise BadMessage("a malformed request line (expected \"METHOD "
+                         "/path HTTP/1.1\" with single spaces)")
+    method, target, version = (part.decode("ascii") for part in match.groups())
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise BadMessage("HTTP version %s is not supported; use HTTP/1.1"
+                         % version, 505)
+    return method, target, version
+
+
+def list_elements(values):
+    """Return the elements of a comma-separated header list (RFC 9110
+    §5.6.1): lowercase, SP/HTAB trimmed, empty elements dropped."""
+    elements = []
+    for value in values:
+        for element in value.split(","):
+            element = element.strip(" \t")
+            if element:
+                elements.append(element.lower())
+    return elements
+
+
+def parse_content_length(values):
+    """Return the body length from every Content-Length value (a list).
+
+    RFC 9112 §6.3: all values must be the same string of digits (a repeated
+    identical value counts once).  Raises BadMessage.
+    """
+    lengths = set(element.strip(" \t") for value in values
+                  for element in value.split(","))
+    if len(lengths) != 1:
+        raise BadMessage("differing Content-Length values")
+    length = lengths.pop()
+    if not _DIGITS.match(length):
+        raise BadMessage("an invalid Content-Length")
+    if len(length) > 18:
+        raise BadMessage("a Content-Length beyond any limit", 413)
+    return int(length)
+
+
+def transfer_codings(values):
+    """Return the Transfer-Encoding codings (lowercase) of values (a list).
+
+    Only chunked, once and last, is decoded here.  RFC 9112 §6.1, §6.3.
+    Raises BadMessage: 400 when chunked is not the final coding (the length
+    is then unknowable) or a coding is not a token, 501 for other codings.
+    """
+    codings = list_elements(values)
+    if not all(_STR_TOKEN.match(coding) for coding in codings):
+        raise BadMessage("an invalid Transfer-Encoding")
+    if not codings or codings[-1] != "chunked" or codings.count("chunked") > 1:
+        raise BadMessage("Transfer-Encoding must end with chunked, once")
+    if len(codings) > 1:
+        raise BadMessage("Transfer-Encoding %s is not supported (only chunked)"
+                         % ", ".join(codings), 501)
+    return codings
+
+
+def request_body_length(version, fields):
+    """Return a request's body length from its head: int bytes, or None for
+    a chunked body.  fields is a FieldList.
+
+    RFC 9112 §3.2 (exactly one Host in HTTP/1.1), §6.1 (no
+    Transfer-Encoding in HTTP/1.0, none together with Content-Length) and
+    §6.3.  Raises BadMessage.
+    """
+    hosts = fields.get_all("host", ())
+    if len(hosts) > 1 or (version == "HTTP/1.1" and not hosts):
+        raise BadMessage("an HTTP/1.1 request needs exactly one Host header")
+    transfer = fields.get_all("transfer-encoding")
+    lengths = fields.get_all("content-length")
+    if transfer:
+        if lengths:
+            raise BadMessage("Transfer-Encoding and Content-Length together")
+        if version == "HTTP/1.0":
+            raise BadMessage("Transfer-Encoding in an HTTP/1.0 request")
+        transfer_codings(transfer)
+        return None
+    return parse_content_length(lengths) if lengths else 0
+
+
+def read_response_head(source):
+    """Read an upstream's response head, skipping interim 1xx responses.
+
+    Returns (version 10 or 11, status int, reason str, FieldList).  RFC 9112 §4 and §5;
+    RFC 9110 §15.2 (102 and 103 come before the answer; 101 cannot be
+    relayed).  Raises http.client.RemoteDisconnected when nothing came,
+    BadMessage or MessageCutShort.
+    """
+    for _ in range(MAX_INTERIM_RESPONSES):
+        line = source.readline(MAX_FIELD_LINE_BYTES + 1)
+        if not line:
+            raise http.client.RemoteDisconnected("closed without answering")
+        match = _STATUS_LINE.match(line)
+        if match is None:
+            if not line.endswith(b"\n") and len(line) <= MAX_FIELD_LINE_BYTES:
+                raise MessageCutShort(b"")
+            raise BadMessage("a malformed status line")
+        status = int(match.group(2))
+        fields = FieldList(read_field_lines(source))
+        if status == 101:
+            raise BadMessage("an unexpected 101 Switching Protocols")
+        if status >= 200:
+            return (11 if match.group(1) == b"1.1" else 10, status,
+                    (match.group(3) or b"").decode("latin-1").strip(), fields)
+    raise BadMessage("more than %d interim responses" % MAX_INTERIM_RESPONSES)
+
+
+def response_body_framing(method, status, version, fields):
+    """Return (length, chunked) for a response body: length in bytes, or
+    None when it is chunked or ends at the close.
+
+    RFC 9112 §6.3: no body after HEAD, 204 and 304; Transfer-Encoding
+    together with Content-Length, differing lengths, an HTTP/1.0
+    Transfer-Encoding or a coding other than chunked are refused (the
+    relay forwards only what it can frame).  Raises BadMessage.
+    """
+    if method == "HEAD" or status in (204, 304):
+        return 0, False
+    transfer = fields.get_all("transfer-encoding")
+    lengths = fields.get_all("content-length")
+    if transfer:
+        if lengths:
+            raise BadMessage("Transfer-Encoding and Content-Length together")
+        if version == 10:
+            raise BadMessage("Transfer-Encoding in an HTTP/1.0 response")
+        transfer_codings(transfer)
+        return None, True
+    return (parse_content_length(lengths) if lengths else None), False
+
+
+class BodyReader(object):
+    """Read one message body from a buffered binary file by its framing.
+
+    length is the Content-Length (None: chunked, or until the close);
+    chunked decodes chunked transfer coding (RFC 9112 §7.1) and reads and
+    drops the trailer section (§7.1.2); max_bytes bounds a chunked body.
+    read(limit) returns at most limit bytes as soon as any are there,
+    readline(limit) at most one line; both b"" at the body's end.  complete
+    tells whether the body was read to its framed end.  Raises
+    MessageCutShort when the peer closes early, BadMessage for broken
+    framing (413 past max_bytes), and the source's own errors (timeouts).
+    The one chunked decoder of the relay: client bodies and upstream ones.
+    """
+
+    __slots__ = ("_source", "_chunked", "_left", "_crlf_due", "_max_bytes",
+                 "total", "complete")
+
+    def __init__(self, source, length=None, chunked=False, max_bytes=None):
+        self._source = source
+        self._chunked = chunked
+        self._left = 0 if chunked else length  # of this chunk, or of the body
+        self._crlf_due = False
+        self._max_bytes = max_bytes
+        self.total = 0  # body bytes announced so far (chunk sizes, or length)
+        self.complete = length == 0 and not chunked
+
+    def read(self, limit):
+        return self._piece(limit, self._source.read1)
+
+    def readline(self, limit):
+        return self._piece(limit, self._source.readline)
+
+    def read_to_end(self, max_bytes):
+        """Return the rest of the body; when it is longer than max_bytes,
+        only its next max_bytes + 1 bytes or more (the rest stays unread)."""
+        left = self._left
+        if not self._chunked and left is not None and 0 < left <= max_bytes:
+            data = self._source.read(left)  # a known length: one read
+            if len(data) < left:
+                raise MessageCutShort(data, left - len(data))
+            self._left, self.complete = 0, True
+            return data
+        buffered = bytearray()
+        while len(buffered) <= max_bytes:
+            block = self.read(COPY_BLOCK_BYTES)
+            if not block:
+                break
+            buffered += block
+        return bytes(buffered)
+
+    def _piece(self, limit, read):
+        if self._left == 0:
+            if self.complete or not self._chunked:
+                self.complete = True
+                return b""
+            self._left = self._next_chunk()
+            if not self._left:
+                return b""
+        if self._left is None:  # the body ends at the close
+            data = read(limit)
+            self.complete = not data
+            return data
+        data = read(min(limit, self._left))
+        if not data:
+            raise MessageCutShort(b"", self._left)
+        self._left -= len(data)
+        return data
+
+    def _next_chunk(self):
+        """Read the CRLF after the last chunk's data and the next size line;
+        return the size (0: the last chunk, whose trailers are read too)."""
+        source = self._source
+        if self._crlf_due:
+            ending = source.read(2)
+            if ending != b"\r\n":
+                if b"\r\n".startswith(ending):
+                    raise MessageCutShort(b"")
+                raise BadMessage("chunk data not ended by CRLF")
+        line = source.readline(MAX_CHUNK_LINE_BYTES + 1)
+        match = _CHUNK_LINE.match(line)
+        if match is None:
+            if not line.endswith(b"\n") and len(line) <= MAX_CHUNK_LINE_BYTES:
+                raise MessageCutShort(b"")
+            raise BadMessage("a malformed chunk-size line")
+        size = int(match.group(1), 16)
+        self.total += size
+        if self._max_bytes is not None and self.total > self._max_bytes:
+            raise BadMessage("the chunked body is larger than %d bytes"
+                             % self._max_bytes, 413)
+        self._crlf_due = size > 0
+        if not size:
+            read_field_lines(source, "trailer")
+            self.complete = True
+        return size
+
+
 
 def connection_tokens(headers):
     """Return the lowercase header names listed in Connection headers.
@@ -2511,65 +2883,33 @@ def is_done_line(line):
     (API reference: chat completions, streaming)."""
     return line.rstrip(b"\r\n") in (b"data: [DONE]", b"data:[DONE]")
 
-_CHUNK_SIZE = re.compile(b"^[0-9A-Fa-f]{1,15}$")
-
 
 def iter_upstream_lines(response, limit):
     """Yield an upstream response body line by line, as each line arrives.
 
-    Reads with readline on the response's buffered socket file and decodes
-    chunked framing (RFC 9112 §7.1) here: http.client's own readline passes
-    every line through several Python layers and reports a cut-off chunked
-    body as a quiet end.  A line split across chunks is yielded whole; a line
-    longer than limit bytes comes in pieces.  Returns at the framed end of the
-    body; raises http.client.IncompleteRead when the body stops short, and
-    socket.timeout after read_timeout of silence.  A line cut off by a drop
-    is not yielded: it is no event, and a half JSON line would only break
-    the client's parser before the relay's error event.
+    Reads through the response's BodyReader, straight from its buffered
+    socket file: http.client's own readline passes every line through
+    several Python layers.  A line split across chunks is yielded whole; a
+    line longer than limit bytes comes in pieces.  Returns at the framed end
+    of the body; raises MessageCutShort when the body stops short,
+    BadMessage for broken framing and socket.timeout after read_timeout of
+    silence.  A line cut off by a drop is not yielded: it is no event, and a
+    half JSON line would only break the client's parser before the relay's
+    error event.
     """
-    source = response.fp
-    if not response.chunked:
-        remaining = response.length  # None: the body ends when the upstream closes
-        while remaining is None or remaining > 0:
-            wanted = limit if remaining is None else min(limit, remaining)
-            line = source.readline(wanted)
-            if remaining is not None:
-                remaining -= len(line)
-                if remaining and len(line) < wanted and not line.endswith(b"\n"):
-                    raise http.client.IncompleteRead(line, remaining)  # cut off
-            if not line:
-                return
-            yield line
-        return
+    reader = response.body_reader
     pending = b""
     while True:
-        size_line = source.readline(MAX_HEADER_LINE_BYTES)
-        size_text = size_line.split(b";", 1)[0].strip()
-        if not size_line.endswith(b"\n") or not _CHUNK_SIZE.match(size_text):
-            raise http.client.IncompleteRead(pending)
-        left = int(size_text, 16)
-        if not left:
+        piece = reader.readline(limit - len(pending))
+        if not piece:
             break
-        while left:
-            piece = source.readline(min(left, limit - len(pending)))
-            if not piece:
-                raise http.client.IncompleteRead(pending)
-            left -= len(piece)
-            if not pending and piece.endswith(b"\n"):
-                yield piece  # the common case: a whole line in one chunk
-                continue
-            pending += piece
-            if pending.endswith(b"\n") or len(pending) >= limit:
-                yield pending
-                pending = b""
-        if source.readline(3) not in (b"\r\n", b"\n"):
-            raise http.client.IncompleteRead(pending)
-    while True:  # trailer fields, dropped (RFC 9112 §7.1.2)
-        line = source.readline(MAX_HEADER_LINE_BYTES)
-        if not line.endswith(b"\n"):
-            raise http.client.IncompleteRead(pending)
-        if not line.strip():
-            break
+        if not pending and (piece.endswith(b"\n") or len(piece) >= limit):
+            yield piece  # the common case: a whole line in one chunk
+            continue
+        pending += piece
+        if pending.endswith(b"\n") or len(pending) >= limit:
+            yield pending
+            pending = b""
     if pending:
         yield pending
 
@@ -2682,29 +3022,30 @@ class UpstreamPool(object):
 
 
 class UpstreamResponse(http.client.HTTPResponse):
-    """An HTTPResponse that skips every interim 1xx response, not only 100.
+    """An http.client response whose head and framing the relay reads itself.
 
-    http.client takes 102 Processing or 103 Early Hints for the final
-    answer, which would leave the real one to the next request on the
-    connection (RFC 9110 §15.2: a client must accept and skip them).  101
-    Switching Protocols cannot be relayed and counts as invalid.
+    http.client parses heads with the email package, which is lenient by
+    design (a malformed line silently ends the header section), and skips
+    only 100 among interim responses.  Here the head is read strictly
+    (read_response_head, response_body_framing) and body_reader, a
+    BodyReader, is the only way the relay reads the body.
     """
 
-    def _read_status(self):
-        while True:
-            version, status, reason = http.client.HTTPResponse._read_status(self)
-            if status == 101:
-                raise http.client.HTTPException("unexpected 101 Switching Protocols")
-            if not 100 < status < 200:
-                return version, status, reason
-            for _ in range(100):  # the interim response's header fields
-                line = self.fp.readline(MAX_HEADER_LINE_BYTES + 1)
-                if not line.strip():
-                    break
-                if len(line) > MAX_HEADER_LINE_BYTES:
-                    raise http.client.LineTooLong("interim response header")
-            else:
-                raise http.client.HTTPException("too many interim header lines")
+    def begin(self):
+        if self.headers is not None:
+            return
+        version, status, reason, fields = read_response_head(self.fp)
+        self.version, self.code, self.status, self.reason = (
+            version, status, status, reason)
+        self.headers = self.msg = fields
+        self.length, self.chunked = response_body_framing(
+            self._method, status, version, fields)
+        self.chunk_left = None
+        self.body_reader = BodyReader(self.fp, self.length, self.chunked)
+        tokens = list_elements(fields.get_all("connection", ()))
+        self.will_close = "close" in tokens or (
+            version == 10 and "keep-alive" not in tokens) or (
+                self.length is None and not self.chunked)
 
 
 def open_connection(upstream):
@@ -2779,7 +3120,7 @@ def send_upstream_request(pool, upstream, method, target, headers, body,
         try:
             connection, reused = pool.acquire(upstream)
         except Exception as error:
-            raise upstream_failure(upstream, error, connecting=True)
+            raise upstream_failure(upstream, error, "connect")
         sock = connection.sock
         if on_connected is not None:
             on_connected(sock)
@@ -2811,11 +3152,10 @@ def send_upstream_request(pool, upstream, method, target, headers, body,
                     connection.close()
                     continue
                 raise
-            check_response_framing(response)
             return response, connection, sock
         except Exception as error:
             connection.close()
-            raise upstream_failure(upstream, error)
+            raise upstream_failure(upstream, error, "answer")
 
 
 def early_response(connection):
@@ -2829,51 +3169,60 @@ def early_response(connection):
     return response
 
 
-def check_response_framing(response):
-    """Refuse a response whose Content-Length headers disagree (RFC 9112
-    §6.3: unrecoverable framing error); raises http.client.HTTPException."""
-    lengths = response.msg.get_all("Content-Length") or []
-    if len(set(value.strip() for value in lengths)) > 1:
-        response.close()
-        raise http.client.HTTPException("conflicting Content-Length headers")
+_FAILURE_PHASES = {
+    "connect": "while connecting", "answer": "before answering",
+    "stream": "mid-stream", "body": "mid-body",
+}
 
 
-def upstream_failure(upstream, error, connecting=False):
+def upstream_failure(upstream, error, phase="answer"):
     """Map an exception from talking to an upstream to a RelayError.
 
-    Refused, unreachable, DNS, TLS and protocol failures give 502; timeouts
-    give 504 (connect_timeout while connecting, else read_timeout).  Failures
-    before any response header came are marked retryable for fallbacks.
+    phase says when it happened: "connect", "answer" (before the response
+    head), "stream" (between SSE lines) or "body".  A failure gets the same
+    words and metric kind in every phase: refused, unreachable, DNS and TLS
+    failures are 502 "refused"; silence is 504 "timeout" (connect_timeout
+    while connecting, else read_timeout); a close is 502 "dropped"; a
+    malformed answer is 502 "invalid".  Only failures before the response
+    head are retryable (a fallback upstream may be tried).
     """
-    where = "upstream %s (%s)" % (upstream.name, upstream.url)
     if isinstance(error, RelayError):
         return error
+    where = "upstream %s (%s)" % (upstream.name, upstream.url)
+    when = _FAILURE_PHASES[phase]
+    retryable = phase in ("connect", "answer")
     if isinstance(error, socket.timeout):
         # The message names the setting to change.
-        if connecting:
-            cause = "did not connect within connect_timeout = %g s" % (
-                upstream.connect_timeout)
+        if phase == "connect":
+            message = "%s did not connect within connect_timeout = %g s." % (
+                where, upstream.connect_timeout)
         else:
-            cause = "sent nothing for read_timeout = %g s" % upstream.read_timeout
-        return RelayError(504, "%s %s." % (where, cause), code="upstream_timeout",
-                          retryable=True, kind="timeout")
-    if isinstance(error, ConnectionRefusedError):
+            message = "%s sent nothing for read_timeout = %g s %s." % (
+                where, upstream.read_timeout, when)
+        return RelayError(504, message, code="upstream_timeout",
+                          retryable=retryable, kind="timeout")
+    if isinstance(error, BadMessage):
+        cause, kind = "sent an invalid HTTP response (%s)" % error.reason, "invalid"
+    elif isinstance(error, (http.client.RemoteDisconnected,
+                            http.client.IncompleteRead)) or (
+            phase != "connect" and isinstance(error, ConnectionError) and
+            not isinstance(error, ConnectionRefusedError)):
+        cause, kind = "closed the connection", "dropped"
+    elif isinstance(error, ConnectionRefusedError):
         cause, kind = "refused the connection", "refused"
     elif isinstance(error, socket.gaierror):
         cause, kind = "could not be resolved (%s)" % error.strerror, "refused"
     elif isinstance(error, ssl.SSLError):
         cause, kind = "failed TLS: %s" % (getattr(error, "reason", None) or error), "refused"
-    elif isinstance(error, http.client.RemoteDisconnected):
-        cause, kind = "closed the connection without answering", "dropped"
     elif isinstance(error, http.client.HTTPException):
         cause, kind = "sent an invalid HTTP response (%s)" % type(error).__name__, "invalid"
     elif isinstance(error, OSError):
         cause, kind = "is unreachable (%s)" % (error.strerror or error), "refused"
     else:
         raise error
-    return RelayError(502, "%s %s." % (where, cause), code="upstream_unreachable"
-                      if kind == "refused" else "upstream_error",
-                      retryable=True, kind=kind)
+    return RelayError(502, "%s %s %s." % (where, cause, when), code=(
+        "upstream_unreachable" if kind == "refused" else "upstream_error"),
+        retryable=retryable, kind=kind)
 
 
 def finish_upstream_response(pool, upstream, response, connection, complete):
@@ -2891,46 +3240,16 @@ def finish_upstream_response(pool, upstream, response, connection, complete):
         connection.close()
 
 
-def upstream_body_complete(response):
-    """Return True when an upstream body ended where its framing says.
-
-    http.client's readline reports a chunked stream that was cut off as a
-    quiet end of file, so look at the framing state instead: chunk_left
-    becomes None only after the last chunk (RFC 9112 §7.1), and length
-    counts the bytes still due.  A close-delimited body always counts.
-    """
-    if response.chunked:
-        return getattr(response, "chunk_left", None) is None
-    return not response.length
-
-
 def read_response_body(response, upstream, max_bytes):
     """Read a whole upstream body (at most max_bytes); return bytes.
 
-    Raises RelayError 502 when the upstream closes before the end of the
-    body, or when it is larger than max_bytes; 504 on read timeout.
+    Raises RelayError: 502 when the upstream closes before the end of the
+    body, frames it wrongly or sends more than max_bytes; 504 on silence.
     """
     try:
-        if response.length is not None and response.length <= max_bytes:
-            data = response.read()  # exactly Content-Length bytes, or raises
-        else:
-            # Read in blocks: read(n) would allocate all n bytes up front on
-            # CPython 3.9 and older.
-            buffered = bytearray()
-            while len(buffered) <= max_bytes:
-                block = response.read1(COPY_BLOCK_BYTES)
-                if not block:
-                    break
-                buffered += block
-            data = bytes(buffered)
-        if len(data) <= max_bytes and not upstream_body_complete(response):
-            raise http.client.IncompleteRead(data)
-    except http.client.IncompleteRead:
-        raise RelayError(502, "upstream %s (%s) closed the connection before the "
-                         "end of the response body." % (upstream.name, upstream.url),
-                         code="upstream_error", kind="dropped")
+        data = response.body_reader.read_to_end(max_bytes)
     except Exception as error:
-        raise upstream_failure(upstream, error)
+        raise upstream_failure(upstream, error, "body")
     if len(data) > max_bytes:
         raise RelayError(502, "upstream %s response is larger than %d bytes." % (
             upstream.name, max_bytes), code="upstream_error", kind="invalid")
@@ -3662,33 +3981,6 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             body += block
         return bytes(body)
 
-    def _read_chunk_size(self):
-        line = self.rfile.readline(MAX_HEADER_LINE_BYTES)
-        if not line:
-            raise ClientDisconnected()
-        if not line.endswith(b"\n"):
-            raise self._bad_chunking()  # never read on inside an overlong line
-        size_text = line.split(b";", 1)[0].strip()
-        if not re.match(b"^[0-9A-Fa-f]{1,15}$", size_text):
-            raise self._bad_chunking()
-        return int(size_text, 16)
-
-    def _skip_trailer_fields(self):
-        """Read past the trailer section, which is dropped (RFC 9112
-        §7.1.2); every line must end within the line limit."""
-        for _ in range(100):
-            line = self.rfile.readline(MAX_HEADER_LINE_BYTES)
-            if not line.endswith(b"\n"):
-                raise self._bad_chunking()
-            if not line.strip():
-                return
-        raise self._bad_chunking()
-
-    def _bad_chunking(self):
-        self.close_connection = True
-        return RelayError(400, "Malformed chunked request body.",
-                          code="invalid_chunked_body")
-
     # -- local endpoints ----------------------------------------------------------
 
     def _answer_options(self, config):
@@ -3817,29 +4109,29 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     def _chunked_body_blocks(self, max_body_bytes):
         """Yield a chunked request body's decoded data as it arrives, in
         blocks of up to COPY_BLOCK_BYTES (tiny chunks are gathered, so each
-        does not cost a send).  RFC 9112 §7.1.  Raises RelayError 413 past
-        max_body_bytes, 400 for malformed chunking, or ClientDisconnected."""
-        total, gathered = 0, bytearray()
+        does not cost a send), through the relay's one chunked decoder
+        (BodyReader).  Raises RelayError 413 past max_body_bytes, 400 for
+        malformed chunking (the connection then closes), or
+        ClientDisconnected."""
+        reader = BodyReader(self.rfile, chunked=True, max_bytes=max_body_bytes)
+        gathered = bytearray()
         try:
             while True:
-                size = self._read_chunk_size()
-                if not size:
+                piece = reader.read(COPY_BLOCK_BYTES)
+                if not piece:
                     break
-                total += size
-                if total > max_body_bytes:
-                    self.close_connection = True
-                    raise RelayError(413, "The request body exceeds max_body_bytes "
-                                     "= %d." % max_body_bytes,
-                                     code="request_too_large")
-                for block in self._body_blocks(size, finishes_body=False):
-                    gathered += block
-                    if len(gathered) >= COPY_BLOCK_BYTES:
-                        yield bytes(gathered)
-                        gathered = bytearray()
-                if self.rfile.readline(3) not in (b"\r\n", b"\n"):
-                    raise self._bad_chunking()
-            self._skip_trailer_fields()
-        except OSError:  # reading the client, not the upstream, failed
+                gathered += piece
+                if len(gathered) >= COPY_BLOCK_BYTES:
+                    yield bytes(gathered)
+                    gathered = bytearray()
+        except BadMessage as error:
+            self.close_connection = True
+            if error.status == 413:
+                raise RelayError(413, "The request body exceeds max_body_bytes "
+                                 "= %d." % max_body_bytes, code="request_too_large")
+            raise RelayError(error.status, "Malformed chunked request body: %s."
+                             % error.reason, code="invalid_chunked_body")
+        except (MessageCutShort, OSError):  # the client, not the upstream
             raise ClientDisconnected()
         if gathered:
             yield bytes(gathered)
@@ -3964,9 +4256,16 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 send_rest = self._finish_chunks if complete else None
             else:
                 data = self._read_upstream_body(upstream, response)
-                complete = True
-                send_rest = lambda: self._send_buffered_answer(response.status,
-                                                               headers, data)
+                if len(data) > MAX_BUFFERED_RESPONSE_BYTES:
+                    # A chunked answer too large to buffer streams through
+                    # like one with a large Content-Length.
+                    complete = self._relay_passthrough(upstream, response,
+                                                       headers, data)
+                    send_rest = self._finish_chunks if complete else None
+                else:
+                    complete = True
+                    send_rest = lambda: self._send_buffered_answer(
+                        response.status, headers, data)
             self._finish_upstream(upstream, response, connection, complete)
             released = True
             if send_rest is not None:
@@ -3991,13 +4290,15 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self.server.metrics.add_usage(self._model_asked, usage_from_json(data))
 
     def _read_upstream_body(self, upstream, response):
-        """Read a whole upstream body for a buffered answer (see
-        read_response_body), counting a failure in the metrics."""
+        """Read an upstream body for a buffered answer, counting a failure
+        in the metrics.  Returns bytes: the whole body, or its first part
+        when it is longer than MAX_BUFFERED_RESPONSE_BYTES."""
         try:
-            return read_response_body(response, upstream, MAX_BUFFERED_RESPONSE_BYTES)
-        except RelayError as error:
-            self._count_upstream_failure(upstream, error.kind)
-            raise
+            return response.body_reader.read_to_end(MAX_BUFFERED_RESPONSE_BYTES)
+        except Exception as error:
+            failure = upstream_failure(upstream, error, "body")
+            self._count_upstream_failure(upstream, failure.kind)
+            raise failure
 
     def _relay_bodiless(self, response, headers):
         """Relay a response that has no body (HEAD, 204, 304): the head only,
@@ -4077,19 +4378,11 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         """
         if self.tracked.client_gone:
             raise ClientDisconnected()
-        where = "upstream %s (%s)" % (upstream.name, upstream.url)
         if self.tracked.aborted:
             failure = RelayError(503, "The relay is shutting down; the stream was "
                                  "cut.", code="shutting_down")
-        elif isinstance(error, socket.timeout):
-            failure = RelayError(504, "%s sent nothing for read_timeout = %g s "
-                                 "mid-stream." % (where, upstream.read_timeout),
-                                 code="upstream_timeout", kind="timeout")
-        elif isinstance(error, http.client.IncompleteRead):
-            failure = RelayError(502, "%s closed the connection mid-stream." % where,
-                                 code="upstream_error", kind="dropped")
         else:
-            failure = upstream_failure(upstream, error)
+            failure = upstream_failure(upstream, error, "stream")
         self.log_fields["error"] = failure.message
         self._count_upstream_failure(upstream, failure.kind)
         logger.warning("%s stream ended early: %s", self._request_id, failure.message)
@@ -4099,8 +4392,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._finish_chunks()
         return True
 
-    def _relay_passthrough(self, upstream, response, headers):
-        """Stream a large or unknown-length body through in blocks."""
+    def _relay_passthrough(self, upstream, response, headers, first=b""):
+        """Stream a large or unknown-length body through in blocks; first
+        holds bytes of it already read."""
         if response.length is not None:
             self._send_head(response.status, headers + [
                 ("Content-Length", str(response.length))])
@@ -4108,31 +4402,30 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self._chunked_response = False
         else:
             self._start_streamed_response(response.status, headers)
+        reader = response.body_reader
+        block = first
         while True:
+            if block:
+                self._write_chunk(block)
             try:
-                block = response.read1(COPY_BLOCK_BYTES)
+                block = reader.read(COPY_BLOCK_BYTES)
             except Exception as error:
                 if self.tracked.client_gone:
                     raise ClientDisconnected()
-                return self._cut_passthrough(upstream, None if isinstance(
-                    error, http.client.IncompleteRead) else upstream_failure(
-                        upstream, error))
+                return self._cut_passthrough(upstream, error)
             if not block:
                 break
-            self._write_chunk(block)
         if self.tracked.client_gone:
             raise ClientDisconnected()
-        if not upstream_body_complete(response):
-            return self._cut_passthrough(upstream, None)
         return True  # the caller ends the chunked body
 
-    def _cut_passthrough(self, upstream, failure):
-        """End a body the upstream cut short (failure: a RelayError, or None
-        for a drop): the client sees a short body, as the connection closes;
-        the cause is logged and counted.  Returns False."""
-        self.log_fields["error"] = failure.message if failure else (
-            "upstream %s dropped mid-body" % upstream.name)
-        self._count_upstream_failure(upstream, failure.kind if failure else "dropped")
+    def _cut_passthrough(self, upstream, error):
+        """End a body the upstream cut short: the client sees a short body,
+        as the connection closes; the cause is logged and counted.  Returns
+        False."""
+        failure = upstream_failure(upstream, error, "body")
+        self.log_fields["error"] = failure.message
+        self._count_upstream_failure(upstream, failure.kind)
         self.close_connection = True
         return False
 

@@ -2300,7 +2300,8 @@ class UpstreamFaultsTest(RelayTestCase):
         self.start_relay(read_timeout=0.3)
         error = self.assert_openai_error(*self.chat({"model": "m"})[::2],
                                          expected_status=504)
-        self.assertIn("sent nothing for read_timeout = 0.3 s.", error["message"])
+        self.assertIn("sent nothing for read_timeout = 0.3 s before answering.",
+                      error["message"])
         release.set()
         self.assert_relay_still_serves()
 
@@ -2334,7 +2335,7 @@ class UpstreamFaultsTest(RelayTestCase):
                 self.start_relay()
             status, _, data = self.chat({"model": "m"})
             error = self.assert_openai_error(status, data, 502, "upstream_error")
-            self.assertIn("before the end", error["message"])
+            self.assertIn("closed the connection mid-body", error["message"])
             self.assert_relay_still_serves()
 
     def test_sse_framing_variants_are_relayed_byte_exact(self):
@@ -4399,3 +4400,228 @@ class AgentStreamFailureTest(RelayTestCase):
         events = self.streamed("/v1/chat/completions", {"model": "m", "stream": True})
         self.assertEqual(events[-1][0], None)
         self.assertEqual(events[-1][1]["error"]["type"], "server_error")
+
+
+###############################################################################
+# Strict framing: one head reader and one chunked decoder, both directions ####
+###############################################################################
+
+def body_reader(data, **framing):
+    import io
+    return llm_relay.BodyReader(io.BufferedReader(io.BytesIO(data)), **framing)
+
+
+def read_all(reader, limit=7):
+    pieces = []
+    while True:
+        piece = reader.read(limit)
+        if not piece:
+            return b"".join(pieces)
+        pieces.append(piece)
+
+
+class FramingTest(unittest.TestCase):
+    """The pure parts of RFC 9112 framing: field lines, chunked bodies."""
+
+    def fields(self, data):
+        import io
+        return llm_relay.read_field_lines(io.BufferedReader(io.BytesIO(data)))
+
+    def test_field_lines_parse_and_strip_outer_whitespace(self):
+        self.assertEqual(self.fields(b"Host: a\r\nX-A:\t b c \t\r\nX-E:\r\n\r\nrest"),
+                         [("Host", "a"), ("X-A", "b c"), ("X-E", "")])
+        self.assertEqual(self.fields(b"X-Obs: caf\xe9\n\n"), [("X-Obs", "caf\xe9")])
+
+    def test_malformed_field_lines_are_refused_with_the_reason(self):
+        cases = [(b"X-Pad : 1\r\n\r\n", "whitespace between"),
+                 (b"X-Pad\t: 1\r\n\r\n", "whitespace between"),
+                 (b"X\x7fPad: 1\r\n\r\n", "not a token"),
+                 (b"X(Pad): 1\r\n\r\n", "not a token"),
+                 (b"No colon here\r\n\r\n", "without a colon"),
+                 (b"A: 1\r\n folded\r\n\r\n", "obsolete line folding"),
+                 (b"A: x\ry\r\n\r\n", "control character"),
+                 (b"A: x\x00y\r\n\r\n", "control character"),
+                 (b"A: x\x0by\r\n\r\n", "control character"),
+                 (b"A: x\x1c\r\n\r\n", "control character"),
+                 (b": empty name\r\n\r\n", "not a token")]
+        for data, reason in cases:
+            with self.assertRaises(llm_relay.BadMessage) as caught:
+                self.fields(data)
+            self.assertIn(reason, caught.exception.reason, data)
+            self.assertEqual(caught.exception.status, 400)
+        with self.assertRaises(llm_relay.BadMessage) as caught:
+            self.fields(b"A: " + b"x" * llm_relay.MAX_FIELD_LINE_BYTES + b"\r\n\r\n")
+        self.assertEqual(caught.exception.status, 431)
+        with self.assertRaises(llm_relay.BadMessage) as caught:
+            self.fields(b"A: 1\r\n" * (llm_relay.MAX_FIELD_LINES + 1) + b"\r\n")
+        self.assertEqual(caught.exception.status, 431)
+        with self.assertRaises(llm_relay.MessageCutShort):
+            self.fields(b"A: 1\r\nB: 2")
+
+    def test_chunked_bodies_decode_with_extensions_and_trailers(self):
+        data = (b"5\r\nhello\r\n6;name=value;q=\"a \\\" b\"\r\n world\r\n"
+                b"000A ; ext\r\n0123456789\r\n0\r\nTrailer-A: 1\r\n\r\nNEXT")
+        reader = body_reader(data, chunked=True)
+        self.assertEqual(read_all(reader), b"hello world0123456789")
+        self.assertTrue(reader.complete)
+
+    def test_malformed_chunking_is_refused(self):
+        for data in (b" 5\r\nhello\r\n0\r\n\r\n", b"5 \r\nhello\r\n0\r\n\r\n",
+                     b"0x5\r\nhello\r\n0\r\n\r\n", b"+5\r\nhello\r\n0\r\n\r\n",
+                     b"5\nhello\r\n0\r\n\r\n", b"5;\r\nhello\r\n0\r\n\r\n",
+                     b"5\r\nhelloXX0\r\n\r\n", b"5\r\nhello\n0\r\n\r\n",
+                     b"5\r\nhello\r\n0\r\nGET / HTTP/1.1\r\n\r\n",
+                     b"1" * 17 + b"\r\n", b"5\x00\r\nhello\r\n0\r\n\r\n"):
+            with self.assertRaises(llm_relay.BadMessage, msg=data):
+                read_all(body_reader(data, chunked=True))
+
+    def test_cut_chunked_bodies_are_cut_short_not_malformed(self):
+        for data in (b"", b"5\r\nhel", b"5\r\nhello", b"5\r\nhello\r",
+                     b"5\r\nhello\r\n", b"5\r\nhello\r\n0\r\n", b"5\r\nhello\r\n0"):
+            with self.assertRaises(llm_relay.MessageCutShort, msg=data):
+                read_all(body_reader(data, chunked=True))
+
+    def test_chunked_size_is_bounded(self):
+        with self.assertRaises(llm_relay.BadMessage) as caught:
+            read_all(body_reader(b"4\r\nabcd\r\n4\r\nefgh\r\n0\r\n\r\n",
+                                 chunked=True, max_bytes=6))
+        self.assertEqual(caught.exception.status, 413)
+
+    def test_lengths_and_close_delimited_bodies(self):
+        reader = body_reader(b"abcdefNEXT", length=6)
+        self.assertEqual(read_all(reader, 4), b"abcdef")
+        self.assertTrue(reader.complete)
+        with self.assertRaises(llm_relay.MessageCutShort):
+            read_all(body_reader(b"abc", length=6))
+        reader = body_reader(b"until the close")
+        self.assertEqual(reader.readline(5), b"until")
+        self.assertFalse(reader.complete)
+        self.assertEqual(read_all(reader), b" the close")
+        self.assertTrue(reader.complete)
+
+    def test_read_to_end_stops_past_the_limit(self):
+        data = b"".join(b"4\r\n%04d\r\n" % i for i in range(100)) + b"0\r\n\r\n"
+        reader = body_reader(data, chunked=True)
+        start = reader.read_to_end(10)
+        self.assertGreater(len(start), 10)
+        self.assertFalse(reader.complete)
+        self.assertEqual(start + read_all(reader), b"".join(b"%04d" % i
+                                                            for i in range(100)))
+
+    def test_framing_headers(self):
+        fields = llm_relay.FieldList
+        length = llm_relay.request_body_length
+        self.assertEqual(length("HTTP/1.1", fields([("Host", "h"),
+                                                   ("Content-Length", "5, 5")])), 5)
+        self.assertIsNone(length("HTTP/1.1", fields([("Host", "h"), (
+            "Transfer-Encoding", "chunked")])))
+        self.assertEqual(length("HTTP/1.0", fields([])), 0)
+        for version, headers, status in (
+                ("HTTP/1.1", [], 400),
+                ("HTTP/1.1", [("Host", "a"), ("host", "b")], 400),
+                ("HTTP/1.1", [("Host", "h"), ("Content-Length", "5"),
+                              ("Content-Length", "6")], 400),
+                ("HTTP/1.1", [("Host", "h"), ("Content-Length", "5\xa0")], 400),
+                ("HTTP/1.1", [("Host", "h"), ("Content-Length", "\xb2")], 400),
+                ("HTTP/1.1", [("Host", "h"), ("Content-Length", "-1")], 400),
+                ("HTTP/1.1", [("Host", "h"), ("Content-Length", "5"),
+                              ("Transfer-Encoding", "chunked")], 400),
+                ("HTTP/1.1", [("Host", "h"), ("Transfer-Encoding", "chunked\xa0")], 400),
+                ("HTTP/1.1", [("Host", "h"), ("Transfer-Encoding", "chunked, gzip")], 400),
+                ("HTTP/1.1", [("Host", "h"), ("Transfer-Encoding", "chunked"),
+                              ("Transfer-Encoding", "chunked")], 400),
+                ("HTTP/1.1", [("Host", "h"), ("Transfer-Encoding", "gzip, chunked")], 501),
+                ("HTTP/1.0", [("Transfer-Encoding", "chunked")], 400)):
+            with self.assertRaises(llm_relay.BadMessage, msg=headers) as caught:
+                length(version, fields(headers))
+            self.assertEqual(caught.exception.status, status, headers)
+
+
+class StrictUpstreamFramingTest(RelayTestCase):
+    """Upstream heads and bodies are read as strictly as client requests."""
+
+    def raw_upstream(self, data):
+        def behaviour(handler, recorded):
+            handler.wfile.write(data)
+            handler.wfile.flush()
+            handler.close_connection = True
+        self.upstream.behaviour = behaviour
+
+    def test_a_malformed_upstream_head_is_a_502_naming_the_upstream(self):
+        self.start_relay()
+        for head in (b"HTTP/1.1 200 OK\r\nContent-Type : application/json\r\n"
+                     b"Content-Length: 2\r\n\r\n{}",
+                     b"HTTP/1.1 200 OK\r\nX: a\rb\r\nContent-Length: 2\r\n\r\n{}",
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: "
+                     b"chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n{}",
+                     b"HTTP/1.1  200 OK\r\nContent-Length: 2\r\n\r\n{}",
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n folded\r\n\r\n{}"):
+            self.raw_upstream(head)
+            status, _, data = self.chat({"model": "m"})
+            error = self.assert_openai_error(status, data, 502, "upstream_error")
+            self.assertIn("upstream default (%s) sent an invalid HTTP response"
+                          % self.upstream.url, error["message"])
+
+    def test_malformed_chunking_mid_stream_ends_with_the_error_event(self):
+        self.raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n"
+                          b"8\r\ndata: 1\n\r\n1\r\n\n\r\n5 junk\r\ndata:\r\n0\r\n\r\n")
+        self.start_relay()
+        connection = self.connect()
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(
+            {"model": "m", "stream": True}), headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        lines = read_sse_lines(response)
+        self.assertEqual(lines[:2], [b"data: 1\n", b"\n"])
+        error = json.loads(lines[2][len(b"data: "):].decode())["error"]
+        self.assertIn("invalid HTTP response (a malformed chunk-size line) "
+                      "mid-stream", error["message"])
+
+    def test_one_failure_has_one_message_and_kind_in_every_phase(self):
+        def before_answer(handler, recorded):
+            handler.close_connection = True
+
+        def mid_stream(handler, recorded):
+            start_chunked(handler)
+            write_chunk(handler, b"data: 1\n\n")
+            handler.close_connection = True
+
+        def mid_body(handler, recorded):
+            start_chunked(handler, content_type="application/json")
+            write_chunk(handler, b'{"a": ')
+            handler.close_connection = True
+        self.start_relay()
+        messages = []
+        for behaviour, stream in ((before_answer, False), (mid_stream, True),
+                                  (mid_body, False)):
+            self.upstream.behaviour = behaviour
+            status, _, data = self.chat({"model": "m", "stream": stream})
+            if stream:
+                data = data.split(b"data: ")[-1]
+            messages.append(json.loads(data.decode())["error"]["message"])
+        where = "upstream default (%s) closed the connection " % self.upstream.url
+        self.assertEqual(messages, [where + "before answering.", where + "mid-stream.",
+                                    where + "mid-body."])
+        status, _, text = self.request("GET", "/metrics")
+        self.assertIn(b'llm_relay_upstream_errors_total{upstream="default",'
+                      b'kind="dropped"} 3', text)
+
+    def test_a_chunked_json_answer_over_the_buffer_limit_streams_through(self):
+        saved = llm_relay.MAX_BUFFERED_RESPONSE_BYTES
+        llm_relay.MAX_BUFFERED_RESPONSE_BYTES = 1000
+        self.addCleanup(setattr, llm_relay, "MAX_BUFFERED_RESPONSE_BYTES", saved)
+        answer = json.dumps({"data": ["x" * 100] * 50}).encode()
+
+        def large_chunked(handler, recorded):
+            start_chunked(handler, content_type="application/json")
+            for start in range(0, len(answer), 300):
+                write_chunk(handler, answer[start:start + 300])
+            end_chunks(handler)
+        self.upstream.behaviour = large_chunked
+        self.start_relay()
+        connection = self.connect()
+        status, headers, data = self.chat({"model": "m"}, connection=connection)
+        self.assertEqual((status, data), (200, answer))
+        self.assertEqual(headers.get("transfer-encoding"), "chunked")
+        self.assertEqual(self.chat({"model": "m"}, connection=connection)[0], 200)
