@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import select
 import selectors
@@ -79,6 +80,15 @@ DURATION_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                             5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 MAX_MODEL_LABELS = 200  # distinct model label values; then "other"
 LOG_FORMATS = ("text", "json")
+
+# The APIs an upstream may speak natively ("apis" of a named upstream): chat
+# completions (with every other /v1 path), Anthropic Messages, OpenAI
+# Responses.  Messages and Responses requests routed to an upstream that
+# speaks chat but not their API are translated onto chat completions.
+UPSTREAM_APIS = ("chat", "messages", "responses")
+TRANSLATED_ROUTES = {"/messages": "messages", "/responses": "responses",
+                     "/messages/count_tokens": "messages"}
+TRANSLATED_PING_SECONDS = 10.0  # silence before a ping on a translated stream
 
 # RFC 9110 §7.6.1: these apply to one connection only and are never relayed,
 # in either direction, together with every header named in Connection.
@@ -388,6 +398,7 @@ Upstream = collections.namedtuple("Upstream", [
     "connect_timeout",  # float seconds
     "read_timeout",     # float seconds of upstream silence
     "ssl_context",      # ssl.SSLContext for https, else None
+    "apis",             # frozenset of UPSTREAM_APIS names it speaks natively
 ])
 
 Rule = collections.namedtuple("Rule", [
@@ -542,7 +553,7 @@ Config = collections.namedtuple("Config", _config_fields())
 
 RULE_KEYS = ("match_model", "unset", "defaults", "set", "extra", "upstream")
 
-UPSTREAM_KEYS = ("url", "api_key", "connect_timeout", "read_timeout")
+UPSTREAM_KEYS = ("url", "api_key", "connect_timeout", "read_timeout", "apis")
 
 _ENV_REFERENCE = re.compile(
     r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -821,7 +832,17 @@ class _ConfigChecker(object):
             return self.number(spec, (key,) if top_level else path + (key,), None)
         return Upstream(name, url, scheme, host, port, base_path, api_key or None,
                         timeout("connect_timeout"), timeout("read_timeout"),
-                        self.ssl_context(raw) if scheme == "https" else None)
+                        self.ssl_context(raw) if scheme == "https" else None,
+                        self.apis(spec, path + ("apis",)))
+
+    def apis(self, spec, path):
+        """Return the set of APIs an upstream speaks natively ("apis")."""
+        apis = spec.get("apis", list(UPSTREAM_APIS))
+        if not isinstance(apis, list) or not apis or not all(
+                api in UPSTREAM_APIS for api in apis):
+            raise self.error(path, "expected a non-empty list of API names: %s" %
+                             ", ".join(json.dumps(api) for api in UPSTREAM_APIS))
+        return frozenset(apis)
 
     def ssl_context(self, raw):
         """Return the one SSL context of all https upstreams, made on first
@@ -1246,6 +1267,39 @@ class UpstreamStreamError(Exception):
     """An error object the upstream sent inside its event stream."""
 
 
+def translates_to_chat(upstream, api):
+    """Return True when a request of api ("messages", "responses") must be
+    translated onto chat completions for upstream: it speaks chat
+    completions but not that API (see UPSTREAM_APIS)."""
+    return api not in upstream.apis and "chat" in upstream.apis
+
+
+def estimate_input_tokens(body):
+    """Return an estimate of a Messages request's input tokens (int): one
+    token per 4 bytes of its system, messages and tools as compact JSON,
+    the usual rule of thumb for English and code.  Upstreams that speak only
+    chat completions have no counter to ask."""
+    counted = dict((key, body.get(key)) for key in ("system", "messages", "tools"))
+    return max(1, (len(serialize_json(counted)) + 3) // 4)
+
+
+def upstream_error_message(data, status):
+    """Return the message of an upstream's error body (OpenAI's {"error":
+    {"message"}}, {"error": "..."}, {"message"} or plain text)."""
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except ValueError:
+        value = None
+    if isinstance(value, dict):
+        error = value.get("error", value)
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return error["message"]
+        if isinstance(error, str):
+            return error
+    text = data.decode("utf-8", "replace").strip()
+    return printable(text)[:1000] or "upstream answered %d" % status
+
+
 def new_item_id(prefix):
     """Return an id such as "msg_" + 24 hex digits for a translated answer."""
     return prefix + binascii.hexlify(os.urandom(12)).decode("ascii")
@@ -1256,12 +1310,6 @@ def sse_event(event_type, payload):
     b"event: <type>\\ndata: <compact JSON>\\n\\n"."""
     return (b"event: " + event_type.encode("ascii") + b"\ndata: " +
             serialize_json(payload) + b"\n\n")
-
-
-def anthropic_error_body(message, error_type="api_error"):
-    """Return Anthropic's error object: {"type": "error", "error": {"type":
-    error_type, "message": message}} (API reference: Errors)."""
-    return {"type": "error", "error": {"type": error_type, "message": message}}
 
 
 def text_of_blocks(content, notes=None, where="content"):
@@ -2037,6 +2085,10 @@ class MessagesStreamTranslator(object):
             return b""
         return self._write(self.reader.read(chunk))
 
+    def feed_chunk(self, chunk):
+        """Return the events for one chat chunk dict (see feed_line)."""
+        return self._write(self.reader.read(chunk))
+
     def _write(self, pieces):
         events = []
         for piece in pieces:
@@ -2089,8 +2141,9 @@ class MessagesStreamTranslator(object):
             sse_event("message_stop", {"type": "message_stop"})
 
     @staticmethod
-    def fail(message, error_type="api_error"):
-        return sse_event("error", anthropic_error_body(message, error_type))
+    def fail(message, status=502):
+        """Return Anthropic's error event, its type from status."""
+        return sse_event("error", anthropic_error(message, anthropic_error_type(status)))
 
     @staticmethod
     def ping():
@@ -2231,6 +2284,16 @@ class ResponsesStreamTranslator(object):
             return b""
         return self._write(self.reader.read(chunk))
 
+    def feed_chunk(self, chunk):
+        """Return the events for one chat chunk dict (see feed_line)."""
+        return self._write(self.reader.read(chunk))
+
+    @staticmethod
+    def ping():
+        """Return an SSE comment: the Responses API has no ping event, and
+        clients skip comments (WHATWG HTML, server-sent events)."""
+        return b": ping\n\n"
+
     def _write(self, pieces):
         events = []
         for piece in pieces:
@@ -2321,9 +2384,10 @@ class ResponsesStreamTranslator(object):
                                     else "response.incomplete", {
             "response": self._response(status, responses_usage(self.reader.usage))})
 
-    def fail(self, message, code="server_error"):
-        """Return response.failed with the error (the open item is left as
-        it is: the answer is cut)."""
+    def fail(self, message, status=502):
+        """Return response.failed with the error (code server_error for a
+        5xx status); the open item is left as it is: the answer is cut."""
+        code = "server_error" if status >= 500 else "invalid_request"
         return self._event("response.failed", {"response": self._response(
             "failed", error={"code": code, "message": message})})
 
@@ -3225,6 +3289,36 @@ def upstream_failure(upstream, error, phase="answer"):
         retryable=retryable, kind=kind)
 
 
+def translated_stream_failure(upstream, error):
+    """Map what cut a chat completions stream being translated to a
+    RelayError: the upstream's own error event and a data line that is not
+    JSON give 502, anything else as upstream_failure in phase "stream"."""
+    where = "upstream %s (%s)" % (upstream.name, upstream.url)
+    if isinstance(error, UpstreamStreamError):
+        return RelayError(502, "%s sent an error mid-stream: %s" % (
+            where, printable(error)[:500]), code="upstream_error", kind="5xx")
+    if isinstance(error, ValueError):
+        return RelayError(502, "%s sent an invalid event mid-stream." % where,
+                          code="upstream_error", kind="invalid")
+    return upstream_failure(upstream, error, "stream")
+
+
+def pump_lines(response, sink):
+    """Put an upstream body's lines into sink (a queue.Queue) as they come,
+    then None at its framed end, or the exception that ended the reading.
+
+    Runs in its own thread, so the handler can send pings while the
+    upstream is silent (see iter_upstream_lines).
+    """
+    try:
+        for line in iter_upstream_lines(response, MAX_SSE_LINE_BYTES):
+            sink.put(line)
+    except Exception as error:
+        sink.put(error)
+        return
+    sink.put(None)
+
+
 def finish_upstream_response(pool, upstream, response, connection, complete):
     """Return a connection to the pool after a complete response, else close it.
 
@@ -4077,6 +4171,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             body = RequestBody(data)
         chain = rule.upstreams if rule else (DEFAULT_UPSTREAM_NAME,)
         target_suffix = route + ("?" + query if query else "")
+        translated_api = self._translated_api(config, route, chain)
+        if translated_api:
+            return self._forward_translated(config, translated_api, chain,
+                                            target_suffix, body)
         upstream, response, connection, sock = self._open_upstream(
             config, chain, target_suffix, body)
         self._relay_response(upstream, response, connection, sock)
@@ -4093,7 +4191,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         content_type = self._header("content-type")
         length = self._body_length(config)
         must_be_json = self.command == "POST" and urllib.parse.urlsplit(
-            self.path).path.rstrip("/").split("/")[-1] in ("completions",)
+            self.path).path.rstrip("/").split("/")[-1] in (
+                "completions", "messages", "responses", "count_tokens")
         if not must_be_json and length != 0 and is_streamed_body_type(content_type):
             blocks = (self._body_blocks(length) if length is not None
                       else self._chunked_body_blocks(config.max_body_bytes))
@@ -4155,16 +4254,20 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self._body_read = True
             self.tracked.request_read()
 
-    def _open_upstream(self, config, chain, target_suffix, body):
+    def _open_upstream(self, config, chain, target_suffix, body, variant=None):
         """Send the request along a fallback chain of upstream names.
 
         The next upstream is tried when one refuses, times out before its
         response headers, or answers 5xx/429, and only while the request body
-        can be sent again.  Returns (Upstream, response, connection, socket).
+        can be sent again.  variant(upstream), if given, returns the (target
+        suffix, RequestBody) for that upstream.  Returns (Upstream, response,
+        connection, socket).
         """
         tried = []
+        requested = target_suffix, body
         for position, name in enumerate(chain):
             upstream = config.upstreams[name]
+            target_suffix, body = variant(upstream) if variant else requested
             tried.append(name)
             self.log_fields["upstream"] = ">".join(tried)
             last = position == len(chain) - 1
@@ -4228,6 +4331,199 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             if self.tracked.client_gone:
                 raise ClientDisconnected()
             raise
+
+    # -- translating onto chat completions -----------------------------------------
+
+    def _translated_api(self, config, route, chain):
+        """Return "messages" or "responses" when this request may have to be
+        translated for some upstream of its chain, else None (the fast path:
+        one dict lookup for every other request)."""
+        api = TRANSLATED_ROUTES.get(route)
+        if api is None or self.command != "POST" or self._parsed_body is not True:
+            return None
+        if route == "/messages/count_tokens":
+            # Answered here when the first upstream has no counter.
+            return api if translates_to_chat(config.upstreams[chain[0]], api) else None
+        if any(translates_to_chat(config.upstreams[name], api) for name in chain):
+            return api
+        return None
+
+    def _forward_translated(self, config, api, chain, target_suffix, body):
+        """Send a Messages or Responses request along its chain: as it is to
+        upstreams that speak its API, translated onto chat completions to
+        those that speak only chat; answer in the client's protocol."""
+        if target_suffix.startswith("/messages/count_tokens"):
+            self.log_fields["translated"] = "count_tokens>estimate"
+            return self._send_json(200, {"input_tokens": estimate_input_tokens(
+                json.loads(body.data.decode("utf-8")))})
+        translation = {}
+
+        def variant(upstream):
+            if not translates_to_chat(upstream, api):
+                return target_suffix, body
+            if not translation:
+                translation.update(self._translate_request(api, body.data))
+            return "/chat/completions", translation["body"]
+        upstream, response, connection, sock = self._open_upstream(
+            config, chain, target_suffix, body, variant)
+        if not translates_to_chat(upstream, api):
+            return self._relay_response(upstream, response, connection, sock)
+        self.log_fields["translated"] = api + ">chat"
+        released = False
+        try:
+            if response.status != 200:
+                data = self._read_upstream_body(upstream, response)
+                self._finish_upstream(upstream, response, connection, True)
+                released = True
+                return self._send_translated_error(api, response, data)
+            if is_event_stream(response.getheader("Content-Type")):
+                self.log_fields["stream"] = True
+                complete = self._relay_translated_stream(
+                    upstream, response, sock, self._stream_translator(api, translation))
+                self._finish_upstream(upstream, response, connection, complete)
+                released = True
+                return None
+            data = self._read_upstream_body(upstream, response)
+            self._finish_upstream(upstream, response, connection, True)
+            released = True
+            self._send_translated_answer(api, upstream, translation, data)
+        finally:
+            if not released:
+                shutdown_socket(sock)  # wakes the line pump, if one waits
+                self._finish_upstream(upstream, response, connection, False)
+
+    def _translate_request(self, api, data):
+        """Translate the (rewritten) client body; returns a dict with the
+        client body, the TranslatedRequest and the RequestBody to send.
+        Dropped features are logged in one line."""
+        client_body = json.loads(data.decode("utf-8"))
+        translate = (messages_to_chat_request if api == "messages"
+                     else responses_to_chat_request)
+        translated = translate(client_body)
+        if translated.notes:
+            logger.info("%s %s>chat dropped: %s", self._request_id, api,
+                        printable("; ".join(translated.notes))[:1000])
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s body translated: %s", self._request_id,
+                         redact_for_log(translated.body))
+        return {"client": client_body, "request": translated,
+                "body": RequestBody(serialize_json(translated.body))}
+
+    def _stream_translator(self, api, translation):
+        request, client = translation["request"], translation["client"]
+        model = request.body.get("model")
+        if api == "messages":
+            return MessagesStreamTranslator(model, request.stop_sequences)
+        return ResponsesStreamTranslator(model, client, request.custom_tools)
+
+    def _send_translated_error(self, api, response, data):
+        """Relay an upstream's error answer; on /v1/messages in Anthropic's
+        error shape (the SDKs read the message from there)."""
+        headers = [(name, value) for name, value in self._client_headers(
+            list(response.getheaders())) if name.lower() != "content-type"]
+        if api == "messages":
+            data = serialize_json(anthropic_error(
+                upstream_error_message(data, response.status),
+                anthropic_error_type(response.status)))
+        self._send_buffered(response.status, headers + [
+            ("Content-Type", "application/json")], data)
+
+    def _send_translated_answer(self, api, upstream, translation, data):
+        """Translate a whole chat completion (sent as a stream when the
+        client asked for one and the upstream answered whole)."""
+        try:
+            chat = json.loads(data.decode("utf-8"))
+            if not isinstance(chat, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            self._count_upstream_failure(upstream, "invalid")
+            raise RelayError(502, "upstream %s answered chat completions with "
+                             "invalid JSON." % upstream.name, code="upstream_error")
+        if self.server.config.metrics:
+            self.server.metrics.add_usage(self._model_asked, chat.get("usage"))
+        request, client = translation["request"], translation["client"]
+        if client.get("stream") is True:
+            translator = self._stream_translator(api, translation)
+            self._start_streamed_response(200, [
+                ("Content-Type", "text/event-stream; charset=utf-8"),
+                ("Cache-Control", "no-cache")])
+            self._write_chunk(translator.start() + translator.feed_chunk(
+                chat_message_as_chunk(chat)) + translator.finish())
+            return self._finish_chunks()
+        model = request.body.get("model")
+        if api == "messages":
+            answer = chat_to_messages_response(chat, model, request.stop_sequences)
+        else:
+            answer = chat_to_responses_response(chat, model, client,
+                                                request.custom_tools)
+        self._send_json(200, answer)
+
+    def _relay_translated_stream(self, upstream, response, sock, translator):
+        """Translate a chat completions stream event by event; send a ping
+        after TRANSLATED_PING_SECONDS of upstream silence (a CPU box can
+        think for minutes).  Returns True when the upstream ended its body
+        normally (its connection can be reused)."""
+        headers = [(name, value) for name, value in self._client_headers(
+            list(response.getheaders())) if name.lower() not in (
+                "content-type", "cache-control")]
+        self._start_streamed_response(200, headers + [
+            ("Content-Type", "text/event-stream; charset=utf-8"),
+            ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")])
+        self._write_chunk(translator.start())
+        lines = queue.Queue()
+        pump = threading.Thread(target=pump_lines, args=(response, lines),
+                                name="llm-relay-stream")
+        pump.daemon = True
+        pump.start()
+        while not translator.done:
+            try:
+                line = lines.get(timeout=TRANSLATED_PING_SECONDS)
+            except queue.Empty:
+                self._write_chunk(translator.ping())
+                continue
+            if self.tracked.client_gone:
+                raise ClientDisconnected()
+            if line is None:
+                break
+            try:
+                if isinstance(line, Exception):
+                    raise line
+                events = translator.feed_line(line)
+            except Exception as error:
+                return self._fail_translated_stream(upstream, translator, error)
+            if events:
+                self._write_chunk(events)
+        self._write_chunk(translator.finish())
+        self._finish_chunks()
+        if self.server.config.metrics:
+            self.server.metrics.add_usage(self._model_asked, translator.reader.usage)
+        return line is None or self._wait_for_body_end(lines)
+
+    @staticmethod
+    def _wait_for_body_end(lines):
+        """After data: [DONE], give the upstream DONE_TAIL_SECONDS to end
+        its body; True when it did (and sent nothing more)."""
+        try:
+            return lines.get(timeout=DONE_TAIL_SECONDS) is None
+        except queue.Empty:
+            return False
+
+    def _fail_translated_stream(self, upstream, translator, error):
+        """End a translated stream with the protocol's failure event
+        (Anthropic's error event, or response.failed); returns False."""
+        if self.tracked.client_gone:
+            raise ClientDisconnected()
+        if self.tracked.aborted:
+            failure = RelayError(503, "The relay is shutting down; the stream was "
+                                 "cut.", code="shutting_down")
+        else:
+            failure = translated_stream_failure(upstream, error)
+        self.log_fields["error"] = failure.message
+        self._count_upstream_failure(upstream, failure.kind)
+        logger.warning("%s stream ended early: %s", self._request_id, failure.message)
+        self._write_chunk(translator.fail(failure.message, failure.status))
+        self._finish_chunks()
+        return False
 
     # -- relaying the response ----------------------------------------------------
 

@@ -4625,3 +4625,447 @@ class StrictUpstreamFramingTest(RelayTestCase):
         self.assertEqual((status, data), (200, answer))
         self.assertEqual(headers.get("transfer-encoding"), "chunked")
         self.assertEqual(self.chat({"model": "m"}, connection=connection)[0], 200)
+
+
+###############################################################################
+# Translation onto chat-only upstreams ########################################
+###############################################################################
+
+try:
+    import anthropic
+except ImportError:  # pragma: no cover - depends on the environment
+    anthropic = None
+    ANTHROPIC_SDK_MISSING = "the anthropic package is not installed (.ci/run installs it)"
+else:
+    ANTHROPIC_SDK_MISSING = ""
+
+CHAT_ONLY_USAGE = {"prompt_tokens": 31, "completion_tokens": 12, "total_tokens": 43}
+
+
+def scripted_chat_answer(body):
+    """Return the chat chunks a chat-only model answers body with: after a
+    tool result, "done"; with tools offered, reasoning, text and two calls
+    of the first tool (arguments split, the second call's id on index 1);
+    else reasoning in <think> tags and text."""
+    messages = body.get("messages") or []
+    if messages and messages[-1].get("role") == "tool":
+        return [chat_chunk({"role": "assistant", "content": ""}),
+                chat_chunk({"content": "done: " + messages[-1]["content"]}),
+                chat_chunk({}, "stop")]
+    tools = body.get("tools") or []
+    if tools:
+        name = tools[0]["function"]["name"]
+        return [chat_chunk({"role": "assistant", "reasoning_content": "need a tool"}),
+                chat_chunk({"content": "Calling."}),
+                chat_chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                            "function": {"name": name, "arguments":
+                                                         "{\"city\": "}}]}),
+                chat_chunk({"tool_calls": [{"index": 0, "function": {
+                    "arguments": "\"Paris\"}"}}]}),
+                chat_chunk({"tool_calls": [{"index": 1, "id": "call_2", "type": "function",
+                                            "function": {"name": name, "arguments":
+                                                         "{\"city\": \"Rome\"}"}}]}),
+                chat_chunk({}, "tool_calls")]
+    return [chat_chunk({"role": "assistant", "content": "<thi"}),
+            chat_chunk({"content": "nk>pondering</think>\n\nHello"}),
+            chat_chunk({"content": " there"}), chat_chunk({}, "stop")]
+
+
+def chat_only_upstream(handler, recorded):
+    """An upstream that speaks only chat completions (an older llama.cpp or
+    Ollama): other paths are 404; answers follow scripted_chat_answer,
+    streamed with a final usage chunk, or whole."""
+    if not recorded.path.endswith("/chat/completions"):
+        return reply_json(handler, {"error": {"message": "not found"}}, 404)
+    body = recorded.json()
+    chunks = scripted_chat_answer(body)
+    if body.get("stream"):
+        return reply_sse(handler, chat_sse(chunks + [chat_chunk(
+            choices=False, usage=CHAT_ONLY_USAGE)]))
+    reader = llm_relay.ChatDeltaReader()
+    pieces = []
+    for chunk in chunks:
+        pieces += reader.read(chunk)
+    blocks = llm_relay.collect_pieces(pieces + reader.flush())
+    message = {"role": "assistant", "content": "".join(
+        "<think>%s</think>" % block[1] if block[0] == "thinking" else block[1]
+        for block in blocks if block[0] != "tool") or None}
+    calls = [{"id": block[1], "type": "function", "function": {
+        "name": block[2], "arguments": block[3]}} for block in blocks if block[0] == "tool"]
+    if calls:
+        message["tool_calls"] = calls
+    reply_json(handler, {"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+                         "model": "qwen3-coder", "choices": [{
+                             "index": 0, "message": message,
+                             "finish_reason": reader.finish_reason}],
+                         "usage": CHAT_ONLY_USAGE})
+
+
+WEATHER_TOOL = {"name": "get_weather", "description": "Weather of a city",
+                "input_schema": {"type": "object", "properties": {
+                    "city": {"type": "string"}}, "required": ["city"]}}
+
+
+class ChatOnlyUpstreamTestCase(RelayTestCase):
+    """A relay whose only upstream is declared to speak chat completions only,
+    with a rule that maps the agents' model names onto the local model."""
+
+    def setUp(self):
+        RelayTestCase.setUp(self)
+        self.upstream.behaviour = chat_only_upstream
+
+    def start_chat_only_relay(self, **raw):
+        raw.setdefault("upstreams", {"default": {"url": self.upstream.url,
+                                                 "apis": ["chat"]}})
+        raw.setdefault("model_rules", [{"match_model": ["claude-*", "gpt-5*"],
+                                        "set": {"model": "qwen3-coder"}}])
+        raw.setdefault("listen", "127.0.0.1:0")
+        config, _ = llm_relay.validate_config(raw, "test", None, {})
+        return self.start_server(config)
+
+    @property
+    def base_url(self):
+        return "http://127.0.0.1:%d" % self.relay.port
+
+
+class TranslatedMessagesOverHttpTest(ChatOnlyUpstreamTestCase):
+
+    def test_whole_answer_and_what_the_upstream_got(self):
+        self.start_chat_only_relay()
+        status, headers, data = self.request(
+            "POST", "/v1/messages?beta=true", {
+                "model": "claude-sonnet-4-5", "max_tokens": 100,
+                "system": [{"type": "text", "text": "be nice",
+                            "cache_control": {"type": "ephemeral"}}],
+                "messages": [{"role": "user", "content": "hi"}]},
+            {"anthropic-version": "2023-06-01", "x-api-key": "k"})
+        self.assertEqual(status, 200, data)
+        self.assertEqual(headers["content-type"], "application/json")
+        answer = json.loads(data.decode("utf-8"))
+        self.assertEqual((answer["type"], answer["role"], answer["model"],
+                          answer["stop_reason"]),
+                         ("message", "assistant", "qwen3-coder", "end_turn"))
+        self.assertEqual(answer["content"], [
+            {"type": "thinking", "thinking": "pondering", "signature": ""},
+            {"type": "text", "text": "Hello there"}])
+        self.assertEqual(answer["usage"], {"input_tokens": 31, "output_tokens": 12})
+        recorded = self.upstream.last()
+        self.assertEqual(recorded.path, "/v1/chat/completions")
+        # The rule saw the client's model name and renamed it before translation.
+        self.assertEqual(recorded.json(), {
+            "model": "qwen3-coder", "messages": [
+                {"role": "system", "content": "be nice"},
+                {"role": "user", "content": "hi"}], "max_tokens": 100})
+
+    def test_stream_follows_the_grammar(self):
+        self.start_chat_only_relay()
+        connection = self.connect()
+        connection.request("POST", "/v1/messages", body=json.dumps({
+            "model": "claude-haiku-4-5", "max_tokens": 50, "stream": True,
+            "tools": [WEATHER_TOOL],
+            "messages": [{"role": "user", "content": "weather?"}]}),
+            headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.getheader("Content-Type"),
+                         "text/event-stream; charset=utf-8")
+        events = parse_sse_events(b"".join(read_sse_lines(response)))
+        assert_anthropic_grammar(self, events)
+        self.assertEqual(anthropic_blocks(events), [
+            {"type": "thinking", "thinking": "need a tool", "signature": ""},
+            {"type": "text", "text": "Calling."},
+            {"type": "tool_use", "id": "call_1", "name": "get_weather",
+             "input": {"city": "Paris"}},
+            {"type": "tool_use", "id": "call_2", "name": "get_weather",
+             "input": {"city": "Rome"}}])
+        self.assertEqual(events[-2][1]["delta"]["stop_reason"], "tool_use")
+        self.assertEqual(events[-2][1]["usage"], {"input_tokens": 31, "output_tokens": 12})
+        sent = self.upstream.last().json()
+        self.assertEqual(sent["stream_options"], {"include_usage": True})
+        self.assertEqual(sent["tools"][0]["function"]["parameters"],
+                         WEATHER_TOOL["input_schema"])
+
+    def test_count_tokens_is_estimated_here(self):
+        self.start_chat_only_relay()
+        status, _, data = self.request("POST", "/v1/messages/count_tokens?beta=true", {
+            "model": "claude-sonnet-4-5",
+            "messages": [{"role": "user", "content": "x" * 400}]})
+        self.assertEqual(status, 200, data)
+        self.assertGreaterEqual(json.loads(data.decode("utf-8"))["input_tokens"], 100)
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_upstream_error_in_anthropic_shape(self):
+        self.upstream.behaviour = lambda handler, recorded: reply_json(
+            handler, {"error": {"message": "model qwen3-coder not found",
+                                "type": "invalid_request_error"}}, 404)
+        self.start_chat_only_relay()
+        status, _, data = self.request("POST", "/v1/messages", {
+            "model": "claude-sonnet-4-5", "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual(status, 404)
+        self.assertEqual(json.loads(data.decode("utf-8")), {
+            "type": "error", "error": {"type": "not_found_error",
+                                       "message": "model qwen3-coder not found"}})
+
+    def test_drop_mid_stream_ends_with_an_error_event(self):
+        def drop(handler, recorded):
+            start_chunked(handler)
+            write_chunk(handler, chat_sse([chat_chunk({"content": "hal"})])[0] + b"\n")
+            handler.wfile.flush()
+            handler.close_connection = True  # no terminating chunk
+        self.upstream.behaviour = drop
+        self.start_chat_only_relay()
+        with self.assertLogs("llm_relay", "WARNING"):
+            connection = self.connect()
+            connection.request("POST", "/v1/messages", body=json.dumps({
+                "model": "claude-sonnet-4-5", "max_tokens": 5, "stream": True,
+                "messages": [{"role": "user", "content": "hi"}]}),
+                headers={"Content-Type": "application/json"})
+            events = parse_sse_events(b"".join(read_sse_lines(connection.getresponse())))
+        self.assertEqual([name for name, _ in events[:3]],
+                         ["message_start", "content_block_start", "content_block_delta"])
+        self.assertEqual(events[-1][0], "error")
+        self.assertEqual(events[-1][1]["error"]["type"], "api_error")
+        self.assertIn("mid-stream", events[-1][1]["error"]["message"])
+
+    def test_pings_while_the_upstream_is_silent(self):
+        saw_ping = threading.Event()
+
+        def slow(handler, recorded):
+            start_chunked(handler)
+            write_chunk(handler, b": prefill\n")
+            saw_ping.wait(WAIT_SECONDS)
+            for line in chat_sse([chat_chunk({"content": "late"}), chat_chunk({}, "stop")]):
+                write_chunk(handler, line)
+            end_chunks(handler)
+        self.upstream.behaviour = slow
+        original = llm_relay.TRANSLATED_PING_SECONDS
+        llm_relay.TRANSLATED_PING_SECONDS = 0.05
+        self.addCleanup(setattr, llm_relay, "TRANSLATED_PING_SECONDS", original)
+        self.start_chat_only_relay()
+        connection = self.connect()
+        connection.request("POST", "/v1/messages", body=json.dumps({
+            "model": "claude-sonnet-4-5", "max_tokens": 5, "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]}),
+            headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        lines = []
+        while not saw_ping.is_set():
+            line = response.readline()
+            self.assertTrue(line, "stream ended before a ping")
+            lines.append(line)
+            if line.startswith(b"event: ping"):
+                saw_ping.set()
+        events = parse_sse_events(b"".join(lines + read_sse_lines(response)))
+        self.assertEqual(events[0][0], "message_start")
+        assert_anthropic_grammar(self, events)
+        self.assertEqual(anthropic_blocks(events), [{"type": "text", "text": "late"}])
+
+    def test_chat_completions_keep_their_fast_path(self):
+        self.start_chat_only_relay(model_rules=[])
+        raw = b'{"model":"qwen3-coder",  "messages":[{"role":"user","content":"hi"}]}'
+        status, _, _ = self.request("POST", "/v1/chat/completions", raw,
+                                    {"Content-Type": "application/json"})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.upstream.last().body, raw)
+
+    def test_native_upstreams_still_get_messages_as_they_are(self):
+        self.upstream.behaviour = lambda handler, recorded: reply_json(
+            handler, {"type": "message", "content": []})
+        self.start_relay()
+        body = {"model": "claude-x", "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hi"}]}
+        status, _, data = self.request("POST", "/v1/messages", body)
+        self.assertEqual((status, self.upstream.last().path), (200, "/v1/messages"))
+        self.assertEqual(self.upstream.last().json(), body)
+
+    def test_fallback_from_a_native_upstream_to_a_chat_only_one(self):
+        native = FakeUpstream(self, lambda handler, recorded: reply_json(
+            handler, {"error": "busy"}, 503))
+        self.start_chat_only_relay(upstreams={
+            "native": {"url": native.url},
+            "old": {"url": self.upstream.url, "apis": ["chat"]}},
+            model_rules=[{"match_model": "default", "upstream": ["native", "old"]}])
+        with self.assertLogs("llm_relay", "WARNING"):
+            status, _, data = self.request("POST", "/v1/messages", {
+                "model": "qwen3-coder", "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual(status, 200, data)
+        self.assertEqual(native.last().path, "/v1/messages")
+        self.assertEqual(self.upstream.last().path, "/v1/chat/completions")
+        self.assertEqual(json.loads(data.decode("utf-8"))["content"][-1]["text"],
+                         "Hello there")
+
+    def test_config_error_names_the_field(self):
+        with self.assertRaises(llm_relay.ConfigError) as caught:
+            llm_relay.parse_config_text('{"upstreams": {"old": {\n  "url": '
+                                        '"http://h/v1", "apis": ["chat", "rest"]}}}')
+        self.assertEqual(str(caught.exception),
+                         '<config>:2:33: upstreams.old.apis: expected a non-empty '
+                         'list of API names: "chat", "messages", "responses"')
+
+
+class TranslatedResponsesOverHttpTest(ChatOnlyUpstreamTestCase):
+
+    def test_stateful_requests_are_refused(self):
+        self.start_chat_only_relay()
+        status, _, data = self.request("POST", "/v1/responses", {
+            "model": "gpt-5-codex", "input": "hi", "previous_response_id": "resp_1"})
+        error = self.assert_openai_error(status, data, 400, "stateless_relay")
+        self.assertIn("stateless", error["message"])
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_drop_mid_stream_ends_with_response_failed(self):
+        def drop(handler, recorded):
+            start_chunked(handler)
+            write_chunk(handler, chat_sse([chat_chunk({"content": "hal"})])[0] + b"\n")
+            handler.close_connection = True
+        self.upstream.behaviour = drop
+        self.start_chat_only_relay()
+        with self.assertLogs("llm_relay", "WARNING"):
+            connection = self.connect()
+            connection.request("POST", "/v1/responses", body=json.dumps({
+                "model": "gpt-5-codex", "input": "hi", "stream": True}),
+                headers={"Content-Type": "application/json"})
+            events = parse_sse_events(b"".join(read_sse_lines(connection.getresponse())))
+        self.assertEqual(events[-1][0], "response.failed")
+        self.assertEqual(events[-1][1]["response"]["status"], "failed")
+        self.assertEqual([data["sequence_number"] for _, data in events],
+                         list(range(len(events))))
+
+    def test_whole_answer_with_a_custom_tool(self):
+        self.upstream.behaviour = lambda handler, recorded: reply_json(handler, {
+            "id": "c", "object": "chat.completion", "model": "qwen3-coder",
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": None, "tool_calls": [{
+                    "id": "call_9", "type": "function", "function": {
+                        "name": "apply_patch", "arguments": json.dumps(
+                            {"input": "*** Begin Patch\n*** End Patch\n"})}}]}}],
+            "usage": CHAT_ONLY_USAGE})
+        self.start_chat_only_relay()
+        status, _, data = self.request("POST", "/v1/responses", {
+            "model": "gpt-5-codex", "input": "patch it", "store": False,
+            "tools": [{"type": "custom", "name": "apply_patch", "description": "p"}]})
+        self.assertEqual(status, 200, data)
+        response = json.loads(data.decode("utf-8"))
+        self.assertEqual(response["output"][0]["type"], "custom_tool_call")
+        self.assertEqual(response["output"][0]["input"],
+                         "*** Begin Patch\n*** End Patch\n")
+        self.assertEqual(response["usage"]["total_tokens"], 43)
+        self.assertEqual(self.upstream.last().json()["tools"][0]["function"]["name"],
+                         "apply_patch")
+
+
+@unittest.skipUnless(anthropic, ANTHROPIC_SDK_MISSING)
+class AnthropicClientOnChatOnlyUpstreamTest(ChatOnlyUpstreamTestCase):
+    """The official anthropic package against a chat-only upstream."""
+
+    def setUp(self):
+        ChatOnlyUpstreamTestCase.setUp(self)
+        self.start_chat_only_relay()
+        self.client = anthropic.Anthropic(base_url=self.base_url, api_key="unused",
+                                          max_retries=0, timeout=WAIT_SECONDS)
+        self.addCleanup(self.client.close)
+
+    def test_create(self):
+        message = self.client.messages.create(
+            model="claude-sonnet-4-5", max_tokens=64,
+            messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual([block.type for block in message.content], ["thinking", "text"])
+        self.assertEqual(message.content[1].text, "Hello there")
+        self.assertEqual((message.usage.input_tokens, message.usage.output_tokens), (31, 12))
+
+    def test_stream(self):
+        with self.client.messages.stream(
+                model="claude-sonnet-4-5", max_tokens=64,
+                messages=[{"role": "user", "content": "hi"}]) as stream:
+            text = "".join(stream.text_stream)
+            final = stream.get_final_message()
+        self.assertEqual(text, "Hello there")
+        self.assertEqual(final.stop_reason, "end_turn")
+        self.assertEqual(final.content[0].thinking, "pondering")
+        self.assertEqual(final.usage.output_tokens, 12)
+
+    def test_tool_round_trip(self):
+        messages = [{"role": "user", "content": "weather in Paris and Rome?"}]
+        with self.client.messages.stream(model="claude-sonnet-4-5", max_tokens=64,
+                                         tools=[WEATHER_TOOL], messages=messages) as stream:
+            first = stream.get_final_message()
+        self.assertEqual(first.stop_reason, "tool_use")
+        calls = [block for block in first.content if block.type == "tool_use"]
+        self.assertEqual([call.input for call in calls], [{"city": "Paris"}, {"city": "Rome"}])
+        messages += [{"role": "assistant", "content": first.content},
+                     {"role": "user", "content": [
+                         {"type": "tool_result", "tool_use_id": call.id,
+                          "content": "sunny in %s" % call.input["city"]} for call in calls]}]
+        second = self.client.messages.create(model="claude-sonnet-4-5", max_tokens=64,
+                                             tools=[WEATHER_TOOL], messages=messages)
+        self.assertEqual(second.content[-1].text, "done: sunny in Rome")
+        sent = self.upstream.last().json()["messages"]
+        self.assertEqual([message["role"] for message in sent],
+                         ["user", "assistant", "tool", "tool"])
+        self.assertEqual([call["id"] for call in sent[1]["tool_calls"]],
+                         ["call_1", "call_2"])
+        self.assertEqual(sent[1]["content"], "Calling.")  # thinking not replayed
+
+    def test_error_class(self):
+        self.upstream.behaviour = lambda handler, recorded: reply_json(
+            handler, {"error": {"message": "slow down"}}, 429)
+        with self.assertRaises(anthropic.RateLimitError) as caught:
+            self.client.messages.create(model="claude-sonnet-4-5", max_tokens=5,
+                                        messages=[{"role": "user", "content": "hi"}])
+        self.assertIn("slow down", str(caught.exception))
+
+
+@unittest.skipUnless(openai, OPENAI_MISSING)
+class OpenAIResponsesOnChatOnlyUpstreamTest(ChatOnlyUpstreamTestCase):
+    """The openai package's responses.create against a chat-only upstream."""
+
+    TOOL = {"type": "function", "name": "get_weather", "description": "Weather",
+            "parameters": WEATHER_TOOL["input_schema"]}
+
+    def setUp(self):
+        ChatOnlyUpstreamTestCase.setUp(self)
+        self.start_chat_only_relay()
+        self.client = openai.OpenAI(base_url=self.base_url + "/v1", api_key="unused",
+                                    max_retries=0, timeout=WAIT_SECONDS)
+        self.addCleanup(self.client.close)
+
+    def test_create(self):
+        response = self.client.responses.create(model="gpt-5-codex", input="hi",
+                                                instructions="be brief")
+        self.assertEqual(response.output_text, "Hello there")
+        self.assertEqual(response.status, "completed")
+        self.assertEqual([item.type for item in response.output], ["reasoning", "message"])
+        self.assertEqual(response.usage.total_tokens, 43)
+        self.assertEqual(self.upstream.last().json()["messages"][0],
+                         {"role": "system", "content": "be brief"})
+
+    def test_stream(self):
+        stream = self.client.responses.create(model="gpt-5-codex", input="hi", stream=True)
+        events = list(stream)
+        text = "".join(event.delta for event in events
+                       if event.type == "response.output_text.delta")
+        self.assertEqual(text, "Hello there")
+        self.assertEqual(events[-1].type, "response.completed")
+        self.assertEqual(events[-1].response.output_text, "Hello there")
+        self.assertEqual([event.sequence_number for event in events],
+                         list(range(len(events))))
+
+    def test_function_tool_round_trip(self):
+        with self.client.responses.stream(model="gpt-5-codex", input="weather?",
+                                          tools=[self.TOOL]) as stream:
+            first = stream.get_final_response()
+        calls = [item for item in first.output if item.type == "function_call"]
+        self.assertEqual([json.loads(call.arguments) for call in calls],
+                         [{"city": "Paris"}, {"city": "Rome"}])
+        follow_up = [{"role": "user", "content": "weather?"}] + [
+            item.model_dump(exclude_none=True) for item in first.output] + [
+            {"type": "function_call_output", "call_id": call.call_id,
+             "output": "rain in " + json.loads(call.arguments)["city"]} for call in calls]
+        second = self.client.responses.create(model="gpt-5-codex", input=follow_up,
+                                              tools=[self.TOOL], store=False)
+        self.assertEqual(second.output_text, "done: rain in Rome")
+        sent = self.upstream.last().json()["messages"]
+        self.assertEqual([message["role"] for message in sent],
+                         ["user", "assistant", "tool", "tool"])
