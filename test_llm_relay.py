@@ -4671,14 +4671,18 @@ def scripted_chat_answer(body):
             chat_chunk({"content": " there"}), chat_chunk({}, "stop")]
 
 
-def chat_only_upstream(handler, recorded):
-    """An upstream that speaks only chat completions (an older llama.cpp or
-    Ollama): other paths are 404; answers follow scripted_chat_answer,
-    streamed with a final usage chunk, or whole."""
+def chat_only(script):
+    """Return the behaviour of an upstream that speaks only chat completions
+    (an older llama.cpp or Ollama): other paths are 404; answers are the
+    chunks script(body) gives, streamed with a final usage chunk, or whole."""
+    return lambda handler, recorded: answer_chat_only(handler, recorded, script)
+
+
+def answer_chat_only(handler, recorded, script):
     if not recorded.path.endswith("/chat/completions"):
         return reply_json(handler, {"error": {"message": "not found"}}, 404)
     body = recorded.json()
-    chunks = scripted_chat_answer(body)
+    chunks = script(body)
     if body.get("stream"):
         return reply_sse(handler, chat_sse(chunks + [chat_chunk(
             choices=False, usage=CHAT_ONLY_USAGE)]))
@@ -4700,6 +4704,8 @@ def chat_only_upstream(handler, recorded):
                              "finish_reason": reader.finish_reason}],
                          "usage": CHAT_ONLY_USAGE})
 
+
+chat_only_upstream = chat_only(scripted_chat_answer)
 
 WEATHER_TOOL = {"name": "get_weather", "description": "Weather of a city",
                 "input_schema": {"type": "object", "properties": {
@@ -5069,3 +5075,194 @@ class OpenAIResponsesOnChatOnlyUpstreamTest(ChatOnlyUpstreamTestCase):
         sent = self.upstream.last().json()["messages"]
         self.assertEqual([message["role"] for message in sent],
                          ["user", "assistant", "tool", "tool"])
+
+
+# -- Claude Code and Codex CLI on a chat-only upstream ---------------------------
+
+def find_agent(name):
+    """Return the path of a coding agent's CLI ("claude", "codex"), or None:
+    from LLM_RELAY_AGENTS_BIN (where .ci/run installs them with npm), else
+    from PATH."""
+    directory = os.environ.get("LLM_RELAY_AGENTS_BIN")
+    if directory:
+        path = os.path.join(directory, name)
+        return path if os.access(path, os.X_OK) else None
+    return shutil.which(name)
+
+
+CLAUDE_BIN, CODEX_BIN = find_agent("claude"), find_agent("codex")
+AGENT_MISSING = ("%s is not installed (.ci/run installs it with npm into "
+                 "LLM_RELAY_AGENTS_BIN)")
+AGENT_PATCH = "*** Begin Patch\n*** Add File: out.txt\n+hi\n*** End Patch\n"
+AGENT_TIMEOUT_SECONDS = 180  # the CLIs start in about a second; a bound, not a wait
+
+
+def agent_script(body):
+    """The chat-only model an agent talks to: after a tool result it says
+    "done"; offered Claude Code's Bash tool it writes out.txt with it;
+    offered Codex's apply_patch it adds out.txt with a patch."""
+    messages = body.get("messages") or []
+    names = [tool["function"]["name"] for tool in body.get("tools") or []]
+    if messages and messages[-1].get("role") == "tool":
+        return [chat_chunk({"role": "assistant", "content": "done"}), chat_chunk({}, "stop")]
+    for name, arguments in (("Bash", {"command": "echo hi > out.txt",
+                                      "description": "write out.txt"}),
+                            ("apply_patch", {"input": AGENT_PATCH})):
+        if name in names:
+            text = json.dumps(arguments)
+            return [chat_chunk({"role": "assistant", "reasoning_content": "a tool"}),
+                    chat_chunk({"tool_calls": [{"index": 0, "id": "call_7", "type":
+                                                "function", "function": {
+                                                    "name": name, "arguments": text[:9]}}]}),
+                    chat_chunk({"tool_calls": [{"index": 0, "function": {
+                        "arguments": text[9:]}}]}),
+                    chat_chunk({}, "tool_calls")]
+    return [chat_chunk({"role": "assistant", "content": "ok"}), chat_chunk({}, "stop")]
+
+
+def agent_environment(home, **variables):
+    """Return a clean environment for an agent CLI: no inherited settings,
+    and a dead proxy for every host but 127.0.0.1, so that nothing reaches
+    the internet even if a switch below stops working."""
+    environment = {"PATH": os.environ.get("PATH", ""), "HOME": home, "TERM": "dumb",
+                   "LANG": "C.UTF-8", "NO_PROXY": "127.0.0.1,localhost",
+                   "no_proxy": "127.0.0.1,localhost"}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+                 "all_proxy"):
+        environment[name] = "http://127.0.0.1:9"  # discard port: refused at once
+    environment.update(variables)
+    return environment
+
+
+class AgentOnChatOnlyUpstreamTestCase(ChatOnlyUpstreamTestCase):
+
+    def setUp(self):
+        ChatOnlyUpstreamTestCase.setUp(self)
+        self.upstream.behaviour = chat_only(agent_script)
+        self.start_chat_only_relay(model_rules=[
+            {"match_model": "*", "set": {"model": "qwen3-coder"}}])
+        self.directory = tempfile.mkdtemp(prefix="llm-relay-agent-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        self.home = os.path.join(self.directory, "home")
+        self.work = os.path.join(self.directory, "work")
+        os.makedirs(self.home)
+        os.makedirs(self.work)
+
+    def run_agent(self, command, environment):
+        process = subprocess.Popen(command, cwd=self.work, env=environment,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        try:
+            stdout, stderr = process.communicate(timeout=AGENT_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        events = []
+        for line in stdout.decode("utf-8", "replace").splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                pass
+        report = "rc=%s\nstdout: %s\nstderr: %s" % (
+            process.returncode, stdout[-3000:], stderr[-3000:])
+        return process.returncode, events, report
+
+    def assert_tool_round_trip(self, report):
+        with open(os.path.join(self.work, "out.txt")) as made:
+            self.assertEqual(made.read(), "hi\n", report)
+        paths = set(recorded.path for recorded in self.upstream.requests)
+        self.assertEqual(paths, {"/v1/chat/completions"}, report)
+        bodies = [recorded.json() for recorded in self.upstream.requests]
+        # Every turn streamed: the agent took the translated event stream
+        # (Claude Code falls back to "stream": false when it cannot).
+        self.assertTrue(all(body.get("stream") is True for body in bodies), report)
+        results = [body for body in bodies if body["messages"][-1]["role"] == "tool"]
+        self.assertTrue(results, report)
+        return results[-1]["messages"]
+
+
+@unittest.skipUnless(CLAUDE_BIN, AGENT_MISSING % "Claude Code (claude)")
+class ClaudeCodeOnChatOnlyUpstreamTest(AgentOnChatOnlyUpstreamTestCase):
+
+    def test_bash_tool_round_trip(self):
+        state = os.path.join(self.home, ".claude")
+        environment = agent_environment(
+            self.home, CLAUDE_CONFIG_DIR=state, CLAUDE_CODE_TMPDIR=self.home,
+            ANTHROPIC_BASE_URL=self.base_url, ANTHROPIC_API_KEY="sk-ant-test",
+            CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_TELEMETRY="1",
+            DISABLE_ERROR_REPORTING="1", DISABLE_AUTOUPDATER="1", DISABLE_UPDATES="1",
+            DISABLE_GROWTHBOOK="1", CLAUDE_CODE_DISABLE_FEATURE_FLAGS="1",
+            DO_NOT_TRACK="1", DISABLE_INSTALLATION_CHECKS="1",
+            CLAUDE_CODE_DISABLE_FEEDBACK_SURVEY="1", CLAUDE_CODE_MAX_RETRIES="0",
+            IS_SANDBOX="1")  # lets --dangerously-skip-permissions run as root
+        code, events, report = self.run_agent([
+            CLAUDE_BIN, "-p", "Create out.txt containing hi using the Bash tool.",
+            "--output-format", "stream-json", "--verbose", "--no-session-persistence",
+            "--dangerously-skip-permissions"], environment)
+        self.assertEqual(code, 0, report)
+        messages = self.assert_tool_round_trip(report)
+        self.assertEqual(messages[-2]["tool_calls"][0]["function"]["name"], "Bash")
+        self.assertEqual(messages[-1]["tool_call_id"], "call_7")
+        result = events[-1]
+        self.assertEqual((result.get("type"), result.get("subtype"), result.get("result")),
+                         ("result", "success", "done"), report)
+        first = self.upstream.requests[0].json()
+        self.assertEqual(first["model"], "qwen3-coder")
+        self.assertEqual(first["messages"][0]["role"], "system")
+        self.assertEqual([m["role"] for m in first["messages"]].count("system"), 1)
+
+
+@unittest.skipUnless(CODEX_BIN, AGENT_MISSING % "Codex CLI (codex)")
+class CodexOnChatOnlyUpstreamTest(AgentOnChatOnlyUpstreamTestCase):
+
+    CONFIG = """
+model = "gpt-5.5"
+model_provider = "relay"
+approval_policy = "never"
+sandbox_mode = "danger-full-access"
+check_for_update_on_startup = false
+web_search = "disabled"
+
+[analytics]
+enabled = false
+
+[feedback]
+enabled = false
+
+[features]
+plugins = false
+remote_plugin = false
+apps = false
+tool_suggest = false
+
+[model_providers.relay]
+name = "relay"
+base_url = "%s/v1"
+env_key = "RELAY_API_KEY"
+wire_api = "responses"
+request_max_retries = 0
+stream_max_retries = 0
+"""
+
+    def test_apply_patch_round_trip(self):
+        with open(os.path.join(self.home, "config.toml"), "w") as config:
+            config.write(self.CONFIG % self.base_url)
+        environment = agent_environment(self.home, CODEX_HOME=self.home,
+                                        RELAY_API_KEY="sk-test")
+        code, events, report = self.run_agent([
+            CODEX_BIN, "exec", "--skip-git-repo-check", "--ephemeral", "--json",
+            "--dangerously-bypass-approvals-and-sandbox", "Create out.txt containing hi"],
+            environment)
+        self.assertEqual(code, 0, report)
+        messages = self.assert_tool_round_trip(report)
+        call = messages[-2]["tool_calls"][0]["function"]
+        self.assertEqual((call["name"], json.loads(call["arguments"])),
+                         ("apply_patch", {"input": AGENT_PATCH}))
+        first = self.upstream.requests[0].json()
+        tools = dict((tool["function"]["name"], tool["function"]) for tool in first["tools"])
+        self.assertEqual(tools["apply_patch"]["parameters"]["required"], ["input"])
+        self.assertEqual(first["model"], "qwen3-coder")
+        kinds = [event.get("type") for event in events]
+        self.assertIn("turn.completed", kinds, report)
+        self.assertTrue(any(event.get("item", {}).get("type") == "file_change"
+                            for event in events), report)
