@@ -106,6 +106,15 @@ REQUEST_HEADERS_SET_BY_RELAY = frozenset((
 # Headers that carry a credential for the upstream; sent only with forward_auth.
 CREDENTIAL_HEADERS = frozenset(("authorization", "api-key", "x-api-key"))
 
+# Where an upstream's api_key goes (upstreams.<name>.api_key_header):
+# "authorization" as a Bearer token (OpenAI and most servers), "x-api-key"
+# (Anthropic's API, which also needs anthropic-version) or "api-key" (Azure).
+API_KEY_HEADERS = ("authorization", "x-api-key", "api-key")
+ANTHROPIC_VERSION = "2023-06-01"  # sent with an x-api-key when the client sent none
+
+# response_model: which model name answers report (see model_renamer).
+RESPONSE_MODEL_CHOICES = ("upstream", "asked")
+
 # Response headers relayed to the client: an allowlist, so that Date, Server and
 # framing headers are the relay's own and never duplicated.
 RELAYED_RESPONSE_HEADERS = frozenset((
@@ -394,7 +403,8 @@ Upstream = collections.namedtuple("Upstream", [
     "host",             # str: host name or IP literal
     "port",             # int
     "base_path",        # str: path prefix without trailing slash, e.g. "/v1"
-    "api_key",          # str or None: sent as a Bearer token
+    "api_key",          # str or None: sent in api_key_header
+    "api_key_header",   # one of API_KEY_HEADERS
     "connect_timeout",  # float seconds
     "read_timeout",     # float seconds of upstream silence
     "ssl_context",      # ssl.SSLContext for https, else None
@@ -409,6 +419,7 @@ Rule = collections.namedtuple("Rule", [
     "set",           # dict: top-level keys to override
     "extra",         # dict: deep-merged into the body
     "upstreams",     # tuple of str: upstream names, in fallback order
+    "response_model",  # one of RESPONSE_MODEL_CHOICES, or None: the top level's
 ])
 
 RuleIndex = collections.namedtuple("RuleIndex", [
@@ -488,6 +499,10 @@ def _read_log_format(checker, raw, key):
     return checker.choice(raw, (key.name,), LOG_FORMATS, key.default)
 
 
+def _read_response_model(checker, raw, key):
+    return checker.choice(raw, (key.name,), RESPONSE_MODEL_CHOICES, key.default)
+
+
 def _show_seconds(value):
     return "%g s" % value
 
@@ -526,6 +541,8 @@ CONFIG_KEYS = (
               lambda value: "on" if value else "off"),
     ConfigKey("log_format", "log_format", "string", "text", _read_log_format,
               str),
+    ConfigKey("response_model", "response_model", "string", "upstream",
+              _read_response_model, str),
 )
 
 CONFIG_KEY_DEFAULTS = dict((key.name, key.default) for key in CONFIG_KEYS)
@@ -551,9 +568,11 @@ def _config_fields():
 # seconds: load time, for alias model entries).
 Config = collections.namedtuple("Config", _config_fields())
 
-RULE_KEYS = ("match_model", "unset", "defaults", "set", "extra", "upstream")
+RULE_KEYS = ("match_model", "unset", "defaults", "set", "extra", "upstream",
+             "response_model")
 
-UPSTREAM_KEYS = ("url", "api_key", "connect_timeout", "read_timeout", "apis")
+UPSTREAM_KEYS = ("url", "api_key", "api_key_header", "connect_timeout",
+                 "read_timeout", "apis")
 
 _ENV_REFERENCE = re.compile(
     r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -827,10 +846,13 @@ class _ConfigChecker(object):
             raise self.error(key_path, "expected a string")
         if api_key:
             self.check_key(key_path, api_key)
+        key_header = self.choice(spec, path + ("api_key_header",), API_KEY_HEADERS,
+                                 API_KEY_HEADERS[0])
 
         def timeout(key):
             return self.number(spec, (key,) if top_level else path + (key,), None)
         return Upstream(name, url, scheme, host, port, base_path, api_key or None,
+                        key_header,
                         timeout("connect_timeout"), timeout("read_timeout"),
                         self.ssl_context(raw) if scheme == "https" else None,
                         self.apis(spec, path + ("apis",)))
@@ -896,8 +918,12 @@ class _ConfigChecker(object):
                     raw_rule.get("upstream"), str) else path + ("upstream", position),
                     "unknown upstream %r (known: %s)" % (
                         name, ", ".join(sorted(upstreams))))
+        response_model = raw_rule.get("response_model")
+        if response_model is not None:
+            response_model = self.choice(raw_rule, path + ("response_model",),
+                                         RESPONSE_MODEL_CHOICES, None)
         return Rule(format_path(path), tuple(names), tuple(unset), objects[0],
-                    objects[1], objects[2], tuple(chain))
+                    objects[1], objects[2], tuple(chain), response_model)
 
 
 def parse_listen(value):
@@ -1176,11 +1202,15 @@ def check_api_key(credential, api_keys):
     return matched
 
 
-def request_protocol(route):
+def request_protocol(route, anthropic_version=None):
     """Return the PROTOCOL_* a request speaks, from its route path (without
     the /v1 prefix): /chat/completions, /completions, /messages and every
     path under it (count_tokens, batches), /responses and every path under it.
+    /models and /models/{id} speak Anthropic's API (PROTOCOL_MESSAGES) when
+    the request has an anthropic-version header (anthropic_version, str).
     """
+    if anthropic_version and (route == "/models" or route.startswith("/models/")):
+        return PROTOCOL_MESSAGES
     if route == "/chat/completions":
         return PROTOCOL_CHAT
     if route == "/completions":
@@ -2393,6 +2423,54 @@ class ResponsesStreamTranslator(object):
 
 
 ###############################################################################
+# Answers: model names (pure) #################################################
+###############################################################################
+
+# A JSON "model" member whose value is a string, wherever it stands; inside a
+# JSON string every quote is escaped, so this matches members only.
+_MODEL_MEMBER = re.compile(b'"model"[ \t\r\n]*:[ \t\r\n]*"(?:[^"\\\\]|\\\\.)*"')
+
+# The protocols whose answers carry the model name (response_model applies).
+MODEL_NAMING_PROTOCOLS = frozenset((PROTOCOL_CHAT, PROTOCOL_COMPLETIONS,
+                                    PROTOCOL_MESSAGES, PROTOCOL_RESPONSES))
+
+
+def model_renamer(model):
+    """Return a function(line bytes) -> line bytes that makes the first
+    "model" member of an SSE line report model (str).
+
+    The events that carry a model name have it as their first "model"
+    member: a chat completion chunk's top-level model, message_start's
+    message.model (Anthropic Messages), response.model in the Responses
+    events that carry a response object.  Lines without the bytes "model"
+    are returned as they are, unparsed.
+    """
+    member = b'"model":' + serialize_json(model)
+
+    def rename(line):
+        if b'"model"' not in line:
+            return line
+        return _MODEL_MEMBER.sub(lambda match: member, line, 1)
+    return rename
+
+
+def rename_model_in_body(data, model):
+    """Return a JSON answer body (bytes) with its top-level "model" set to
+    model (str): chat completions, completions, a Messages API message and a
+    Responses API response object all carry it there.  A body that is not a
+    JSON object with a string model is returned unchanged."""
+    try:
+        value = json.loads(data.decode("utf-8"),
+                           object_pairs_hook=collections.OrderedDict)
+    except ValueError:
+        return data
+    if not isinstance(value, dict) or not isinstance(value.get("model"), str):
+        return data
+    value["model"] = model
+    return serialize_json(value)
+
+
+###############################################################################
 # HTTP framing ################################################################
 ###############################################################################
 
@@ -2776,8 +2854,9 @@ def upstream_headers(request_headers, upstream, forward_auth, body_length,
     """Return the (name, value) headers to send to the upstream.
 
     End-to-end client headers pass, except credentials unless forward_auth
-    (then the client's Authorization is sent; otherwise the upstream's
-    api_key, if any, as a Bearer token).  Host is the upstream's,
+    (then whichever credential headers the client sent; otherwise the
+    upstream's api_key, if any: see upstream_credential_headers).  Host is
+    the upstream's,
     Accept-Encoding is identity (SSE lines must stay lines), Content-Length
     is the new body's (None: no body; chunked: a body of unknown length,
     sent with Transfer-Encoding: chunked) and X-Request-Id is the relay's.
@@ -2792,7 +2871,7 @@ def upstream_headers(request_headers, upstream, forward_auth, body_length,
         # forwarded, so no line break reaches the upstream.
         headers.append((name, _OBS_FOLD.sub(" ", value)))
     if upstream.api_key and not forward_auth:
-        headers.append(("Authorization", "Bearer " + upstream.api_key))
+        headers.extend(upstream_credential_headers(upstream, headers))
     headers.append(("Accept-Encoding", "identity"))
     if chunked:
         headers.append(("Transfer-Encoding", "chunked"))
@@ -2800,6 +2879,24 @@ def upstream_headers(request_headers, upstream, forward_auth, body_length,
         headers.append(("Content-Length", str(body_length)))
     headers.append(("X-Request-Id", request_id))
     return headers
+
+
+def upstream_credential_headers(upstream, headers=()):
+    """Return the (name, value) headers that carry an upstream's api_key.
+
+    api_key_header "authorization": Authorization: Bearer <key>; "x-api-key"
+    (Anthropic's API reference, "Authentication"): x-api-key, plus
+    anthropic-version when headers (those going upstream) carry none;
+    "api-key" (Azure OpenAI): api-key.
+    """
+    if upstream.api_key_header == "authorization":
+        return [("Authorization", "Bearer " + upstream.api_key)]
+    if upstream.api_key_header == "api-key":
+        return [("api-key", upstream.api_key)]
+    credential = [("x-api-key", upstream.api_key)]
+    if not any(name.lower() == "anthropic-version" for name, _ in headers):
+        credential.append(("anthropic-version", ANTHROPIC_VERSION))
+    return credential
 
 
 def host_header(upstream):
@@ -3481,6 +3578,54 @@ def merge_model_lists(listings, config):
     return {"object": "list", "data": merged}
 
 
+def anthropic_model_entry(entry, created):
+    """Return a model object in Anthropic's shape (API reference: Models):
+    {"type": "model", "id", "display_name", "created_at" (RFC 3339)}.
+
+    entry is an OpenAI-shaped model object (its "created" Unix seconds, else
+    created) or already an Anthropic one, whose fields are kept.
+    """
+    stamp = entry.get("created")
+    if not isinstance(stamp, int) or isinstance(stamp, bool) or stamp < 0:
+        stamp = created
+    result = collections.OrderedDict((
+        ("type", "model"), ("id", entry["id"]),
+        ("display_name", entry.get("display_name") or entry["id"]),
+        ("created_at", entry.get("created_at") or time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(min(stamp, 253402300799))))))
+    return result
+
+
+def anthropic_model_page(listing, created, query):
+    """Return one page of a merged model list (see merge_model_lists) in
+    Anthropic's list shape: {"data": [...], "has_more", "first_id",
+    "last_id"}.  query (the request's query string) may hold limit (1 to
+    1000, default 20), after_id and before_id, as in Anthropic's API.
+    Raises RelayError(400) for a limit out of range.
+    """
+    parameters = urllib.parse.parse_qs(query)
+    limit_text = (parameters.get("limit") or ["20"])[0]
+    if not re.match(r"^[0-9]{1,4}$", limit_text) or not 1 <= int(limit_text) <= 1000:
+        raise RelayError(400, "limit must be an integer from 1 to 1000.",
+                         param="limit")
+    limit = int(limit_text)
+    entries = [anthropic_model_entry(entry, created) for entry in listing["data"]]
+    ids = [entry["id"] for entry in entries]
+    start, end = 0, len(entries)
+    after, before = parameters.get("after_id"), parameters.get("before_id")
+    if after:
+        start = ids.index(after[0]) + 1 if after[0] in ids else len(entries)
+    if before:
+        end = ids.index(before[0]) if before[0] in ids else 0
+        start = max(start, end - limit)
+    page = entries[start:min(end, start + limit)]
+    has_more = (start > 0) if before and not after else start + limit < end
+    return collections.OrderedDict((
+        ("data", page), ("has_more", has_more),
+        ("first_id", page[0]["id"] if page else None),
+        ("last_id", page[-1]["id"] if page else None)))
+
+
 ###############################################################################
 # Metrics and readiness #######################################################
 ###############################################################################
@@ -3552,14 +3697,15 @@ class Metrics(object):
         with self._lock:
             self._upstream_errors[(upstream_name, kind)] += 1
 
-    def add_usage(self, model, usage):
-        """Add an OpenAI usage object's prompt and completion tokens."""
+    def add_usage(self, model, usage, protocol=PROTOCOL_CHAT):
+        """Add the tokens of a usage object in the protocol's own shape,
+        each field as its kind (see USAGE_KINDS)."""
         if not isinstance(usage, dict):
             return
         with self._lock:
             label = self._model_label(model)
-            for kind in ("prompt", "completion"):
-                tokens = usage.get(kind + "_tokens")
+            for field, kind in USAGE_KINDS.get(protocol, OPENAI_USAGE_KINDS):
+                tokens = usage.get(field)
                 if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0:
                     self._tokens[(label, kind)] += tokens
 
@@ -3617,18 +3763,94 @@ class Metrics(object):
         return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def usage_from_json(data):
-    """Return the "usage" object of an OpenAI JSON body (bytes), or None.
+# Usage fields counted per protocol -> the "kind" label of
+# llm_relay_tokens_total.  Chat completions (and embeddings and the rest):
+# prompt_tokens, completion_tokens.  Anthropic Messages: input_tokens,
+# output_tokens, and the cache reads and writes that input_tokens excludes.
+# Responses: input_tokens, output_tokens (cached ones are inside input).
+OPENAI_USAGE_KINDS = (("prompt_tokens", "prompt"),
+                      ("completion_tokens", "completion"))
+USAGE_KINDS = {
+    PROTOCOL_MESSAGES: (("input_tokens", "input"), ("output_tokens", "output"),
+                        ("cache_read_input_tokens", "cache_read"),
+                        ("cache_creation_input_tokens", "cache_write")),
+    PROTOCOL_RESPONSES: (("input_tokens", "input"), ("output_tokens", "output")),
+}
 
-    Bodies without the bytes "prompt_tokens" are not parsed at all.
+
+def usage_from_json(data, protocol=PROTOCOL_CHAT):
+    """Return the "usage" object of a JSON answer body (bytes), or None.
+
+    Bodies without the bytes of the protocol's first usage field
+    ("prompt_tokens", or "input_tokens" for Messages and Responses) are not
+    parsed at all.
     """
-    if b'"prompt_tokens"' not in data:
+    marker = b'"input_tokens"' if protocol in USAGE_KINDS else b'"prompt_tokens"'
+    if marker not in data:
         return None
     try:
         value = json.loads(data.decode("utf-8"))
     except ValueError:
         return None
     return value.get("usage") if isinstance(value, dict) else None
+
+
+# The bytes that mark the few SSE lines StreamWatch parses, per protocol:
+# chat's usage chunk; Anthropic's message_start and message_delta (the only
+# events with "usage"); Responses events that carry a response object.
+STREAM_WATCH_MARKERS = {
+    PROTOCOL_MESSAGES: b'"usage"',
+    PROTOCOL_RESPONSES: b'"response"',
+}
+
+
+class StreamWatch(object):
+    """What a relayed stream tells about itself, learnt without parsing
+    every event: the relay loop hands over only lines containing marker.
+
+    usage: the stream's usage in its protocol's shape (dict) or None; for
+    Messages, message_start's usage updated by each message_delta's
+    cumulative counts (so the last one wins); for Responses, the usage of
+    response.completed (or .incomplete, .failed).  response: the Responses
+    API response object the stream announced (response.created), for a
+    response.failed event of the relay's own.
+    """
+
+    def __init__(self, protocol):
+        self.protocol = protocol
+        self.marker = STREAM_WATCH_MARKERS.get(protocol, b'"prompt_tokens"')
+        self.usage = None
+        self.response = None
+
+    def see(self, line):
+        """Learn from one SSE line that contains marker."""
+        if not line.startswith(b"data:"):
+            return
+        try:
+            event = json.loads(line[5:].decode("utf-8"))
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        if self.protocol == PROTOCOL_RESPONSES:
+            response = event.get("response")
+            if isinstance(response, dict):
+                if self.response is None:
+                    self.response = response
+                if isinstance(response.get("usage"), dict):
+                    self.usage = response["usage"]
+            return
+        if self.protocol == PROTOCOL_MESSAGES:
+            message = event.get("message")
+            usage = (message.get("usage") if isinstance(message, dict)
+                     else event.get("usage"))
+            if isinstance(usage, dict):
+                self.usage = dict(self.usage or {})
+                self.usage.update((field, tokens) for field, tokens in usage.items()
+                                  if isinstance(tokens, int))
+            return
+        if isinstance(event.get("usage"), dict):
+            self.usage = event["usage"]
 
 
 def check_upstream_ready(upstream, timeout_seconds=READY_TIMEOUT_SECONDS):
@@ -3642,7 +3864,7 @@ def check_upstream_ready(upstream, timeout_seconds=READY_TIMEOUT_SECONDS):
                                   timeout=timeout_seconds, **options)
     headers = {"Host": host_header(upstream), "Accept-Encoding": "identity"}
     if upstream.api_key:
-        headers["Authorization"] = "Bearer " + upstream.api_key
+        headers.update(upstream_credential_headers(upstream))
     try:
         connection.request("GET", upstream.base_path + "/models", headers=headers)
         connection.getresponse().close()
@@ -3842,6 +4064,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._upstream_request_id = None
         self._route = None
         self._protocol = PROTOCOL_OTHER
+        self._rename_model = None  # the model name answers report, if not theirs
+        self._stream_watch = None
         self._model_asked = None
         self._parsed_body = None
         self._chunked_response = False
@@ -3968,7 +4192,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         """
         route, query = split_route(self.path)
         self._route = route
-        self._protocol = request_protocol(route)
+        self._protocol = request_protocol(route, self._header("anthropic-version"))
         if route not in ROUTES or ROUTES[route].under_v1:  # not /health, /metrics
             self.log_fields["protocol"] = self._protocol
         allowed = ENDPOINTS.get(route)
@@ -4120,8 +4344,19 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                                    "charset=utf-8")], self.server.metrics.render())
 
     def _serve_models(self, config, route, query):
-        """Answer GET /v1/models: the upstreams' lists plus rule aliases."""
+        """Answer GET /v1/models: the upstreams' lists plus rule aliases, in
+        Anthropic's shape for an Anthropic client (anthropic-version)."""
         self._drain_body(config)
+        listing = self._merged_model_list(config)
+        if self._protocol == PROTOCOL_MESSAGES:
+            return self._send_json(200, anthropic_model_page(
+                listing, config.created, query))
+        self._send_json(200, listing)
+
+    def _merged_model_list(self, config):
+        """Return the merged model list (see merge_model_lists) of every
+        upstream a rule routes to.  Raises RelayError: the only upstream's
+        own answer, or 502 when none answered."""
         upstreams = [config.upstreams[name] for name in routed_upstream_names(config)]
         results = fetch_model_lists(self.server.pool, upstreams, lambda upstream:
                                     upstream_headers(self._request_headers(),
@@ -4137,15 +4372,28 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             if not isinstance(result, dict):
                 logger.warning("%s models: left out %s", self._request_id,
                                result.message)
-        self._send_json(200, merge_model_lists(
-            [result for result in results if isinstance(result, dict)], config))
+        return merge_model_lists(
+            [result for result in results if isinstance(result, dict)], config)
 
     def _serve_one_model(self, config, route, query):
-        """Answer GET /v1/models/{id}: an alias here, other ids upstream."""
+        """Answer GET /v1/models/{id}: an alias here, other ids upstream.  An
+        Anthropic client (anthropic-version) gets the entry of the merged
+        list (see _serve_models) in Anthropic's shape, or a 404."""
         model = urllib.parse.unquote(route[len("/models/"):])
+        if self._protocol == PROTOCOL_MESSAGES:
+            return self._serve_one_anthropic_model(config, model)
         if model in config.rule_index.exact and model != "default":
             return self._send_json(200, model_entry(model, config.created))
         return self._forward(config, route, query)
+
+    def _serve_one_anthropic_model(self, config, model):
+        self._drain_body(config)
+        for entry in self._merged_model_list(config)["data"]:
+            if entry.get("id") == model:
+                return self._send_json(200, anthropic_model_entry(
+                    entry, config.created))
+        raise RelayError(404, "Model %r is not served here." % printable(model)[:200],
+                         code="model_not_found")
 
     # -- forwarding ---------------------------------------------------------------
 
@@ -4170,6 +4418,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                              redact_for_log(json.loads(data.decode("utf-8"))))
             body = RequestBody(data)
         chain = rule.upstreams if rule else (DEFAULT_UPSTREAM_NAME,)
+        if isinstance(model, str) and self._protocol in MODEL_NAMING_PROTOCOLS and (
+                (rule and rule.response_model) or config.response_model) == "asked":
+            self._rename_model = model
         target_suffix = route + ("?" + query if query else "")
         translated_api = self._translated_api(config, route, chain)
         if translated_api:
@@ -4177,7 +4428,32 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                                             target_suffix, body)
         upstream, response, connection, sock = self._open_upstream(
             config, chain, target_suffix, body)
+        if route == "/messages/count_tokens" and response.status in (404, 405):
+            return self._answer_token_estimate(upstream, response, connection, body)
         self._relay_response(upstream, response, connection, sock)
+
+    def _answer_token_estimate(self, upstream, response, connection, body):
+        """Answer count_tokens for an upstream without that endpoint (it
+        answered 404 or 405) with estimate_input_tokens of the body as sent,
+        so that agents do not take the model for broken."""
+        complete = False
+        try:
+            read_response_body(response, upstream, MAX_BUFFERED_RESPONSE_BYTES)
+            complete = True
+        except RelayError:
+            pass  # its answer is not needed; the connection is just not reused
+        finally:
+            self._finish_upstream(upstream, response, connection, complete)
+        self.log_fields["note"] = "count_tokens estimated (upstream answered %d)" % (
+            response.status)
+        try:
+            sent = json.loads(body.data.decode("utf-8"))
+        except ValueError:
+            sent = None
+        if not isinstance(sent, dict):
+            raise RelayError(400, "count_tokens needs a JSON object body.",
+                             code="invalid_json")
+        self._send_json(200, {"input_tokens": estimate_input_tokens(sent)})
 
     def _prepare_body(self, config):
         """Read the body; parse it when it is JSON.  Returns (RequestBody, model).
@@ -4580,10 +4856,14 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         return client_headers(response_headers)
 
     def _send_buffered_answer(self, status, headers, data):
-        """Send a whole upstream answer; count the tokens of its usage."""
+        """Send a whole upstream answer; count the tokens of its usage.  With
+        response_model "asked", a 200 answer reports the model asked for."""
+        if status == 200 and self._rename_model is not None:
+            data = rename_model_in_body(data, self._rename_model)
         self._send_buffered(status, headers, data)
         if status == 200 and self.server.config.metrics:
-            self.server.metrics.add_usage(self._model_asked, usage_from_json(data))
+            self.server.metrics.add_usage(self._model_asked, usage_from_json(
+                data, self._protocol), self._protocol)
 
     def _read_upstream_body(self, upstream, response):
         """Read an upstream body for a buffered answer, counting a failure
@@ -4622,30 +4902,42 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             ("X-Accel-Buffering", "no")])
         lines = iter_upstream_lines(response, MAX_SSE_LINE_BYTES)
         last_line = b"\n"
+        # A Responses stream is watched even without metrics: its response
+        # object goes into the relay's own response.failed event.
+        watch = self._stream_watch = StreamWatch(self._protocol) if (
+            self.server.config.metrics or self._protocol == PROTOCOL_RESPONSES) else None
+        # Only lines with the watch's marker are parsed (the usage events).
+        marker = watch.marker if watch is not None else None
+        rename = (model_renamer(self._rename_model) if self._rename_model is not None
+                  else None)
         # The loop runs once per line of every stream: locals, no method calls.
         tracked, send, chunked = self.tracked, self.connection.sendall, self._chunked_response
-        count_tokens = self.server.config.metrics
-        while True:
-            try:
-                line = next(lines, None)
-            except Exception as error:
-                return False, self._end_stream_with_error(upstream, error, last_line)
-            if tracked.client_gone:
-                raise ClientDisconnected()  # also at a close-delimited end
-            if line is None:
-                break
-            last_line = line
-            if b"[DONE]" in line and is_done_line(line):
-                line += event_boundary(line)
+        try:
+            while True:
+                try:
+                    line = next(lines, None)
+                except Exception as error:
+                    return False, self._end_stream_with_error(upstream, error,
+                                                              last_line)
+                if tracked.client_gone:
+                    raise ClientDisconnected()  # also at a close-delimited end
+                if line is None:
+                    break
+                last_line = line
+                if rename is not None:
+                    line = rename(line)
+                if b"[DONE]" in line and is_done_line(line):
+                    line += event_boundary(line)
+                    send(b"%x\r\n%s\r\n" % (len(line), line) if chunked else line)
+                    self._finish_chunks()
+                    return self._read_tail_after_done(lines, sock), True
                 send(b"%x\r\n%s\r\n" % (len(line), line) if chunked else line)
-                self._finish_chunks()
-                return self._read_tail_after_done(lines, sock), True
-            send(b"%x\r\n%s\r\n" % (len(line), line) if chunked else line)
-            if count_tokens and b'"prompt_tokens"' in line:
-                # The final usage chunk (stream_options.include_usage); other
-                # lines are never parsed.
-                self.server.metrics.add_usage(self._model_asked,
-                                              usage_from_json(line[5:].strip()))
+                if marker is not None and marker in line:
+                    watch.see(line)
+        finally:
+            if watch is not None and watch.usage and self.server.config.metrics:
+                self.server.metrics.add_usage(self._model_asked, watch.usage,
+                                              self._protocol)
         return True, False  # the caller ends the chunked body
 
     def _read_tail_after_done(self, lines, sock):
@@ -4684,7 +4976,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         logger.warning("%s stream ended early: %s", self._request_id, failure.message)
         self._write_chunk(event_boundary(last_line) + stream_failure_event(
             self._protocol, failure.status, failure.message, failure.error_type,
-            failure.code))
+            failure.code, response=getattr(self._stream_watch, "response", None)))
         self._finish_chunks()
         return True
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -334,7 +335,7 @@ def rule(match_model, **fields):
     names = (match_model,) if isinstance(match_model, str) else tuple(match_model)
     return llm_relay.Rule("model_rules[x]", names, tuple(fields.get("unset", ())),
                           fields.get("defaults", {}), fields.get("set", {}),
-                          fields.get("extra", {}), ("default",))
+                          fields.get("extra", {}), ("default",), None)
 
 
 class SelectRuleTest(unittest.TestCase):
@@ -5266,3 +5267,268 @@ stream_max_retries = 0
         self.assertIn("turn.completed", kinds, report)
         self.assertTrue(any(event.get("item", {}).get("type") == "file_change"
                             for event in events), report)
+
+
+def token_counts(relay_test):
+    """Return {(model, kind): tokens} from the relay's /metrics."""
+    status, _, data = relay_test.request("GET", "/metrics")
+    relay_test.assertEqual(status, 200)
+    counts = {}
+    for line in data.decode("utf-8").splitlines():
+        match = re.match(r'^llm_relay_tokens_total\{model="([^"]*)",kind="([^"]*)"\} '
+                         r'(\d+)$', line)
+        if match:
+            counts[(match.group(1), match.group(2))] = int(match.group(3))
+    return counts
+
+
+class UpstreamKeyHeaderTest(RelayTestCase):
+
+    def start_with(self, **upstream):
+        upstream.setdefault("url", self.upstream.url)
+        self.upstream.behaviour = native_agent_upstream
+        return self.start_relay(upstreams={"up": upstream},
+                                model_rules=[{"match_model": "default",
+                                              "upstream": "up"}])
+
+    def test_x_api_key_upstream_gets_its_key_and_an_anthropic_version(self):
+        self.start_with(api_key="sk-ant-up", api_key_header="x-api-key")
+        self.request("POST", "/v1/messages", {"model": "m"},
+                     {"Authorization": "Bearer client-token"})
+        sent = self.upstream.last().headers
+        self.assertEqual((sent["x-api-key"], sent["anthropic-version"]),
+                         ("sk-ant-up", llm_relay.ANTHROPIC_VERSION))
+        self.assertIsNone(sent.get("Authorization"))
+        self.request("POST", "/v1/messages", {"model": "m"},
+                     {"anthropic-version": "2099-01-01"})
+        self.assertEqual(self.upstream.last().headers.get_all("anthropic-version"),
+                         ["2099-01-01"])
+
+    def test_api_key_header_and_the_bearer_default(self):
+        self.start_with(api_key="azure-key", api_key_header="api-key")
+        self.request("POST", "/v1/responses", {"model": "m"})
+        sent = self.upstream.last().headers
+        self.assertEqual((sent.get("api-key"), sent.get("Authorization"),
+                          sent.get("x-api-key")), ("azure-key", None, None))
+        config = config_from({"upstreams": {"u": {"url": "http://h/v1",
+                                                  "api_key": "k"}}})
+        self.assertEqual(llm_relay.upstream_credential_headers(config.upstreams["u"]),
+                         [("Authorization", "Bearer k")])
+
+    def test_an_unknown_header_is_a_config_error(self):
+        error = config_error('{"upstreams": {"a": {"url": "http://h/v1",\n'
+                             '  "api_key_header": "X-Key"}}}')
+        self.assertEqual(error.path, "upstreams.a.api_key_header")
+        self.assertEqual(error.line, 2)
+
+
+class AnthropicModelsTest(RelayTestCase):
+
+    def setUp(self):
+        RelayTestCase.setUp(self)
+        self.upstream.behaviour = lambda handler, recorded: reply_json(handler, {
+            "object": "list", "data": [{"id": "qwen3-coder", "object": "model",
+                                        "created": 1700000000, "owned_by": "x"},
+                                       {"id": "glm-4.6", "object": "model",
+                                        "created": 1700000001, "owned_by": "x"}]})
+        self.start_relay(api_keys=["k"], model_rules=[
+            {"match_model": ["claude-sonnet-4-5-20250929", "claude-*"],
+             "set": {"model": "qwen3-coder"}}])
+        self.anthropic = {"x-api-key": "k", "anthropic-version": "2023-06-01"}
+
+    def get(self, path, headers):
+        status, _, data = self.request("GET", path, None, headers)
+        return status, json.loads(data.decode("utf-8"))
+
+    def test_list_in_anthropic_shape_with_aliases(self):
+        status, listing = self.get("/v1/models", self.anthropic)
+        self.assertEqual(status, 200)
+        self.assertEqual(set(listing), {"data", "has_more", "first_id", "last_id"})
+        self.assertEqual([entry["id"] for entry in listing["data"]],
+                         ["qwen3-coder", "glm-4.6", "claude-sonnet-4-5-20250929"])
+        self.assertEqual(listing["data"][0], {
+            "type": "model", "id": "qwen3-coder", "display_name": "qwen3-coder",
+            "created_at": "2023-11-14T22:13:20Z"})
+        self.assertEqual((listing["has_more"], listing["first_id"], listing["last_id"]),
+                         (False, "qwen3-coder", "claude-sonnet-4-5-20250929"))
+        status, page = self.get("/v1/models?limit=1&after_id=qwen3-coder",
+                                self.anthropic)
+        self.assertEqual(([entry["id"] for entry in page["data"]], page["has_more"]),
+                         (["glm-4.6"], True))
+        status, bad = self.get("/v1/models?limit=0", self.anthropic)
+        self.assertEqual((status, bad["error"]["type"]), (400, "invalid_request_error"))
+        # Without anthropic-version: OpenAI's shape, as before.
+        status, listing = self.get("/v1/models", {"Authorization": "Bearer k"})
+        self.assertEqual((listing["object"], listing["data"][0]["object"]),
+                         ("list", "model"))
+
+    def test_one_model_in_anthropic_shape(self):
+        status, entry = self.get("/v1/models/claude-sonnet-4-5-20250929",
+                                 self.anthropic)
+        self.assertEqual((status, entry["type"], entry["id"]),
+                         (200, "model", "claude-sonnet-4-5-20250929"))
+        status, entry = self.get("/v1/models/glm-4.6", self.anthropic)
+        self.assertEqual((status, entry["created_at"]), (200, "2023-11-14T22:13:21Z"))
+        status, error = self.get("/v1/models/nope", self.anthropic)
+        self.assertEqual((status, error["type"], error["error"]["type"]),
+                         (404, "error", "not_found_error"))
+        status, error = self.get("/v1/models", {"anthropic-version": "2023-06-01"})
+        self.assertEqual((status, error["error"]["type"]), (401, "authentication_error"))
+
+
+class CountTokensTest(RelayTestCase):
+
+    BODY = {"model": "claude-haiku-4-5", "system": "Be brief.",
+            "messages": [{"role": "user", "content": "Count these tokens, please."}]}
+
+    def test_forwarded_through_the_rules_with_the_query_kept(self):
+        second = FakeUpstream(self, lambda handler, recorded: reply_json(
+            handler, {"input_tokens": 42}))
+        self.start_relay(upstreams={"small": {"url": second.url}}, model_rules=[
+            {"match_model": "claude-haiku-*", "set": {"model": "qwen3:4b"},
+             "upstream": "small"}])
+        status, _, data = self.request("POST", "/v1/messages/count_tokens?beta=true",
+                                       self.BODY)
+        self.assertEqual((status, json.loads(data.decode())), (200, {"input_tokens": 42}))
+        sent = second.last()
+        self.assertEqual(sent.path, "/v1/messages/count_tokens?beta=true")
+        self.assertEqual(sent.json()["model"], "qwen3:4b")
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_an_upstream_without_the_endpoint_gets_an_estimate(self):
+        for status_code in (404, 405):
+            self.upstream.behaviour = lambda handler, recorded, code=status_code: (
+                reply_json(handler, b"404 page not found", code))
+            if not hasattr(self, "relay"):
+                self.start_relay()
+            with self.assertLogs("llm_relay", "INFO") as logs:
+                status, _, data = self.request("POST", "/v1/messages/count_tokens",
+                                               self.BODY)
+                self.wait_for_log(logs, "count_tokens estimated")
+            expected = llm_relay.estimate_input_tokens(self.BODY)
+            self.assertEqual((status, json.loads(data.decode())),
+                             (200, {"input_tokens": expected}))
+            self.assertGreater(expected, 10)
+        # Other upstream errors, and other paths' 404s, are relayed as they are.
+        self.upstream.behaviour = lambda handler, recorded: reply_json(
+            handler, {"type": "error", "error": {"type": "api_error",
+                                                 "message": "x"}}, 500)
+        self.assertEqual(self.request("POST", "/v1/messages/count_tokens",
+                                      self.BODY)[0], 500)
+        self.upstream.behaviour = lambda handler, recorded: reply_json(handler, {}, 404)
+        self.assertEqual(self.request("POST", "/v1/messages", self.BODY)[0], 404)
+
+    def test_estimate_is_a_documented_rule_of_thumb(self):
+        short = {"messages": [{"role": "user", "content": "hi"}]}
+        long = {"messages": [{"role": "user", "content": "hi" + "x" * 400}],
+                "model": "m" * 999}
+        self.assertEqual(llm_relay.estimate_input_tokens(long) -
+                         llm_relay.estimate_input_tokens(short), 100)
+
+
+class AgentUsageMetricsTest(RelayTestCase):
+
+    def test_messages_and_responses_usage_buffered_and_streamed(self):
+        self.upstream.behaviour = native_agent_upstream
+        self.start_relay()
+        self.request("POST", "/v1/messages", {"model": "claude"})
+        self.request("POST", "/v1/messages", {"model": "claude", "stream": True})
+        self.request("POST", "/v1/responses", {"model": "codex"})
+        self.request("POST", "/v1/responses", {"model": "codex", "stream": True})
+        self.assertTrue(wait_until(lambda: ("codex", "input") in token_counts(self)
+                                   and token_counts(self)[("codex", "input")] == 26))
+        counts = token_counts(self)
+        # Buffered: 11 in, 3 out, 5 cache reads, 7 cache writes.  Streamed:
+        # message_start's 11 in, 2 and 4 cached, and the last message_delta's
+        # cumulative 3 out (not 1 + 1 + 3).
+        self.assertEqual(dict((kind, tokens) for (model, kind), tokens in counts.items()
+                              if model == "claude"),
+                         {"input": 22, "output": 6, "cache_read": 7, "cache_write": 11})
+        self.assertEqual(dict((kind, tokens) for (model, kind), tokens in counts.items()
+                              if model == "codex"), {"input": 26, "output": 8})
+
+    def test_only_marked_lines_are_parsed(self):
+        watch = llm_relay.StreamWatch("messages")
+        for line in anthropic_stream("m", output_tokens=9):
+            if watch.marker in line:
+                watch.see(line)
+        self.assertEqual(watch.usage, {"input_tokens": 11, "output_tokens": 9,
+                                       "cache_read_input_tokens": 2,
+                                       "cache_creation_input_tokens": 4})
+        marked = [line for line in responses_stream("m") if b'"response"' in line]
+        self.assertEqual(len(marked), 3)  # created, in_progress, completed
+        watch = llm_relay.StreamWatch("responses")
+        for line in marked:
+            watch.see(line)
+        self.assertEqual((watch.usage["input_tokens"], watch.response["status"]),
+                         (13, "in_progress"))
+
+
+class ResponseModelTest(RelayTestCase):
+    """response_model: "asked" makes answers report the model asked for."""
+
+    def setUp(self):
+        RelayTestCase.setUp(self)
+
+        def behaviour(handler, recorded):
+            body = recorded.json()
+            body["model"] = "qwen3-coder:30b"  # what the upstream calls it
+            recorded.body = json.dumps(body).encode()
+            return native_agent_upstream(handler, recorded)
+        self.upstream.behaviour = behaviour
+
+    def exchange(self, path, body):
+        connection = self.connect()
+        connection.request("POST", path, body=json.dumps(body).encode(),
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.read()
+
+    def test_default_leaves_answers_byte_for_byte(self):
+        self.start_relay(model_rules=[{"match_model": "claude-*",
+                                       "set": {"model": "qwen3-coder"}}])
+        data = self.exchange("/v1/messages", {"model": "claude-x"})
+        self.assertEqual(data, json.dumps(anthropic_message("qwen3-coder:30b")).encode())
+        data = self.exchange("/v1/messages", {"model": "claude-x", "stream": True})
+        self.assertEqual(data, b"".join(anthropic_stream("qwen3-coder:30b")))
+
+    def test_asked_name_in_every_answer_that_carries_one(self):
+        self.start_relay(response_model="asked", model_rules=[
+            {"match_model": "keep-*", "response_model": "upstream"},
+            {"match_model": "default", "set": {"model": "qwen3-coder"}}])
+        asked = 'claude-opus-4-1[1m] "é"'
+        for path, stream, expected in (
+                ("/v1/messages", False, anthropic_message(asked)),
+                ("/v1/responses", False, responses_object(asked, usage={
+                    "input_tokens": 13, "output_tokens": 4, "total_tokens": 17})),
+                ("/v1/chat/completions", False, chat_completion(asked, "hello"))):
+            self.assertEqual(json.loads(self.exchange(path, {"model": asked}).decode()),
+                             expected, path)
+        events = parse_sse(self.exchange("/v1/messages", {"model": asked,
+                                                          "stream": True}))
+        self.assertEqual(events[0][1]["message"]["model"], asked)
+        self.assertEqual([event for event in events[1:]],
+                         parse_sse(b"".join(anthropic_stream("x")))[1:])
+        events = parse_sse(self.exchange("/v1/responses", {"model": asked,
+                                                           "stream": True}))
+        carrying = [event for _, event in events if "response" in event]
+        self.assertEqual([event["response"]["model"] for event in carrying], [asked] * 3)
+        events = parse_sse(self.exchange("/v1/chat/completions",
+                                         {"model": asked, "stream": True}))
+        self.assertEqual(set(event["model"] for _, event in events[:-1]), {asked})
+        self.assertEqual(events[-1], (None, "[DONE]"))
+        # A rule can turn it off again.
+        data = self.exchange("/v1/messages", {"model": "keep-1"})
+        self.assertEqual(json.loads(data.decode())["model"], "qwen3-coder:30b")
+
+    def test_model_renamer_touches_only_the_first_model_member(self):
+        rename = llm_relay.model_renamer("a\"b")
+        self.assertEqual(rename(b'data: {"x":"\\"model\\": \\"q\\"","model" : "up",'
+                                b'"o":{"model":"up"}}\n'),
+                         b'data: {"x":"\\"model\\": \\"q\\"","model":"a\\"b",'
+                         b'"o":{"model":"up"}}\n')
+        line = b'data: {"type":"response.output_text.delta","delta":"model"}\n'
+        self.assertIs(rename(line), line)
+        self.assertEqual(llm_relay.rename_model_in_body(b"not json", "a"), b"not json")
+        self.assertEqual(llm_relay.rename_model_in_body(b'{"model":1}', "a"),
+                         b'{"model":1}')
