@@ -13,6 +13,7 @@ import collections
 import gzip
 import http.client
 import http.server
+import io
 import json
 import logging
 import os
@@ -5532,3 +5533,158 @@ class ResponseModelTest(RelayTestCase):
         self.assertEqual(llm_relay.rename_model_in_body(b"not json", "a"), b"not json")
         self.assertEqual(llm_relay.rename_model_in_body(b'{"model":1}', "a"),
                          b'{"model":1}')
+
+
+###############################################################################
+# Hot path: kernel timeouts, cached Date, direct access lines ##################
+###############################################################################
+
+class HotPathHelpersTest(unittest.TestCase):
+
+    def test_http_date_is_an_english_imf_fixdate(self):
+        self.assertEqual(llm_relay.format_http_date(784111777),
+                         "Sun, 06 Nov 1994 08:49:37 GMT")
+        import email.utils
+        now = int(time.time())
+        self.assertEqual(llm_relay.format_http_date(now),
+                         email.utils.formatdate(now, usegmt=True))
+        cache = llm_relay.HttpDateCache()
+        value = cache.value()
+        self.assertIn(value, [llm_relay.format_http_date(second) for second in
+                              (int(time.time()) - 1, int(time.time()))])
+
+    def access(self, **fields):
+        access = collections.OrderedDict((
+            ("client", "127.0.0.1"), ("method", "POST"),
+            ("path", "/v1/chat/completions"), ("status", 200),
+            ("duration_ms", 1.5)))
+        access.update(fields)
+        access["id"] = "req-1"
+        return access
+
+    def test_access_text_line(self):
+        self.assertEqual(
+            llm_relay.format_access_text(self.access(stream=True, model="a→b",
+                                                     error="x\ny")),
+            "127.0.0.1 POST /v1/chat/completions 200 1.5ms stream=yes model=a→b "
+            "error=x\\x0ay id=req-1")
+        access = self.access()
+        access["status"], access["id"] = None, None
+        self.assertEqual(llm_relay.format_access_text(access),
+                         "127.0.0.1 POST /v1/chat/completions - 1.5ms")
+
+    def write_direct(self, log_format, access):
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        llm_relay.AccessLog(handler, log_format).write(access)
+        return stream.getvalue()
+
+    def test_direct_text_line_matches_the_logging_format(self):
+        line = self.write_direct("text", self.access(stream=False))
+        record = logging.LogRecord("llm_relay", logging.INFO, __file__, 1, "%s",
+                                   (llm_relay.format_access_text(
+                                       self.access(stream=False)),), None)
+        expected = logging.Formatter(llm_relay.TEXT_LOG_FORMAT).format(record)
+        # Same shape; the timestamps differ by the time between the two.
+        self.assertEqual(line.count("\n"), 1)
+        self.assertEqual(line.split(" ", 2)[2], expected.split(" ", 2)[2] + "\n")
+        self.assertRegex(line, r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ")
+
+    def test_direct_json_line_matches_the_json_formatter(self):
+        line = self.write_direct("json", self.access(model="m"))
+        entry = json.loads(line)
+        self.assertEqual(list(entry), ["time", "level", "event", "client", "method",
+                                       "path", "status", "duration_ms", "model",
+                                       "id"])
+        self.assertEqual((entry["level"], entry["event"], entry["model"]),
+                         ("INFO", "request", "m"))
+        self.assertRegex(entry["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+    def test_without_a_handler_the_line_is_a_logging_record(self):
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            llm_relay.AccessLog().write(self.access())
+        self.assertEqual(logs.records[0].access["id"], "req-1")
+        self.assertIn("POST /v1/chat/completions 200 1.5ms id=req-1", logs.output[0])
+
+    def test_kernel_receive_timeout_raises_socket_timeout(self):
+        left, right = socket.socketpair()
+        self.addCleanup(left.close)
+        self.addCleanup(right.close)
+        self.assertTrue(llm_relay.set_kernel_timeouts(left, 0.05))
+        self.assertIsNone(left.gettimeout())  # no poll() before each call
+        reader = io.BufferedReader(llm_relay.KernelTimeoutReader(
+            left.makefile("rb", 0)))
+        right.sendall(b"line\n")
+        self.assertEqual(reader.readline(), b"line\n")
+        with self.assertRaises(socket.timeout):
+            reader.readline()
+        reader.close()
+
+    def test_kernel_timeouts_are_refused_where_they_cannot_work(self):
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        for seconds in (0, -1, 1e100, float("inf")):
+            self.assertFalse(llm_relay.set_kernel_timeouts(sock, seconds), seconds)
+        self.assertTrue(llm_relay.set_kernel_timeouts(sock, 0.0000001))
+
+
+class KernelTimeoutsOverHttpTest(RelayTestCase):
+
+    def test_a_client_that_stops_reading_is_cut_after_client_timeout(self):
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+        line = b"data: " + b"x" * 65000 + b"\n\n"
+
+        def flood(handler, recorded):
+            start_chunked(handler)
+            for _ in range(2000):  # at most 130 MB, far beyond socket buffers
+                if stop.is_set():
+                    return
+                write_chunk(handler, line)
+        self.upstream.behaviour = flood
+        self.start_relay(client_timeout=0.5)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(WAIT_SECONDS)
+        sock.connect(("127.0.0.1", self.relay.port))
+        self.addCleanup(sock.close)
+        body = b'{"model":"m","stream":true}'
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            self.wait_for_log(logs, "client stopped reading for client_timeout")
+        stop.set()
+
+    def test_an_upstream_that_stops_reading_the_body_is_504(self):
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        self.addCleanup(server.close)
+        accepted = []
+
+        def accept_and_never_read():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                pass
+        thread = threading.Thread(target=accept_and_never_read)
+        thread.daemon = True
+        thread.start()
+        self.addCleanup(lambda: [sock.close() for sock in accepted])
+        self.start_relay(upstream="http://127.0.0.1:%d/v1" % server.getsockname()[1],
+                         read_timeout=0.3)
+        sock = socket.create_connection(("127.0.0.1", self.relay.port),
+                                        timeout=WAIT_SECONDS)
+        self.addCleanup(sock.close)
+        body = b"\0" * (24 * 1024 * 1024)  # far beyond both socket buffers
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            try:
+                sock.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
+                             b"Content-Type: application/octet-stream\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            except OSError:
+                pass  # the relay answered and closed before taking it all
+            # The access line carries the answer's status and message.
+            self.wait_for_log(logs, " 504 ")
+        line = [line for line in logs.output if " 504 " in line][0]
+        self.assertIn("sent nothing for read_timeout = 0.3 s", line)
