@@ -9,7 +9,7 @@ Usage:
     python3 bench_llm_relay.py --json     # one JSON object instead of the table
     python3 bench_llm_relay.py --relay path/to/llm_relay.py
     python3 bench_llm_relay.py --relay-cpus 0   # the relay pinned (taskset -c 0)
-    python3 bench_llm_relay.py --start module   # python3 -m llm_relay (bytecode)
+    python3 bench_llm_relay.py --start script   # python3 llm_relay.py
     python3 bench_llm_relay.py --no-nginx
 
 Processes, so that none shares a GIL with another:
@@ -19,8 +19,9 @@ Processes, so that none shares a GIL with another:
     "stream": true, a chunked text/event-stream: its head at once, then
     after bench_prefill seconds N events, each carrying the time.monotonic()
     at which it was written ("t"); GET /v1/models too.
-  * the relay: `sys.executable llm_relay.py --config TMPFILE`, listening on a
-    free 127.0.0.1 port, with one model rule that applies to every request
+  * the relay: `sys.executable -m llm_relay --config TMPFILE` from bytecode
+    compiled first, as the README starts it (--start script: the file as a
+    script), listening on a free 127.0.0.1 port, with one model rule that applies to every request
     (so each body is parsed, rewritten and serialized, as in real use).  Its
     memory and CPU come from /proc/PID/status and /proc/PID/stat.
   * nginx, when installed (apt-get install nginx-light): one process,
@@ -400,7 +401,7 @@ def write_relay_config(workdir, port, upstream_port):
     return path
 
 
-RELAY_START = {"cpus": None, "module": False}  # set from the command line
+RELAY_START = {"cpus": None, "module": True}  # set from the command line
 
 
 def relay_command(relay_path, config):
@@ -1543,10 +1544,10 @@ def build_arg_parser():
     parser.add_argument("--relay-cpus", metavar="CPUS",
                         help="pin the relay to these CPUs, like taskset -c "
                              "(e.g. 0); default: not pinned")
-    parser.add_argument("--start", choices=("script", "module"), default="script",
-                        help="start the relay as python3 llm_relay.py (script, "
-                             "the default) or python3 -m llm_relay from "
-                             "precompiled bytecode (module)")
+    parser.add_argument("--start", choices=("script", "module"), default="module",
+                        help="start the relay as the README does, python3 -m "
+                             "llm_relay from precompiled bytecode (module, the "
+                             "default), or as python3 llm_relay.py (script)")
     parser.add_argument("--serve-upstream", action="store_true",
                         help=argparse.SUPPRESS)
     return parser
