@@ -3383,6 +3383,20 @@ class RequestBody(object):
         return counted()
 
 
+class ClientRequest(object):
+    """What the body step found: body (a RequestBody), parsed (the JSON
+    object, or None when the body is not JSON), model (its "model", or
+    None) and is_json (the body was parsed as JSON)."""
+
+    __slots__ = ("body", "parsed", "model", "is_json")
+
+    def __init__(self, body, parsed=None, model=None):
+        self.body = body
+        self.parsed = parsed
+        self.model = model
+        self.is_json = parsed is not None
+
+
 def send_upstream_request(pool, upstream, method, target, headers, body,
                           on_connected=None, may_retry=None):
     """Send one request upstream; return (HTTPResponse, connection, socket).
@@ -3534,6 +3548,37 @@ def pump_lines(response, sink):
         sink.put(error)
         return
     sink.put(None)
+
+
+class UpstreamExchange(object):
+    """An upstream answer being relayed, and the connection it came on.
+
+    release(complete) gives the connection back: pooled after a complete
+    response, else closed at once (so an abandoned generation stops
+    upstream), after on_release(None) has stopped watching its socket.  Only
+    the first call counts: each relay step calls it just before its last
+    write to the client, and a finally calls it with complete=False.
+    """
+
+    __slots__ = ("pool", "upstream", "response", "connection", "sock",
+                 "_on_release", "released")
+
+    def __init__(self, pool, upstream, response, connection, sock, on_release):
+        self.pool = pool
+        self.upstream = upstream
+        self.response = response
+        self.connection = connection
+        self.sock = sock
+        self._on_release = on_release
+        self.released = False
+
+    def release(self, complete):
+        if self.released:
+            return
+        self.released = True
+        self._on_release(None)
+        finish_upstream_response(self.pool, self.upstream, self.response,
+                                 self.connection, complete)
 
 
 def finish_upstream_response(pool, upstream, response, connection, complete):
@@ -4205,6 +4250,120 @@ def mask_secret(secret):
 # Request handler #############################################################
 ###############################################################################
 
+class RequestBodyReader(object):
+    """Read one request body from the client, as its head framed it.
+
+    rfile is the client's buffered stream; length the Content-Length in
+    bytes, or None for chunked transfer coding, decoded by the relay's one
+    chunked decoder (BodyReader) and counted against max_body_bytes.
+    on_complete() is called when the last byte has arrived; done tells
+    whether it has: an answer sent before that must close the connection,
+    or the unread bytes would be parsed as the next request.  read()
+    returns the whole body; blocks() yields it in blocks of up to
+    COPY_BLOCK_BYTES without holding it.  Both raise RelayError (400
+    malformed chunking, 413 past max_body_bytes) or ClientDisconnected.
+    """
+
+    def __init__(self, rfile, length, max_body_bytes, on_complete=None):
+        self.length = length
+        self.done = False
+        self._rfile = rfile
+        self._max_body_bytes = max_body_bytes
+        self._on_complete = on_complete
+
+    def read(self):
+        if self.length is None:
+            body = bytearray()
+            for block in self._chunked_blocks():
+                body += block
+            return bytes(body)
+        data = self._rfile.read(self.length) if self.length else b""
+        if len(data) < self.length:
+            raise ClientDisconnected()
+        self._complete()
+        return data
+
+    def blocks(self):
+        if self.length is None:
+            return self._chunked_blocks()
+        return self._length_blocks()
+
+    def _complete(self):
+        self.done = True
+        if self._on_complete is not None:
+            self._on_complete()
+
+    def _chunked_blocks(self):
+        # Tiny chunks are gathered into blocks, so that each does not cost a
+        # send upstream.
+        reader = BodyReader(self._rfile, chunked=True, max_bytes=self._max_body_bytes)
+        gathered = bytearray()
+        try:
+            while True:
+                piece = reader.read(COPY_BLOCK_BYTES)
+                if not piece:
+                    break
+                gathered += piece
+                if len(gathered) >= COPY_BLOCK_BYTES:
+                    yield bytes(gathered)
+                    gathered = bytearray()
+        except BadMessage as error:
+            if error.status == 413:
+                raise RelayError(413, "The request body exceeds max_body_bytes "
+                                 "= %d." % self._max_body_bytes,
+                                 code="request_too_large")
+            raise RelayError(error.status, "Malformed chunked request body: %s."
+                             % error.reason, code="invalid_chunked_body")
+        except (MessageCutShort, OSError):  # the client, not the upstream
+            raise ClientDisconnected()
+        if gathered:
+            yield bytes(gathered)
+        self._complete()
+
+    def _length_blocks(self):
+        remaining = self.length
+        while remaining:
+            try:
+                block = self._rfile.read(min(remaining, COPY_BLOCK_BYTES))
+            except OSError:  # reading the client, not the upstream, failed
+                block = b""
+            if not block:
+                raise ClientDisconnected()
+            remaining -= len(block)
+            yield block
+        self._complete()
+
+
+class ClientBodyWriter(object):
+    """Write a response body to the client piece by piece, as it arrives.
+
+    chunked: each write() is one HTTP/1.1 chunk and finish() sends the last
+    chunk (RFC 9112 §7.1); else the bytes go as they are (after a
+    Content-Length head, or close-delimited for an HTTP/1.0 client).  The
+    head was flushed before, so send (the socket's sendall) is called
+    directly: one send per piece, no buffer between.  write() raises
+    ClientDisconnected once tracked (a TrackedConnection, or None) has seen
+    the client leave.
+    """
+
+    __slots__ = ("send", "chunked", "_tracked")
+
+    def __init__(self, send, chunked, tracked=None):
+        self.send = send
+        self.chunked = chunked
+        self._tracked = tracked
+
+    def write(self, data):
+        if self._tracked is not None and self._tracked.client_gone:
+            raise ClientDisconnected()
+        if data:
+            self.send(encode_chunk(data) if self.chunked else data)
+
+    def finish(self):
+        if self.chunked:
+            self.send(b"0\r\n\r\n")
+
+
 class RelayHandler(http.server.BaseHTTPRequestHandler):
     """Answer one client connection: route, authorize, rewrite, relay.
 
@@ -4264,7 +4423,6 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._status = None
         self._headers_sent = False
         self._started = time.monotonic()
-        self._body_read = False
         self._request_id = None
         self._upstream_request_id = None
         self._route = None
@@ -4272,12 +4430,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._rename_model = None  # the model name answers report, if not theirs
         self._stream_watch = None
         self._model_asked = None
-        self._parsed_body = None
-        self._chunked_response = False
         self.headers = None  # not the previous request's on keep-alive
         self._header_items = None
         self._headers_by_name = None
-        self._declared_length = False  # not yet checked; None means chunked
+        self._body = None  # the RequestBodyReader, once the framing is checked
         self.path = None
         self.log_fields = collections.OrderedDict()
 
@@ -4419,7 +4575,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                              "with one of the relay's api_keys.",
                              code="invalid_api_key",
                              headers=[("WWW-Authenticate", "Bearer")])
-        self._body_length(config)
+        self._request_body(config)
         return route, query
 
     def _path_is_under_v1(self):
@@ -4428,14 +4584,21 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     # -- reading the request body -------------------------------------------------
 
-    def _body_length(self, config):
-        """Return the declared body length in bytes (None: chunked).
+    def _request_body(self, config):
+        """Return the request's RequestBodyReader, made on first use, when
+        its framing has passed _check_body_length (RelayError if not)."""
+        if self._body is None:
+            self._body = RequestBodyReader(
+                self.rfile, self._check_body_length(config),
+                config.max_body_bytes, self.tracked.request_read)
+        return self._body
 
-        Raises RelayError 400 (malformed), 411 (POST without a length) or 413.
-        """
-        if self._declared_length is False:
-            self._declared_length = self._check_body_length(config)
-        return self._declared_length
+    def _body_unread(self):
+        """Return True while a declared request body has not been read whole:
+        an answer must then close the connection, or the unread bytes would
+        be parsed as the next request."""
+        return self._declares_body() and not (
+            self._body is not None and self._body.done)
 
     def _check_body_length(self, config):
         """Decide how the request body is framed, refusing what could be
@@ -4479,31 +4642,6 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                              code="request_too_large")
         return length
 
-    def _read_body(self, config):
-        """Read the whole request body; return bytes.
-
-        Decodes chunked transfer coding (RFC 9112 §7.1), counting it against
-        max_body_bytes.  Raises RelayError(400/413) or ClientDisconnected.
-        """
-        length = self._body_length(config)
-        if length is None:
-            data = self._read_chunked_body(config.max_body_bytes)
-        else:
-            data = self.rfile.read(length) if length else b""
-            if len(data) < length:
-                raise ClientDisconnected()
-        self._body_read = True
-        self.tracked.request_read()
-        return data
-
-    def _read_chunked_body(self, max_body_bytes):
-        """Read a whole chunked request body; return bytes (see
-        _chunked_body_blocks for the decoding and its errors)."""
-        body = bytearray()
-        for block in self._chunked_body_blocks(max_body_bytes):
-            body += block
-        return bytes(body)
-
     # -- local endpoints ----------------------------------------------------------
 
     def _answer_options(self, config):
@@ -4522,8 +4660,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._send_buffered(204, headers, b"")
 
     def _drain_body(self, config):
-        if not self._body_read:
-            self._read_body(config)
+        body = self._request_body(config)
+        if not body.done:
+            body.read()
 
     def _serve_health(self, config, route, query):
         self._send_json(200, {"status": "ok"})
@@ -4564,7 +4703,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         own answer, or 502 when none answered."""
         upstreams = [config.upstreams[name] for name in routed_upstream_names(config)]
         results = fetch_model_lists(self.server.pool, upstreams, lambda upstream:
-                                    upstream_headers(self._request_headers(),
+                                    upstream_headers(self._request_headers(False),
                                                      upstream, config.forward_auth,
                                                      None, self._request_id))
         failures = [result for result in results if isinstance(result, RelayError)]
@@ -4603,52 +4742,40 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     # -- forwarding ---------------------------------------------------------------
 
     def _forward(self, config, route, query):
-        """Rewrite the body by its model's rule and relay the upstream answer."""
-        body, model = self._prepare_body(config)
-        self._model_asked = model
-        rule = select_rule(config.rule_index, model)
-        if body.blocks is None and self._parsed_body is not None:
-            # Keep one copy of a large body alive at a time: the client's
-            # bytes only when they are sent as they are, the parsed body only
-            # until it is serialized.
-            raw_body = body.data if rule is None else None
-            parsed, body, self._parsed_body = self._parsed_body, None, True
-            data, model_sent = rewrite_body(raw_body, parsed, rule)
-            parsed = raw_body = None
-            if model is not None or model_sent is not None:
-                self.log_fields["model"] = format_model_change(model, model_sent)
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug("%s body sent (%s): %s", self._request_id,
-                             rule.path if rule else "no rule",
-                             redact_for_log(json.loads(data.decode("utf-8"))))
-            body = RequestBody(data)
+        """Rewrite the body by its model's rule and relay the upstream answer:
+        read the body, select the rule, rewrite, open the upstream (along
+        the rule's fallback chain), relay its answer."""
+        request = self._read_request_body(config)
+        rule = select_rule(config.rule_index, request.model)
+        body = self._rewritten(request, rule)
         chain = rule.upstreams if rule else (DEFAULT_UPSTREAM_NAME,)
-        if isinstance(model, str) and self._protocol in MODEL_NAMING_PROTOCOLS and (
+        if isinstance(request.model, str) and self._protocol in MODEL_NAMING_PROTOCOLS and (
                 (rule and rule.response_model) or config.response_model) == "asked":
-            self._rename_model = model
+            self._rename_model = request.model
         target_suffix = route + ("?" + query if query else "")
-        translated_api = self._translated_api(config, route, chain)
+        translated_api = self._translated_api(config, route, chain, request.is_json)
         if translated_api:
             return self._forward_translated(config, translated_api, chain,
                                             target_suffix, body)
-        upstream, response, connection, sock = self._open_upstream(
-            config, chain, target_suffix, body)
-        if route == "/messages/count_tokens" and response.status in (404, 405):
-            return self._answer_token_estimate(upstream, response, connection, body)
-        self._relay_response(upstream, response, connection, sock)
+        exchange = self._open_upstream(config, chain, target_suffix, body,
+                                       request.is_json)
+        if route == "/messages/count_tokens" and exchange.response.status in (404, 405):
+            return self._answer_token_estimate(exchange, body)
+        self._relay_response(exchange)
 
-    def _answer_token_estimate(self, upstream, response, connection, body):
+    def _answer_token_estimate(self, exchange, body):
         """Answer count_tokens for an upstream without that endpoint (it
         answered 404 or 405) with estimate_input_tokens of the body as sent,
         so that agents do not take the model for broken."""
+        response = exchange.response
         complete = False
         try:
-            read_response_body(response, upstream, MAX_BUFFERED_RESPONSE_BYTES)
+            read_response_body(response, exchange.upstream, MAX_BUFFERED_RESPONSE_BYTES)
             complete = True
         except RelayError:
             pass  # its answer is not needed; the connection is just not reused
         finally:
-            self._finish_upstream(upstream, response, connection, complete)
+            exchange.release(complete)
         self.log_fields["note"] = "count_tokens estimated (upstream answered %d)" % (
             response.status)
         try:
@@ -4660,89 +4787,62 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                              code="invalid_json")
         self._send_json(200, {"input_tokens": estimate_input_tokens(sent)})
 
-    def _prepare_body(self, config):
-        """Read the body; parse it when it is JSON.  Returns (RequestBody, model).
+    def _read_request_body(self, config):
+        """Read the body; parse it when it is JSON.  Returns a ClientRequest.
 
         Completions bodies, bodies typed as JSON and untyped or mistyped
         bodies that start with "{" (curl -d sends form encoding) must be JSON
         objects (else 400).  Uploads and binary bodies (multipart/*, audio/*,
         ...) stream through unread; other bodies pass as they are.
         """
-        self._parsed_body = None
         content_type = self._header("content-type")
-        length = self._body_length(config)
+        reader = self._request_body(config)
         must_be_json = self.command == "POST" and urllib.parse.urlsplit(
             self.path).path.rstrip("/").split("/")[-1] in (
                 "completions", "messages", "responses", "count_tokens")
-        if not must_be_json and length != 0 and is_streamed_body_type(content_type):
-            blocks = (self._body_blocks(length) if length is not None
-                      else self._chunked_body_blocks(config.max_body_bytes))
-            return RequestBody(blocks=blocks, length=length), None
-        raw_body = self._read_body(config)
+        if not must_be_json and reader.length != 0 and is_streamed_body_type(
+                content_type):
+            return ClientRequest(RequestBody(blocks=reader.blocks(),
+                                             length=reader.length))
+        raw_body = reader.read()
         if not must_be_json and not is_json_type(content_type) and not (
                 may_be_untyped_json(content_type) and raw_body.lstrip()[:1] == b"{"):
-            return RequestBody(raw_body), None
-        self._parsed_body = parse_json_body(raw_body)
-        self.log_fields["stream"] = self._parsed_body.get("stream") is True
-        return RequestBody(raw_body), self._parsed_body.get("model")
+            return ClientRequest(RequestBody(raw_body))
+        parsed = parse_json_body(raw_body)
+        self.log_fields["stream"] = parsed.get("stream") is True
+        # The metrics of this request count it under the model it asked for.
+        self._model_asked = parsed.get("model")
+        return ClientRequest(RequestBody(raw_body), parsed, self._model_asked)
 
-    def _chunked_body_blocks(self, max_body_bytes):
-        """Yield a chunked request body's decoded data as it arrives, in
-        blocks of up to COPY_BLOCK_BYTES (tiny chunks are gathered, so each
-        does not cost a send), through the relay's one chunked decoder
-        (BodyReader).  Raises RelayError 413 past max_body_bytes, 400 for
-        malformed chunking (the connection then closes), or
-        ClientDisconnected."""
-        reader = BodyReader(self.rfile, chunked=True, max_bytes=max_body_bytes)
-        gathered = bytearray()
-        try:
-            while True:
-                piece = reader.read(COPY_BLOCK_BYTES)
-                if not piece:
-                    break
-                gathered += piece
-                if len(gathered) >= COPY_BLOCK_BYTES:
-                    yield bytes(gathered)
-                    gathered = bytearray()
-        except BadMessage as error:
-            self.close_connection = True
-            if error.status == 413:
-                raise RelayError(413, "The request body exceeds max_body_bytes "
-                                 "= %d." % max_body_bytes, code="request_too_large")
-            raise RelayError(error.status, "Malformed chunked request body: %s."
-                             % error.reason, code="invalid_chunked_body")
-        except (MessageCutShort, OSError):  # the client, not the upstream
-            raise ClientDisconnected()
-        if gathered:
-            yield bytes(gathered)
-        self._body_read = True
-        self.tracked.request_read()
+    def _rewritten(self, request, rule):
+        """Return the RequestBody to send: a JSON body rewritten by rule (see
+        rewrite_body), others as they came.  Logs the model asked -> sent."""
+        if request.parsed is None:
+            return request.body
+        # Keep one copy of a large body alive at a time: the client's bytes
+        # only when they are sent as they are, the parsed body only until it
+        # is serialized.
+        raw_body = request.body.data if rule is None else None
+        parsed, request.parsed, request.body = request.parsed, None, None
+        data, model_sent = rewrite_body(raw_body, parsed, rule)
+        parsed = raw_body = None
+        if request.model is not None or model_sent is not None:
+            self.log_fields["model"] = format_model_change(request.model, model_sent)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s body sent (%s): %s", self._request_id,
+                         rule.path if rule else "no rule",
+                         redact_for_log(json.loads(data.decode("utf-8"))))
+        return RequestBody(data)
 
-    def _body_blocks(self, length, finishes_body=True):
-        """Yield length bytes of the request body in blocks, never holding it
-        whole; with finishes_body, mark the request as completely read."""
-        remaining = length
-        while remaining:
-            try:
-                block = self.rfile.read(min(remaining, COPY_BLOCK_BYTES))
-            except OSError:  # reading the client, not the upstream, failed
-                block = b""
-            if not block:
-                raise ClientDisconnected()
-            remaining -= len(block)
-            yield block
-        if finishes_body:
-            self._body_read = True
-            self.tracked.request_read()
-
-    def _open_upstream(self, config, chain, target_suffix, body, variant=None):
+    def _open_upstream(self, config, chain, target_suffix, body, is_json,
+                       variant=None):
         """Send the request along a fallback chain of upstream names.
 
         The next upstream is tried when one refuses, times out before its
         response headers, or answers 5xx/429, and only while the request body
-        can be sent again.  variant(upstream), if given, returns the (target
-        suffix, RequestBody) for that upstream.  Returns (Upstream, response,
-        connection, socket).
+        can be sent again.  is_json: the body was parsed as JSON.
+        variant(upstream), if given, returns the (target suffix, RequestBody)
+        for that upstream.  Returns the UpstreamExchange of the answer.
         """
         tried = []
         requested = target_suffix, body
@@ -4754,7 +4854,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             last = position == len(chain) - 1
             declared_length = body.length if (
                 body.length or self.command in ("POST", "PUT", "PATCH")) else None
-            headers = upstream_headers(self._request_headers(), upstream,
+            headers = upstream_headers(self._request_headers(is_json), upstream,
                                        config.forward_auth, declared_length,
                                        self._request_id, chunked=body.chunked)
             try:
@@ -4780,15 +4880,16 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 connection.close()
                 response.close()
                 continue
-            return upstream, response, connection, sock
+            return UpstreamExchange(self.server.pool, upstream, response,
+                                    connection, sock, self.tracked.watch)
         raise AssertionError("empty upstream chain")  # validate_config forbids
 
-    def _request_headers(self):
+    def _request_headers(self, is_json):
         """Return the client's headers as (name, value) pairs; a body parsed
-        as JSON (_parsed_body not None) is labelled application/json whatever
-        the client said."""
+        as JSON (is_json) is labelled application/json whatever the client
+        said."""
         headers = self._header_list()
-        if self._parsed_body is not None and not is_json_type(
+        if is_json and not is_json_type(
                 self._header("content-type")):
             headers = [(name, value) for name, value in headers
                        if name.lower() != "content-type"]
@@ -4815,12 +4916,12 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     # -- translating onto chat completions -----------------------------------------
 
-    def _translated_api(self, config, route, chain):
+    def _translated_api(self, config, route, chain, is_json):
         """Return "messages" or "responses" when this request may have to be
         translated for some upstream of its chain, else None (the fast path:
         one dict lookup for every other request)."""
         api = TRANSLATED_ROUTES.get(route)
-        if api is None or self.command != "POST" or self._parsed_body is not True:
+        if api is None or self.command != "POST" or not is_json:
             return None
         if route == "/messages/count_tokens":
             # Answered here when the first upstream has no counter.
@@ -4845,33 +4946,31 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             if not translation:
                 translation.update(self._translate_request(api, body.data))
             return "/chat/completions", translation["body"]
-        upstream, response, connection, sock = self._open_upstream(
-            config, chain, target_suffix, body, variant)
+        exchange = self._open_upstream(config, chain, target_suffix, body, True,
+                                       variant)
+        upstream, response = exchange.upstream, exchange.response
         if not translates_to_chat(upstream, api):
-            return self._relay_response(upstream, response, connection, sock)
+            return self._relay_response(exchange)
         self.log_fields["translated"] = api + ">chat"
-        released = False
         try:
             if response.status != 200:
                 data = self._read_upstream_body(upstream, response)
-                self._finish_upstream(upstream, response, connection, True)
-                released = True
+                exchange.release(complete=True)
                 return self._send_translated_error(api, response, data)
             if is_event_stream(response.getheader("Content-Type")):
                 self.log_fields["stream"] = True
                 complete = self._relay_translated_stream(
-                    upstream, response, sock, self._stream_translator(api, translation))
-                self._finish_upstream(upstream, response, connection, complete)
-                released = True
+                    upstream, response, exchange.sock,
+                    self._stream_translator(api, translation))
+                exchange.release(complete)
                 return None
             data = self._read_upstream_body(upstream, response)
-            self._finish_upstream(upstream, response, connection, True)
-            released = True
+            exchange.release(complete=True)
             self._send_translated_answer(api, upstream, translation, data)
         finally:
-            if not released:
-                shutdown_socket(sock)  # wakes the line pump, if one waits
-                self._finish_upstream(upstream, response, connection, False)
+            if not exchange.released:
+                shutdown_socket(exchange.sock)  # wakes the line pump, if one waits
+                exchange.release(complete=False)
 
     def _translate_request(self, api, data):
         """Translate the (rewritten) client body; returns a dict with the
@@ -4925,12 +5024,12 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         request, client = translation["request"], translation["client"]
         if client.get("stream") is True:
             translator = self._stream_translator(api, translation)
-            self._start_streamed_response(200, [
+            writer = self._start_streamed_response(200, [
                 ("Content-Type", "text/event-stream; charset=utf-8"),
                 ("Cache-Control", "no-cache")])
-            self._write_chunk(translator.start() + translator.feed_chunk(
+            writer.write(translator.start() + translator.feed_chunk(
                 chat_message_as_chunk(chat)) + translator.finish())
-            return self._finish_chunks()
+            return writer.finish()
         model = request.body.get("model")
         if api == "messages":
             answer = chat_to_messages_response(chat, model, request.stop_sequences)
@@ -4947,10 +5046,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         headers = [(name, value) for name, value in self._client_headers(
             list(response.getheaders())) if name.lower() not in (
                 "content-type", "cache-control")]
-        self._start_streamed_response(200, headers + [
+        writer = self._start_streamed_response(200, headers + [
             ("Content-Type", "text/event-stream; charset=utf-8"),
             ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")])
-        self._write_chunk(translator.start())
+        writer.write(translator.start())
         lines = queue.Queue()
         pump = threading.Thread(target=pump_lines, args=(response, lines),
                                 name="llm-relay-stream")
@@ -4960,7 +5059,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             try:
                 line = lines.get(timeout=TRANSLATED_PING_SECONDS)
             except queue.Empty:
-                self._write_chunk(translator.ping())
+                writer.write(translator.ping())
                 continue
             if self.tracked.client_gone:
                 raise ClientDisconnected()
@@ -4971,11 +5070,12 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                     raise line
                 events = translator.feed_line(line)
             except Exception as error:
-                return self._fail_translated_stream(upstream, translator, error)
+                return self._fail_translated_stream(upstream, translator, error,
+                                                    writer)
             if events:
-                self._write_chunk(events)
-        self._write_chunk(translator.finish())
-        self._finish_chunks()
+                writer.write(events)
+        writer.write(translator.finish())
+        writer.finish()
         if self.server.config.metrics:
             self.server.metrics.add_usage(self._model_asked, translator.reader.usage)
         return line is None or self._wait_for_body_end(lines)
@@ -4989,7 +5089,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         except queue.Empty:
             return False
 
-    def _fail_translated_stream(self, upstream, translator, error):
+    def _fail_translated_stream(self, upstream, translator, error, writer):
         """End a translated stream with the protocol's failure event
         (Anthropic's error event, or response.failed); returns False."""
         if self.tracked.client_gone:
@@ -5002,54 +5102,38 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.log_fields["error"] = failure.message
         self._count_upstream_failure(upstream, failure.kind)
         logger.warning("%s stream ended early: %s", self._request_id, failure.message)
-        self._write_chunk(translator.fail(failure.message, failure.status))
-        self._finish_chunks()
+        writer.write(translator.fail(failure.message, failure.status))
+        writer.finish()
         return False
 
     # -- relaying the response ----------------------------------------------------
 
-    def _relay_response(self, upstream, response, connection, sock):
-        """Relay an upstream response: SSE line by line, others buffered or
-        streamed in blocks.  The upstream connection is pooled (or closed)
-        before the last bytes go to the client, so the client's next request
-        finds it in the pool."""
-        released = False
+    def _relay_response(self, exchange):
+        """Relay an upstream answer: SSE line by line, others buffered or
+        streamed in blocks.
+
+        Each branch releases the upstream connection (pooled when complete)
+        just before its last write to the client, so the client's next
+        request finds it in the pool; when a branch fails, the finally
+        closes it instead.
+        """
+        response = exchange.response
         try:
             headers = self._client_headers(list(response.getheaders()))
             content_type = response.getheader("Content-Type")
-            send_rest = None  # what goes to the client once the upstream is done
             if self.command == "HEAD" or response.status in (204, 304):
-                complete = True
-                send_rest = lambda: self._relay_bodiless(response, headers)
+                self._relay_bodiless(exchange, headers)
             elif is_event_stream(content_type):
                 self.log_fields["stream"] = True
-                complete, ended = self._relay_stream(upstream, response, headers,
-                                                     sock)
-                send_rest = None if ended else self._finish_chunks
+                self._relay_stream(exchange, headers)
             elif (response.length is not None and response.length >
                   MAX_BUFFERED_RESPONSE_BYTES) or (
                       response.length is None and not is_json_type(content_type)):
-                complete = self._relay_passthrough(upstream, response, headers)
-                send_rest = self._finish_chunks if complete else None
+                self._relay_passthrough(exchange, headers)
             else:
-                data = self._read_upstream_body(upstream, response)
-                if len(data) > MAX_BUFFERED_RESPONSE_BYTES:
-                    # A chunked answer too large to buffer streams through
-                    # like one with a large Content-Length.
-                    complete = self._relay_passthrough(upstream, response,
-                                                       headers, data)
-                    send_rest = self._finish_chunks if complete else None
-                else:
-                    complete = True
-                    send_rest = lambda: self._send_buffered_answer(
-                        response.status, headers, data)
-            self._finish_upstream(upstream, response, connection, complete)
-            released = True
-            if send_rest is not None:
-                send_rest()
+                self._relay_buffered(exchange, headers)
         finally:
-            if not released:
-                self._finish_upstream(upstream, response, connection, False)
+            exchange.release(complete=False)
 
     def _client_headers(self, response_headers):
         """Return the upstream headers to relay (see client_headers) and note
@@ -5060,9 +5144,18 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self.log_fields["upstream_id"] = self._upstream_request_id
         return client_headers(response_headers)
 
-    def _send_buffered_answer(self, status, headers, data):
-        """Send a whole upstream answer; count the tokens of its usage.  With
-        response_model "asked", a 200 answer reports the model asked for."""
+    def _relay_buffered(self, exchange, headers):
+        """Read a whole upstream answer, then send it with its length; count
+        the tokens of its usage.  With response_model "asked", a 200 answer
+        reports the model asked for."""
+        response = exchange.response
+        data = self._read_upstream_body(exchange.upstream, response)
+        if len(data) > MAX_BUFFERED_RESPONSE_BYTES:
+            # A chunked answer too large to buffer streams through like one
+            # with a large Content-Length.
+            return self._relay_passthrough(exchange, headers, data)
+        exchange.release(complete=True)
+        status = response.status
         if status == 200 and self._rename_model is not None:
             data = rename_model_in_body(data, self._rename_model)
         self._send_buffered(status, headers, data)
@@ -5081,29 +5174,30 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self._count_upstream_failure(upstream, failure.kind)
             raise failure
 
-    def _relay_bodiless(self, response, headers):
+    def _relay_bodiless(self, exchange, headers):
         """Relay a response that has no body (HEAD, 204, 304): the head only,
         with the upstream's Content-Length for HEAD (RFC 9110 §9.3.2)."""
+        response = exchange.response
+        exchange.release(complete=True)
         if self.command == "HEAD" and response.getheader("Content-Length"):
             headers = headers + [("Content-Length",
                                   response.getheader("Content-Length").strip())]
         self._send_head(response.status, headers)
         self.wfile.flush()
-        return True
 
-    def _relay_stream(self, upstream, response, headers, sock):
+    def _relay_stream(self, exchange, headers):
         """Relay SSE lines as they arrive, each written and flushed at once.
 
-        Returns (complete, ended): complete when the upstream ended its body
-        normally (its connection can be reused), ended when the client's
-        response has already been ended here.  An upstream failure after the
-        status line ends the stream with a final SSE error event (the status
-        cannot change any more); data: [DONE] ends it at once.
+        data: [DONE] ends the client's response at once; the upstream's
+        connection is pooled if its body ends soon after.  An upstream
+        failure after the status line ends the stream with a final SSE error
+        event (the status cannot change any more).
         """
+        upstream, response = exchange.upstream, exchange.response
         if not any(name.lower() == "cache-control" for name, _ in headers):
             # No intermediary may cache or hold back a stream.
             headers = headers + [("Cache-Control", "no-cache")]
-        self._start_streamed_response(response.status, headers + [
+        writer = self._start_streamed_response(response.status, headers + [
             ("X-Accel-Buffering", "no")])
         lines = iter_upstream_lines(response, MAX_SSE_LINE_BYTES)
         last_line = b"\n"
@@ -5116,14 +5210,14 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         rename = (model_renamer(self._rename_model) if self._rename_model is not None
                   else None)
         # The loop runs once per line of every stream: locals, no method calls.
-        tracked, send, chunked = self.tracked, self.connection.sendall, self._chunked_response
+        tracked, send, chunked = self.tracked, writer.send, writer.chunked
         try:
             while True:
                 try:
                     line = next(lines, None)
                 except Exception as error:
-                    return False, self._end_stream_with_error(upstream, error,
-                                                              last_line)
+                    return self._end_stream_with_error(upstream, error, last_line,
+                                                       writer)
                 if tracked.client_gone:
                     raise ClientDisconnected()  # also at a close-delimited end
                 if line is None:
@@ -5134,8 +5228,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 if b"[DONE]" in line and is_done_line(line):
                     line += event_boundary(line)
                     send(b"%x\r\n%s\r\n" % (len(line), line) if chunked else line)
-                    self._finish_chunks()
-                    return self._read_tail_after_done(lines, sock), True
+                    writer.finish()
+                    exchange.release(self._read_tail_after_done(lines, exchange.sock))
+                    return
                 send(b"%x\r\n%s\r\n" % (len(line), line) if chunked else line)
                 if marker is not None and marker in line:
                     watch.see(line)
@@ -5143,7 +5238,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             if watch is not None and watch.usage and self.server.config.metrics:
                 self.server.metrics.add_usage(self._model_asked, watch.usage,
                                               self._protocol)
-        return True, False  # the caller ends the chunked body
+        exchange.release(complete=True)
+        writer.finish()
 
     def _read_tail_after_done(self, lines, sock):
         """After data: [DONE] (the client's response has ended), wait up to
@@ -5162,12 +5258,12 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.log_fields["note"] = "upstream did not end its body after [DONE]"
         return False
 
-    def _end_stream_with_error(self, upstream, error, last_line):
+    def _end_stream_with_error(self, upstream, error, last_line, writer):
         """End a started SSE stream that the upstream cut: the status has
         gone out, so the client gets a final SSE error event (after a blank
         line if the last line did not end an event) and the end of the
         chunked body (Go's ReverseProxy does the same).  The failure is
-        logged and counted.  Returns True (the client's response has ended).
+        logged and counted.
         """
         if self.tracked.client_gone:
             raise ClientDisconnected()
@@ -5179,27 +5275,27 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.log_fields["error"] = failure.message
         self._count_upstream_failure(upstream, failure.kind)
         logger.warning("%s stream ended early: %s", self._request_id, failure.message)
-        self._write_chunk(event_boundary(last_line) + stream_failure_event(
+        writer.write(event_boundary(last_line) + stream_failure_event(
             self._protocol, failure.status, failure.message, failure.error_type,
             failure.code, response=getattr(self._stream_watch, "response", None)))
-        self._finish_chunks()
-        return True
+        writer.finish()
 
-    def _relay_passthrough(self, upstream, response, headers, first=b""):
+    def _relay_passthrough(self, exchange, headers, first=b""):
         """Stream a large or unknown-length body through in blocks; first
         holds bytes of it already read."""
+        upstream, response = exchange.upstream, exchange.response
         if response.length is not None:
             self._send_head(response.status, headers + [
                 ("Content-Length", str(response.length))])
             self.wfile.flush()  # the body goes straight to the socket
-            self._chunked_response = False
+            writer = ClientBodyWriter(self.connection.sendall, False, self.tracked)
         else:
-            self._start_streamed_response(response.status, headers)
+            writer = self._start_streamed_response(response.status, headers)
         reader = response.body_reader
         block = first
         while True:
             if block:
-                self._write_chunk(block)
+                writer.write(block)
             try:
                 block = reader.read(COPY_BLOCK_BYTES)
             except Exception as error:
@@ -5210,24 +5306,16 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 break
         if self.tracked.client_gone:
             raise ClientDisconnected()
-        return True  # the caller ends the chunked body
+        exchange.release(complete=True)
+        writer.finish()
 
     def _cut_passthrough(self, upstream, error):
         """End a body the upstream cut short: the client sees a short body,
-        as the connection closes; the cause is logged and counted.  Returns
-        False."""
+        as the connection closes; the cause is logged and counted."""
         failure = upstream_failure(upstream, error, "body")
         self.log_fields["error"] = failure.message
         self._count_upstream_failure(upstream, failure.kind)
         self.close_connection = True
-        return False
-
-    def _finish_upstream(self, upstream, response, connection, complete):
-        """Pool the upstream connection after a complete response, else close
-        it at once (so an abandoned generation stops upstream)."""
-        self.tracked.watch(None)
-        finish_upstream_response(self.server.pool, upstream, response, connection,
-                                 complete)
 
     # -- writing to the client ------------------------------------------------------
 
@@ -5255,8 +5343,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("X-Request-Id", self._upstream_request_id or self._request_id)
         for name, value in self._cors_headers():
             self.send_header(name, value)
-        if self.server.draining or self.close_connection or (
-                not self._body_read and self._declares_body()):
+        if self.server.draining or self.close_connection or self._body_unread():
             # An unread request body would be parsed as the next request.
             self.send_header("Connection", "close")
         self.end_headers()
@@ -5277,31 +5364,17 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                             list(headers), serialize_json(value))
 
     def _start_streamed_response(self, status, headers):
-        """Send the head of a response whose body follows in pieces: chunked
-        for HTTP/1.1 clients, close-delimited for HTTP/1.0 ones."""
-        self._chunked_response = self.request_version >= "HTTP/1.1"
-        if self._chunked_response:
+        """Send the head of a response whose body follows in pieces; return
+        its ClientBodyWriter: chunked for HTTP/1.1 clients, close-delimited
+        for HTTP/1.0 ones."""
+        chunked = self.request_version >= "HTTP/1.1"
+        if chunked:
             headers = headers + [("Transfer-Encoding", "chunked")]
         else:
             self.close_connection = True  # the end of the body is the close
         self._send_head(status, headers)
         self.wfile.flush()
-
-    def _write_chunk(self, data):
-        """Send data as one chunk to the client at once.
-
-        The head was flushed before the first chunk, so the socket is written
-        directly: one send per line, no buffer between.
-        """
-        if self.tracked.client_gone:
-            raise ClientDisconnected()
-        if data:
-            self.connection.sendall(encode_chunk(data) if self._chunked_response else data)
-
-    def _finish_chunks(self):
-        if self._chunked_response:
-            self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
+        return ClientBodyWriter(self.connection.sendall, chunked, self.tracked)
 
     def _allowed_origin(self, config):
         origin = self._header("origin")
@@ -5331,7 +5404,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if self._headers_sent:
             self.close_connection = True
             return
-        if not self._body_read and self._declares_body():
+        if self._body_unread():
             self.close_connection = True  # unread body bytes would be parsed
         headers = list(error.headers)
         self._send_json(error.status, error_body(

@@ -639,6 +639,97 @@ class SmallHelpersTest(unittest.TestCase):
         self.assertEqual(merged["object"], "list")
 
 
+class RequestBodyReaderTest(unittest.TestCase):
+    """The request body reader over a BytesIO: no server, no socket."""
+
+    def reader(self, data, length, max_body_bytes=1000):
+        self.completed = []
+        return llm_relay.RequestBodyReader(
+            io.BytesIO(data), length, max_body_bytes,
+            lambda: self.completed.append(True))
+
+    def test_a_length_framed_body_is_read_whole_and_completes_once(self):
+        reader = self.reader(b'{"a": 1}next request', 8)
+        self.assertFalse(reader.done)
+        self.assertEqual(reader.read(), b'{"a": 1}')
+        self.assertTrue(reader.done)
+        self.assertEqual(self.completed, [True])
+
+    def test_a_short_body_is_a_disconnect_and_stays_unread(self):
+        reader = self.reader(b"abc", 8)
+        self.assertRaises(llm_relay.ClientDisconnected, reader.read)
+        self.assertFalse(reader.done)
+        self.assertEqual(self.completed, [])
+
+    def test_chunked_bodies_decode_whatever_the_chunk_sizes(self):
+        cases = {
+            "one chunk": b"5\r\nhello\r\n0\r\n\r\n",
+            "one-byte chunks": b"".join(b"1\r\n%s\r\n" % bytes([c])
+                                        for c in b"hello") + b"0\r\n\r\n",
+            "extension and trailer": b"5;x=y\r\nhello\r\n0\r\nT: v\r\n\r\n",
+        }
+        for name, data in cases.items():
+            with self.subTest(name):
+                reader = self.reader(data + b"GET / HTTP/1.1", None)
+                self.assertEqual(reader.read(), b"hello")
+                self.assertTrue(reader.done)
+
+    def test_chunked_blocks_gather_tiny_chunks(self):
+        data = b"".join(b"1\r\nx\r\n" for _ in range(3000)) + b"0\r\n\r\n"
+        reader = self.reader(data, None, max_body_bytes=10000)
+        blocks = list(reader.blocks())
+        self.assertEqual(b"".join(blocks), b"x" * 3000)
+        self.assertEqual(len(blocks), 1, "3000 one-byte chunks, one block")
+        self.assertEqual(self.completed, [True])
+
+    def test_malformed_or_oversized_chunking_is_refused_unread(self):
+        cases = {
+            "not hex": (b"zz\r\nhello\r\n0\r\n\r\n", 400),
+            "bare LF": (b"5\nhello\n0\n\n", 400),
+            "no CRLF after the data": (b"5\r\nhelloX0\r\n\r\n", 400),
+            "overlong size line": (b"1" * 5000 + b"\r\n", 400),
+            "past max_body_bytes": (b"3e9\r\n" + b"x" * 1001, 413),
+        }
+        for name, (data, status) in cases.items():
+            with self.subTest(name):
+                reader = self.reader(data, None)
+                with self.assertRaises(llm_relay.RelayError) as caught:
+                    reader.read()
+                self.assertEqual(caught.exception.status, status)
+                self.assertFalse(reader.done)
+
+    def test_a_chunked_body_cut_short_is_a_disconnect(self):
+        reader = self.reader(b"5\r\nhel", None)
+        self.assertRaises(llm_relay.ClientDisconnected, reader.read)
+
+
+class ClientBodyWriterTest(unittest.TestCase):
+    """The client body writer over a BytesIO: no server, no socket."""
+
+    def test_chunked_writes_are_one_chunk_each_then_the_last_chunk(self):
+        out = io.BytesIO()
+        writer = llm_relay.ClientBodyWriter(out.write, True)
+        writer.write(b"data: 1\n")
+        writer.write(b"")  # nothing to send is not the last chunk
+        writer.finish()
+        self.assertEqual(out.getvalue(), b"8\r\ndata: 1\n\r\n0\r\n\r\n")
+
+    def test_unchunked_writes_go_as_they_are(self):
+        out = io.BytesIO()
+        writer = llm_relay.ClientBodyWriter(out.write, False)
+        writer.write(b"abc")
+        writer.finish()
+        self.assertEqual(out.getvalue(), b"abc")
+
+    def test_a_client_that_left_is_not_written_to(self):
+        class Gone(object):
+            client_gone = True
+        out = io.BytesIO()
+        writer = llm_relay.ClientBodyWriter(out.write, True, Gone())
+        self.assertRaises(llm_relay.ClientDisconnected, writer.write, b"x")
+        self.assertEqual(out.getvalue(), b"")
+
+
 # -- Protocol translators ------------------------------------------------------
 
 def chat_chunk(delta=None, finish_reason=None, usage=None, choices=True, **extra):
