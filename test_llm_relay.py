@@ -5361,9 +5361,9 @@ stream_max_retries = 0
                             for event in events), report)
 
 
-def token_counts(relay_test):
+def token_counts(relay_test, headers=None):
     """Return {(model, kind): tokens} from the relay's /metrics."""
-    status, _, data = relay_test.request("GET", "/metrics")
+    status, _, data = relay_test.request("GET", "/metrics", None, headers)
     relay_test.assertEqual(status, 200)
     counts = {}
     for line in data.decode("utf-8").splitlines():
@@ -5779,3 +5779,447 @@ class KernelTimeoutsOverHttpTest(RelayTestCase):
             self.wait_for_log(logs, " 504 ")
         line = [line for line in logs.output if " 504 " in line][0]
         self.assertIn("sent nothing for read_timeout = 0.3 s", line)
+
+
+# -- Native Messages and Responses upstreams with scripted tool calls ------------
+
+def anthropic_events(model, blocks, stop_reason, input_tokens=21, output_tokens=7):
+    """The SSE lines of a streamed Messages answer made of content blocks
+    (text and tool_use), as a native upstream sends them: tool input in
+    input_json_delta pieces, usage in message_start and message_delta."""
+    lines = sse_event("message_start", {"type": "message_start", "message": {
+        "id": "msg_2", "type": "message", "role": "assistant", "model": model,
+        "content": [], "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": input_tokens, "output_tokens": 1,
+                  "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}})
+    for index, block in enumerate(blocks):
+        if block["type"] == "tool_use":
+            text = json.dumps(block["input"])
+            start = dict(block, input={})
+            deltas = [{"type": "input_json_delta", "partial_json": text[:10]},
+                      {"type": "input_json_delta", "partial_json": text[10:]}]
+        else:
+            start = {"type": "text", "text": ""}
+            deltas = [{"type": "text_delta", "text": block["text"]}]
+        lines += sse_event("content_block_start", {"type": "content_block_start",
+                                                   "index": index,
+                                                   "content_block": start})
+        for delta in deltas:
+            lines += sse_event("content_block_delta", {"type": "content_block_delta",
+                                                       "index": index, "delta": delta})
+        lines += sse_event("content_block_stop", {"type": "content_block_stop",
+                                                  "index": index})
+    lines += sse_event("message_delta", {"type": "message_delta", "delta": {
+        "stop_reason": stop_reason, "stop_sequence": None},
+        "usage": {"output_tokens": output_tokens}})
+    return lines + sse_event("message_stop", {"type": "message_stop"})
+
+
+def responses_events(model, output, usage):
+    """The SSE lines of a streamed Responses answer with output items
+    (message, function_call, custom_tool_call), as a native upstream sends
+    them, numbered by sequence_number."""
+    events = [("response.created", {"response": responses_object(model, [], "in_progress")}),
+              ("response.in_progress", {"response": responses_object(
+                  model, [], "in_progress")})]
+    for index, item in enumerate(output):
+        where = {"output_index": index, "item_id": item["id"]}
+        if item["type"] == "message":
+            text = item["content"][0]["text"]
+            part = {"type": "output_text", "text": "", "annotations": []}
+            events += [("response.output_item.added", {"output_index": index, "item": dict(
+                item, status="in_progress", content=[])}),
+                ("response.content_part.added", dict(where, content_index=0, part=part)),
+                ("response.output_text.delta", dict(where, content_index=0, delta=text)),
+                ("response.output_text.done", dict(where, content_index=0, text=text)),
+                ("response.content_part.done", dict(where, content_index=0, part=dict(
+                    part, text=text)))]
+        elif item["type"] == "function_call":
+            events += [("response.output_item.added", {"output_index": index, "item": dict(
+                item, status="in_progress", arguments="")}),
+                ("response.function_call_arguments.delta", dict(
+                    where, delta=item["arguments"])),
+                ("response.function_call_arguments.done", dict(
+                    where, arguments=item["arguments"]))]
+        else:
+            events += [("response.output_item.added", {"output_index": index, "item": dict(
+                item, input="")}),
+                ("response.custom_tool_call_input.done", dict(where, input=item["input"]))]
+        events.append(("response.output_item.done", {"output_index": index, "item": item}))
+    events.append(("response.completed", {"response": responses_object(
+        model, output, "completed", usage)}))
+    lines = []
+    for number, (name, fields) in enumerate(events):
+        event = {"type": name, "sequence_number": number}
+        event.update(fields)
+        lines += sse_event(name, event)
+    return lines
+
+
+NATIVE_USAGE = {"input_tokens": 21, "output_tokens": 7, "total_tokens": 28}
+BASH_INPUT = {"command": "echo hi > out.txt", "description": "write out.txt"}
+WEATHER_INPUT = {"city": "Paris"}
+
+
+def scripted_messages_answer(body):
+    """(blocks, stop_reason) of a model that calls a tool once: after a
+    tool_result anywhere in the conversation it answers "done: <result>";
+    offered Bash it writes out.txt; offered get_weather it asks for Paris."""
+    answer = None
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        for block in content if isinstance(content, list) else []:
+            if isinstance(block, dict) and block.get("type") == "tool_result":
+                result = block.get("content")
+                if isinstance(result, list):
+                    result = "".join(part.get("text", "") for part in result)
+                answer = "done: %s" % result
+    if answer is not None:
+        return [{"type": "text", "text": answer}], "end_turn"
+    names = [tool.get("name") for tool in body.get("tools") or []]
+    for name, tool_input in (("Bash", BASH_INPUT), ("get_weather", WEATHER_INPUT)):
+        if name in names:
+            return [{"type": "text", "text": "Let me use %s." % name},
+                    {"type": "tool_use", "id": "toolu_01", "name": name,
+                     "input": tool_input}], "tool_use"
+    return [{"type": "text", "text": "ok"}], "end_turn"
+
+
+def scripted_responses_output(body):
+    """The output items of a model that calls a tool once: after a
+    function_call_output it answers "done: <output>"; offered Codex's
+    exec_command it writes out.txt; offered get_weather it asks for Paris."""
+    items = body.get("input") if isinstance(body.get("input"), list) else []
+    outputs = [item.get("output") for item in items if isinstance(item, dict) and
+               item.get("type") in ("function_call_output", "custom_tool_call_output")]
+    if outputs:
+        return [{"type": "message", "id": "msg_9", "status": "completed",
+                 "role": "assistant", "content": [{"type": "output_text", "annotations": [],
+                                                   "text": "done: %s" % outputs[-1]}]}]
+    names = [tool.get("name") for tool in body.get("tools") or []]
+    for name, arguments in (("exec_command", {"cmd": "echo hi > out.txt"}),
+                            ("get_weather", WEATHER_INPUT)):
+        if name in names:
+            return [{"type": "function_call", "id": "fc_1", "call_id": "call_1",
+                     "name": name, "arguments": json.dumps(arguments),
+                     "status": "completed"}]
+    return [{"type": "message", "id": "msg_9", "status": "completed",
+             "role": "assistant", "content": [{"type": "output_text", "annotations": [],
+                                               "text": "ok"}]}]
+
+
+def native_scripted_upstream(handler, recorded):
+    """Ollama/vLLM's native /v1/messages and /v1/responses, scripted to call a
+    tool once (see scripted_messages_answer, scripted_responses_output)."""
+    if recorded.method == "HEAD":
+        return reply_json(handler, b"")
+    if recorded.method == "GET" and "/models" in recorded.path:
+        return openai_like(handler, recorded)
+    body = recorded.json() if recorded.body else {}
+    model = body.get("model")
+    if recorded.path.startswith("/v1/messages/count_tokens"):
+        return reply_json(handler, {"input_tokens": 42})
+    if recorded.path.startswith("/v1/messages"):
+        blocks, stop_reason = scripted_messages_answer(body)
+        if body.get("stream"):
+            return reply_sse(handler, anthropic_events(model, blocks, stop_reason))
+        return reply_json(handler, anthropic_message(model, blocks, stop_reason, {
+            "input_tokens": 21, "output_tokens": 7}))
+    if recorded.path.startswith("/v1/responses"):
+        output = scripted_responses_output(body)
+        if body.get("stream"):
+            return reply_sse(handler, responses_events(model, output, NATIVE_USAGE))
+        return reply_json(handler, responses_object(model, output, usage=NATIVE_USAGE))
+    return openai_like(handler, recorded)
+
+
+class NativeAgentUpstreamTestCase(RelayTestCase):
+    """A relay in front of an upstream that serves Messages and Responses
+    natively, with api_keys and rules for the agents' model names."""
+
+    RULES = [{"match_model": ["claude-*", "gpt-5*"], "set": {"model": "qwen3-coder"}}]
+
+    def setUp(self):
+        RelayTestCase.setUp(self)
+        self.upstream.behaviour = native_scripted_upstream
+        self.start_relay(api_keys=["relay-key"], model_rules=self.RULES,
+                         max_body_bytes=64 * 1024)
+
+    @property
+    def base_url(self):
+        return "http://127.0.0.1:%d" % self.relay.port
+
+
+@unittest.skipUnless(anthropic, ANTHROPIC_SDK_MISSING)
+class AnthropicClientOnNativeUpstreamTest(NativeAgentUpstreamTestCase):
+    """The official anthropic package through the relay to a native upstream."""
+
+    def client(self, **options):
+        options.setdefault("api_key", "relay-key")
+        client = anthropic.Anthropic(base_url=self.base_url, max_retries=0,
+                                     timeout=WAIT_SECONDS, **options)
+        self.addCleanup(client.close)
+        return client
+
+    def test_create_and_stream(self):
+        client = self.client()
+        message = client.messages.create(
+            model="claude-sonnet-4-5-20250929", max_tokens=64,
+            messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual((message.content[0].text, message.model, message.usage.input_tokens),
+                         ("ok", "qwen3-coder", 21))
+        sent = self.upstream.last()
+        self.assertEqual((sent.path, sent.json()["model"]), ("/v1/messages", "qwen3-coder"))
+        self.assertIsNone(sent.headers.get("x-api-key"))  # the relay's key stays here
+        with client.messages.stream(model="claude-opus-4-1[1m]", max_tokens=64,
+                                    messages=[{"role": "user", "content": "hi"}]) as stream:
+            text = "".join(stream.text_stream)
+            final = stream.get_final_message()
+        self.assertEqual((text, final.stop_reason, final.usage.output_tokens),
+                         ("ok", "end_turn", 7))
+        # Claude Code's ANTHROPIC_AUTH_TOKEN: the key as a Bearer token.
+        bearer = self.client(api_key=None, auth_token="relay-key")
+        self.assertEqual(bearer.messages.create(
+            model="claude-haiku-4-5", max_tokens=8,
+            messages=[{"role": "user", "content": "hi"}]).content[0].text, "ok")
+
+    def test_tool_use_round_trip(self):
+        client = self.client()
+        messages = [{"role": "user", "content": "weather in Paris?"}]
+        with client.messages.stream(model="claude-sonnet-4-5", max_tokens=64,
+                                    tools=[WEATHER_TOOL], messages=messages) as stream:
+            first = stream.get_final_message()
+        self.assertEqual(first.stop_reason, "tool_use")
+        call = first.content[-1]
+        self.assertEqual((call.type, call.name, call.input),
+                         ("tool_use", "get_weather", WEATHER_INPUT))
+        messages += [{"role": "assistant", "content": [
+            block.model_dump(exclude_none=True) for block in first.content]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
+                                          "content": "rain"}]}]
+        second = client.messages.create(model="claude-sonnet-4-5", max_tokens=64,
+                                        tools=[WEATHER_TOOL], messages=messages)
+        self.assertEqual(second.content[0].text, "done: rain")
+        sent = self.upstream.last().json()["messages"]
+        self.assertEqual(sent[1]["content"][-1]["input"], WEATHER_INPUT)
+
+    def test_count_tokens_and_models_list(self):
+        client = self.client()
+        counted = client.messages.count_tokens(
+            model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(counted.input_tokens, 42)
+        self.assertTrue(self.upstream.last().path.startswith("/v1/messages/count_tokens"))
+        models = [model.id for model in client.models.list()]
+        self.assertEqual(models, ["qwen2.5-72b-instruct"])
+        self.assertEqual(client.models.retrieve("qwen2.5-72b-instruct").type, "model")
+        with self.assertRaises(anthropic.NotFoundError):
+            client.models.retrieve("nope")
+
+    def test_exception_classes_for_the_relays_errors(self):
+        with self.assertRaises(anthropic.AuthenticationError) as caught:
+            self.client(api_key="wrong").messages.create(
+                model="claude-sonnet-4-5", max_tokens=8,
+                messages=[{"role": "user", "content": "hi"}])
+        self.assertIn("x-api-key", str(caught.exception))
+        too_large = getattr(anthropic, "ContentTooLargeError", None) or getattr(
+            anthropic, "RequestTooLargeError", anthropic.APIStatusError)
+        with self.assertRaises(too_large) as caught:
+            self.client().messages.create(
+                model="claude-sonnet-4-5", max_tokens=8,
+                messages=[{"role": "user", "content": "x" * 70000}])
+        self.assertEqual(caught.exception.status_code, 413)
+        self.assertIn("max_body_bytes", str(caught.exception))
+        self.upstream.stop()
+        with self.assertRaises(anthropic.InternalServerError) as caught:
+            self.client().messages.create(
+                model="claude-sonnet-4-5", max_tokens=8,
+                messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(caught.exception.status_code, 502)
+        self.assertIn("refused the connection", str(caught.exception))
+
+    def test_a_stream_cut_mid_way_raises_in_the_client(self):
+        def drop(handler, recorded):
+            start_chunked(handler)
+            for line in anthropic_events("m", [{"type": "text", "text": "hel"}],
+                                         "end_turn")[:9]:
+                write_chunk(handler, line)
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+        self.upstream.behaviour = drop
+        with self.assertRaises(anthropic.APIStatusError) as caught:
+            with self.client().messages.stream(
+                    model="claude-sonnet-4-5", max_tokens=8,
+                    messages=[{"role": "user", "content": "hi"}]) as stream:
+                "".join(stream.text_stream)
+        self.assertIn("mid-stream", str(caught.exception))
+
+
+@unittest.skipUnless(openai, OPENAI_MISSING)
+class OpenAIResponsesOnNativeUpstreamTest(NativeAgentUpstreamTestCase):
+    """The openai package's responses API through the relay to a native
+    upstream."""
+
+    TOOL = {"type": "function", "name": "get_weather", "description": "Weather",
+            "parameters": WEATHER_TOOL["input_schema"]}
+
+    def setUp(self):
+        NativeAgentUpstreamTestCase.setUp(self)
+        self.client = openai.OpenAI(base_url=self.base_url + "/v1", api_key="relay-key",
+                                    max_retries=0, timeout=WAIT_SECONDS)
+        self.addCleanup(self.client.close)
+
+    def test_create_and_stream(self):
+        response = self.client.responses.create(model="gpt-5-codex", input="hi")
+        self.assertEqual((response.output_text, response.usage.total_tokens), ("ok", 28))
+        self.assertEqual(self.upstream.last().json()["model"], "qwen3-coder")
+        with self.client.responses.stream(model="gpt-5-codex", input="hi") as stream:
+            deltas = [event.delta for event in stream
+                      if event.type == "response.output_text.delta"]
+            final = stream.get_final_response()
+        self.assertEqual((deltas, final.status, final.output_text),
+                         (["ok"], "completed", "ok"))
+
+    def test_function_tool_round_trip_streamed_and_not(self):
+        for stream in (True, False):
+            if stream:
+                with self.client.responses.stream(model="gpt-5-codex", input="weather?",
+                                                  tools=[self.TOOL]) as events:
+                    first = events.get_final_response()
+            else:
+                first = self.client.responses.create(model="gpt-5-codex",
+                                                     input="weather?", tools=[self.TOOL])
+            [call] = [item for item in first.output if item.type == "function_call"]
+            self.assertEqual(json.loads(call.arguments), WEATHER_INPUT)
+            follow_up = [{"role": "user", "content": "weather?"},
+                         call.model_dump(exclude_none=True),
+                         {"type": "function_call_output", "call_id": call.call_id,
+                          "output": "rain"}]
+            second = self.client.responses.create(model="gpt-5-codex", input=follow_up,
+                                                  tools=[self.TOOL], store=False,
+                                                  stream=stream)
+            if stream:
+                second = [event for event in second
+                          if event.type == "response.completed"][0].response
+            self.assertEqual(second.output_text, "done: rain")
+            self.assertEqual(self.upstream.last().json()["input"][2]["output"], "rain")
+
+    def test_a_stream_cut_mid_way_ends_with_response_failed(self):
+        def drop(handler, recorded):
+            start_chunked(handler)
+            for line in responses_stream("m")[:15]:
+                write_chunk(handler, line)
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+        self.upstream.behaviour = drop
+        events = list(self.client.responses.create(model="gpt-5-codex", input="hi",
+                                                   stream=True))
+        self.assertEqual(events[-1].type, "response.failed")
+        self.assertEqual((events[-1].response.id, events[-1].response.status),
+                         ("resp_1", "failed"))
+        self.assertIn("mid-stream", events[-1].response.error.message)
+
+
+# -- Claude Code and Codex CLI on a native upstream ------------------------------
+
+def claude_code_environment(home, base_url, **variables):
+    """The environment for claude -p against the relay at base_url: state
+    under home, telemetry, updates and every non-essential call off, no
+    retries, and IS_SANDBOX=1 so --dangerously-skip-permissions runs as root."""
+    return agent_environment(
+        home, CLAUDE_CONFIG_DIR=os.path.join(home, ".claude"), CLAUDE_CODE_TMPDIR=home,
+        ANTHROPIC_BASE_URL=base_url, CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
+        DISABLE_TELEMETRY="1", DISABLE_ERROR_REPORTING="1", DISABLE_AUTOUPDATER="1",
+        DISABLE_UPDATES="1", DISABLE_GROWTHBOOK="1", CLAUDE_CODE_DISABLE_FEATURE_FLAGS="1",
+        DO_NOT_TRACK="1", DISABLE_INSTALLATION_CHECKS="1",
+        CLAUDE_CODE_DISABLE_FEEDBACK_SURVEY="1", CLAUDE_CODE_MAX_RETRIES="0",
+        IS_SANDBOX="1", **variables)
+
+
+class AgentOnNativeUpstreamTestCase(NativeAgentUpstreamTestCase):
+
+    RULES = [{"match_model": ["claude-*", "gpt-5*"], "set": {"model": "qwen3-coder"},
+              "response_model": "asked"}]
+
+    def setUp(self):
+        NativeAgentUpstreamTestCase.setUp(self)
+        self.directory = tempfile.mkdtemp(prefix="llm-relay-agent-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        self.home = os.path.join(self.directory, "home")
+        self.work = os.path.join(self.directory, "work")
+        os.makedirs(self.home)
+        os.makedirs(self.work)
+
+    KEY = {"Authorization": "Bearer relay-key"}
+    run_agent = AgentOnChatOnlyUpstreamTestCase.run_agent
+
+    def assert_out_txt(self, report):
+        with open(os.path.join(self.work, "out.txt")) as made:
+            self.assertEqual(made.read(), "hi\n", report)
+
+
+@unittest.skipUnless(CLAUDE_BIN, AGENT_MISSING % "Claude Code (claude)")
+class ClaudeCodeOnNativeUpstreamTest(AgentOnNativeUpstreamTestCase):
+
+    def test_bash_tool_round_trip_through_the_relay(self):
+        environment = claude_code_environment(self.home, self.base_url,
+                                              ANTHROPIC_API_KEY="relay-key")
+        code, events, report = self.run_agent([
+            CLAUDE_BIN, "-p", "Create out.txt containing hi using the Bash tool.",
+            "--output-format", "stream-json", "--verbose", "--no-session-persistence",
+            "--dangerously-skip-permissions"], environment)
+        self.assertEqual(code, 0, report)
+        self.assert_out_txt(report)
+        requests = [recorded for recorded in self.upstream.requests
+                    if recorded.method == "POST"]
+        self.assertEqual(set(recorded.path for recorded in requests),
+                         {"/v1/messages?beta=true"}, report)
+        bodies = [recorded.json() for recorded in requests]
+        self.assertEqual(set(body["model"] for body in bodies), {"qwen3-coder"})
+        self.assertTrue(all(body.get("stream") is True for body in bodies), report)
+        results = [block for block in bodies[-1]["messages"][-1]["content"]
+                   if isinstance(block, dict) and block.get("type") == "tool_result"]
+        self.assertEqual([block["tool_use_id"] for block in results], ["toolu_01"])
+        self.assertIsNone(requests[-1].headers.get("x-api-key"))
+        result = events[-1]
+        self.assertEqual((result.get("type"), result.get("subtype")),
+                         ("result", "success"), report)
+        self.assertTrue(result.get("result", "").startswith("done"), report)
+        # response_model "asked": Claude Code saw its own model name.
+        init = [event for event in events if event.get("type") == "assistant"]
+        asked = init[0]["message"]["model"]
+        self.assertTrue(asked.startswith("claude-"), report)
+        self.assertEqual(token_counts(self, self.KEY).get((asked, "input")),
+                         21 * len(requests), report)
+
+
+@unittest.skipUnless(CODEX_BIN, AGENT_MISSING % "Codex CLI (codex)")
+class CodexOnNativeUpstreamTest(AgentOnNativeUpstreamTestCase):
+
+    def test_exec_command_tool_round_trip_through_the_relay(self):
+        config = CodexOnChatOnlyUpstreamTest.CONFIG.replace(
+            'model = "gpt-5.5"', 'model = "gpt-5-codex"')
+        with open(os.path.join(self.home, "config.toml"), "w") as handle:
+            handle.write(config % self.base_url)
+        environment = agent_environment(self.home, CODEX_HOME=self.home,
+                                        RELAY_API_KEY="relay-key")
+        code, events, report = self.run_agent([
+            CODEX_BIN, "exec", "--skip-git-repo-check", "--ephemeral", "--json",
+            "--dangerously-bypass-approvals-and-sandbox", "Create out.txt containing hi"],
+            environment)
+        self.assertEqual(code, 0, report)
+        self.assert_out_txt(report)
+        requests = [recorded for recorded in self.upstream.requests
+                    if recorded.method == "POST"]
+        self.assertEqual(set(recorded.path for recorded in requests), {"/v1/responses"},
+                         report)
+        bodies = [recorded.json() for recorded in requests]
+        self.assertEqual(set(body["model"] for body in bodies), {"qwen3-coder"})
+        outputs = [item for item in bodies[-1]["input"]
+                   if item.get("type") == "function_call_output"]
+        self.assertEqual([item["call_id"] for item in outputs], ["call_1"], report)
+        kinds = [event.get("type") for event in events]
+        self.assertIn("turn.completed", kinds, report)
+        self.assertTrue(any(event.get("item", {}).get("type") == "command_execution"
+                            for event in events), report)
+        self.assertEqual(token_counts(self, self.KEY).get(("gpt-5-codex", "output")),
+                         7 * len(requests), report)
