@@ -61,6 +61,7 @@ LISTEN_BACKLOG = 1024  # socketserver's default of 5 refuses bursts
 POOL_MAX_IDLE_PER_UPSTREAM = 32
 POOL_IDLE_SECONDS = 30.0  # idle upstream connections are closed after this
 HOUSEKEEPING_INTERVAL_SECONDS = 0.25  # client deadlines, disconnects, pool
+CONFIG_POLL_SECONDS = 1.0  # how often reload_on_change looks at the file
 ABORT_WAIT_SECONDS = 1.0  # after the grace, for cut requests to end and log
 MAX_SSE_LINE_BYTES = 64 * 1024  # longer lines are relayed in pieces
 DONE_TAIL_SECONDS = 0.25  # after data: [DONE], for the upstream's end of body
@@ -549,6 +550,8 @@ CONFIG_KEYS = (
               str),
     ConfigKey("response_model", "response_model", "string", "upstream",
               _read_response_model, str),
+    ConfigKey("reload_on_change", "reload_on_change", "bool", False, _read_bool,
+              lambda value: str(value).lower()),
 )
 
 CONFIG_KEY_DEFAULTS = dict((key.name, key.default) for key in CONFIG_KEYS)
@@ -593,7 +596,7 @@ def format_path(path):
     return text
 
 
-def load_config(path, environ=None):
+def load_config(path, environ=None, overrides=None):
     """Read, strip, parse and validate the JSONC config file at path.
 
     Returns (Config, warnings) where warnings is a list of str.  Raises
@@ -610,10 +613,10 @@ def load_config(path, environ=None):
     except UnicodeDecodeError as error:
         line, column = position_of(data.decode("latin-1"), error.start)
         raise ConfigError("not valid UTF-8", path, line, column)
-    return parse_config_text(text, path, environ)
+    return parse_config_text(text, path, environ, overrides)
 
 
-def parse_config_text(text, source="<config>", environ=None):
+def parse_config_text(text, source="<config>", environ=None, overrides=None):
     """Parse and validate JSONC config text; see load_config."""
     duplicates = []
 
@@ -634,7 +637,7 @@ def parse_config_text(text, source="<config>", environ=None):
     except ValueError as error:  # json.JSONDecodeError or a constant
         line, column = getattr(error, "lineno", None), getattr(error, "colno", None)
         raise ConfigError(getattr(error, "msg", str(error)), source, line, column)
-    config, warnings = validate_config(raw, source, json_text, environ)
+    config, warnings = validate_config(raw, source, json_text, environ, overrides)
     return config, ["%s: duplicate key %r: the last value is used" % (source, key)
                     for key in duplicates] + warnings
 
@@ -643,18 +646,23 @@ def _reject_json_constant(name):
     raise ValueError("%s is not valid JSON" % name)
 
 
-def validate_config(raw, source="<config>", text=None, environ=None):
+def validate_config(raw, source="<config>", text=None, environ=None,
+                    overrides=None):
     """Check a parsed config dict and build the immutable Config.
 
     text (the stripped JSON) lets errors carry a line and column.  ${VAR} and
     ${VAR:-fallback} in string values are replaced from environ (default
-    os.environ).  Returns (Config, warnings); raises ConfigError.
+    os.environ).  overrides holds override_settings' keyword arguments (the
+    command line's --listen, --upstream, --demo).  Returns (Config,
+    warnings); raises ConfigError.
     """
     checker = _ConfigChecker(source, text)
     if not isinstance(raw, dict):
         raise checker.error((), "expected a JSON object at the top level")
     raw = checker.expand_environment(raw, (), os.environ if environ is None
                                      else environ)
+    if overrides:
+        raw = override_settings(raw, **overrides)
     checker.warn_unknown_keys(raw, (), TOP_LEVEL_KEYS)
     values = {"source": source, "created": int(time.time())}
     for key in CONFIG_KEYS:
@@ -966,10 +974,36 @@ def parse_upstream_url(url):
     return parts.scheme, parts.hostname, port or default_port, parts.path.rstrip("/")
 
 
-def default_config():
+def default_config(overrides=None):
     """Return the built-in Config used when no config file exists."""
-    config, _ = validate_config({}, "<defaults>")
+    config, _ = validate_config({}, "<defaults>", overrides=overrides)
     return config
+
+
+def override_settings(raw, listen=None, upstream=None, every_upstream=False):
+    """Return a copy of a raw config dict with command-line settings in place.
+
+    listen ("host:port") replaces "listen"; upstream (a base URL) replaces
+    the default upstream's URL (the top-level "upstream", or upstreams.default
+    when only that names it), and with every_upstream the URL of every named
+    upstream too (--demo: nothing leaves the machine).  raw is not mutated.
+    """
+    raw = dict(raw)
+    if listen is not None:
+        raw["listen"] = listen
+    if upstream is None:
+        return raw
+    named = raw.get("upstreams")
+    named = dict(named) if isinstance(named, dict) else None
+    for name, spec in (named or {}).items():
+        if isinstance(spec, dict) and (every_upstream or (
+                name == DEFAULT_UPSTREAM_NAME and "upstream" not in raw)):
+            named[name] = dict(spec, url=upstream)
+    if named is not None:
+        raw["upstreams"] = named
+    if not (named and DEFAULT_UPSTREAM_NAME in named) or "upstream" in raw:
+        raw["upstream"] = upstream
+    return raw
 
 
 ###############################################################################
@@ -5553,6 +5587,10 @@ class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.metrics = Metrics()
         self.ready_timeout = READY_TIMEOUT_SECONDS  # per upstream, /health/ready
         self.access_log = AccessLog()  # main() writes to its handler directly
+        self.config_path = None  # the file reloads read; see watch_config_file
+        self.config_overrides = None  # the command line's, kept over reloads
+        self._config_signature = None
+        self._next_config_poll = 0.0
         self.draining = False
         self._grace_deadline = 0.0
         self._grace_ended = False
@@ -5637,8 +5675,34 @@ class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 self._close_overdue_clients(time.monotonic())
                 self._notice_disconnected_clients()
                 self.pool.prune()
+                self.poll_config_file(time.monotonic())
             except Exception:  # never let housekeeping die
                 logger.debug("housekeeping failed", exc_info=True)
+
+    def watch_config_file(self, path, overrides=None):
+        """Remember the config file (reloads read it again, with the command
+        line's overrides) and its current state for reload_on_change."""
+        self.config_path = path
+        self.config_overrides = overrides
+        self._config_signature = config_file_signature(path)
+
+    def poll_config_file(self, now):
+        """With reload_on_change, start a reload (as SIGHUP does) when the
+        config file changed since the last look, at most every
+        CONFIG_POLL_SECONDS; return True when one was started."""
+        if (not self.config.reload_on_change or self.config_path is None
+                or now < self._next_config_poll):
+            return False
+        self._next_config_poll = now + CONFIG_POLL_SECONDS
+        signature = config_file_signature(self.config_path)
+        if signature == self._config_signature:
+            return False
+        self._config_signature = signature
+        if signature is None:
+            return False  # gone for a moment (a swap); reloaded when it is back
+        logger.info("%s changed; reloading", self.config_path)
+        start_reload(self, self.config_path)
+        return True
 
     def _close_overdue_clients(self, now):
         with self._lock:
@@ -5760,18 +5824,41 @@ def reject_connection(sock):
     logger.warning("refused a connection: max_connections reached")
 
 
+def config_file_signature(path):
+    """Return what tells a changed config file, or None when it is missing.
+
+    The stat of the resolved path (symlinks followed): inode and device,
+    size and mtime in ns.  Kubernetes updates a mounted ConfigMap by
+    swapping a symlink to a new directory, so the inode changes even when
+    size and mtime do not.
+    """
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_dev, stat.st_size, stat.st_mtime_ns)
+
+
 def make_server(config):
     """Create a RelayServer bound to config's listen address (port 0: any)."""
     return RelayServer(config)
 
 
+def start_reload(server, path):
+    """Reload the config file in a new thread: the one entry point for
+    SIGHUP and reload_on_change, so both reload the same way."""
+    threading.Thread(target=reload_config, args=(server, path),
+                     name="llm-relay-reload").start()
+
+
 def reload_config(server, path):
     """Load path again and swap it into server; keep the old config on error.
 
+    The command line's overrides (--listen, --upstream, --demo) apply again.
     Requests already running keep the config they started with.
     """
     try:
-        config, warnings = load_config(path)
+        config, warnings = load_config(path, overrides=server.config_overrides)
     except ConfigError as error:
         logger.error("reload failed, keeping the running config: %s", error)
         return False
@@ -5790,6 +5877,183 @@ def reload_config(server, path):
     server.config = config
     logger.info("reloaded %s: %s", path, plural(len(config.rules), "rule"))
     return True
+
+
+###############################################################################
+# Demo upstream ###############################################################
+###############################################################################
+
+DEMO_MODEL = "llm-relay-demo"
+
+
+def applied_rule(config, body):
+    """Return the first Rule whose effect a rewritten body shows, or None.
+
+    Used by the demo upstream, which sees the body only after the rules: a
+    rule fits when it sends the body's model (set.model, or select_rule
+    picks it for that model), every key it sets has its value, no key it
+    unsets is present and its extra is merged in.
+    """
+    model = body.get("model")
+    for rule in config.rules:
+        sends_model = (rule.set.get("model") == model if "model" in rule.set
+                       else select_rule(config.rule_index, model) is rule)
+        if not sends_model:
+            continue
+        if all(body.get(key) == value for key, value in rule.set.items()) and \
+                not any(key in body for key in rule.unset) and \
+                deep_merge(body, rule.extra) == body:
+            return rule
+    return None
+
+
+def describe_demo_request(config, body):
+    """Return the demo upstream's answer text for a request body (dict): the
+    model it was sent, the rule that fits (see applied_rule) and what that
+    rule does, and the parameters received."""
+    rule = applied_rule(config, body)
+    text = "Demo upstream got model %s" % body.get("model")
+    if rule is None:
+        text += "; no rule changed the request."
+    else:
+        done = [(verb, ", ".join(keys)) for verb, keys in (
+            ("sets", list(rule.set)), ("removes", list(rule.unset)),
+            ("merges", list(rule.extra))) if keys]
+        text += " from %s (%s), which %s." % (
+            rule.path, ", ".join(rule.match_model),
+            "; ".join("%s %s" % item for item in done) or "changes nothing")
+    parameters = ["%s=%s" % (key, json.dumps(body[key], ensure_ascii=False))
+                  for key in sorted(body)
+                  if key not in ("model", "messages", "prompt")]
+    return text + (" Parameters: %s." % ", ".join(parameters) if parameters else "")
+
+
+def demo_answer(config, route, body):
+    """Return (status, OpenAI-shaped answer dict, stream bool) for a demo
+    request; route is the path after the base URL ("/chat/completions")."""
+    if route == "/models":
+        names = [DEMO_MODEL] + [rule.set["model"] for rule in config.rules
+                                if "model" in rule.set]
+        return 200, {"object": "list", "data": [
+            model_entry(name, config.created, "llm-relay-demo")
+            for name in sorted(set(names), key=names.index)]}, False
+    if route not in ("/chat/completions", "/completions"):
+        return 404, openai_error("The demo upstream answers only chat "
+                                 "completions, completions and models.",
+                                 code="unknown_url"), False
+    text = describe_demo_request(config, body)
+    completion_tokens = len(text.split())
+    usage = {"prompt_tokens": len(json.dumps(body.get("messages",
+                                                      body.get("prompt", ""))).split()),
+             "completion_tokens": completion_tokens}
+    usage["total_tokens"] = usage["prompt_tokens"] + completion_tokens
+    chat = route == "/chat/completions"
+    choice = {"index": 0, "finish_reason": "stop"}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice.update(text=text, logprobs=None)
+    return 200, {"id": "demo-" + new_request_id()[:12],
+                 "object": "chat.completion" if chat else "text_completion",
+                 "created": int(time.time()), "model": body.get("model"),
+                 "choices": [choice], "usage": usage}, body.get("stream") is True
+
+
+def demo_stream_events(answer, include_usage):
+    """Yield the SSE events (bytes) that stream a demo answer word by word,
+    in OpenAI's chunk shape, through data: [DONE]."""
+    chat = answer["object"] == "chat.completion"
+    choice = answer["choices"][0]
+    text = choice["message"]["content"] if chat else choice["text"]
+    words = [word + " " for word in text.split(" ")]
+    words[-1] = words[-1].rstrip()
+    base = dict(answer, object="chat.completion.chunk" if chat else "text_completion")
+    base.pop("usage")
+
+    def event(delta, finish_reason=None):
+        if chat:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": delta.get("content", ""),
+                      "finish_reason": finish_reason, "logprobs": None}
+        return b"data: " + serialize_json(dict(base, choices=[choice])) + b"\n\n"
+    if chat:
+        yield event({"role": "assistant", "content": ""})
+    for word in words:
+        yield event({"content": word})
+    yield event({}, "stop")
+    if include_usage:
+        yield b"data: " + serialize_json(dict(base, choices=[], usage=answer[
+            "usage"])) + b"\n\n"
+    yield b"data: [DONE]\n\n"
+
+
+class DemoUpstreamHandler(http.server.BaseHTTPRequestHandler):
+    """Answer as an OpenAI-compatible server would (see demo_answer)."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "llm-relay-demo/" + __version__
+    wbufsize = COPY_BLOCK_BYTES  # head and body in one write (no Nagle stall)
+
+    def do_GET(self):
+        self._answer(b"")
+
+    def do_POST(self):
+        self._answer(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+
+    def _answer(self, data):
+        try:
+            body = json.loads(data.decode("utf-8")) if data else {}
+        except ValueError:
+            body = None
+        route = urllib.parse.urlsplit(self.path).path
+        route = route[3:] if route.startswith("/v1/") else route
+        if not isinstance(body, dict):
+            status, answer, stream = 400, openai_error(
+                "The body is not a JSON object.", code="invalid_json"), False
+        else:
+            status, answer, stream = demo_answer(self.server.relay.config, route, body)
+        if stream:
+            options = body.get("stream_options")
+            include_usage = isinstance(options, dict) and options.get("include_usage")
+            data = b"".join(demo_stream_events(answer, include_usage is True))
+            content_type = "text/event-stream"
+        else:
+            data, content_type = serialize_json(answer), "application/json"
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format, *args):
+        pass  # the relay's access line tells the story
+
+
+class DemoUpstream(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """The --demo upstream: in this process, on an ephemeral 127.0.0.1 port,
+    so the relay's request path is the real one and nothing leaves the
+    machine.  relay is the RelayServer whose config it reads."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        self.relay = None
+        http.server.HTTPServer.__init__(self, ("127.0.0.1", 0), DemoUpstreamHandler)
+
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)  # no reverse DNS lookup
+        self.server_name, self.server_port = self.server_address[:2]
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d/v1" % self.server_address[1]
+
+    def start(self, relay):
+        self.relay = relay
+        thread = threading.Thread(target=self.serve_forever, name="llm-relay-demo")
+        thread.daemon = True
+        thread.start()
 
 
 ###############################################################################
@@ -5857,25 +6121,132 @@ def build_arg_parser():
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging: rewritten bodies (keys redacted) "
                              "and upstream statuses (default: off)")
+    parser.add_argument("--listen", metavar="HOST:PORT",
+                        help="listen here instead of the config's \"listen\" "
+                             "(IPv6 as [::1]:8080)")
+    parser.add_argument("--upstream", metavar="URL",
+                        help="send requests to this base URL instead of the "
+                             "config's default upstream (default: %s)"
+                             % DEFAULT_UPSTREAM)
+    parser.add_argument("--demo", action="store_true",
+                        help="answer from a built-in demo upstream that echoes "
+                             "what the rules did (no model or network needed; "
+                             "default config: ./%s, else the one shipped beside "
+                             "llm_relay.py)" % DEFAULT_CONFIG_PATH)
     parser.add_argument("--check-config", action="store_true",
                         help="validate the config, print the effective settings "
                              "(keys masked) and rules, and exit: 0 valid, 2 not")
+    parser.add_argument("--explain", metavar="BODY",
+                        help="print the rule, the upstream chain and the "
+                             "rewritten body for a request body (JSON text, a "
+                             "file, or - for stdin), and exit: 0, or 2 when "
+                             "the body or config is invalid")
     parser.add_argument("--version", action="version",
                         version="llm-relay " + __version__)
     return parser
 
 
-def resolve_config(path):
+def resolve_config(path, overrides=None, demo=False):
     """Return (Config, warnings, path or None) for the --config argument.
 
-    Raises ConfigError when the file is missing or invalid.
+    Without one: ./config.jsonc if it exists, with demo the config.jsonc
+    shipped beside llm_relay.py, else the built-in defaults.  Raises
+    ConfigError when the file is missing or invalid.
     """
+    shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           DEFAULT_CONFIG_PATH)
     if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
         path = DEFAULT_CONFIG_PATH
+    elif path is None and demo and os.path.exists(shipped):
+        path = shipped
     if path is None:
-        return default_config(), [], None
-    config, warnings = load_config(path)
+        return default_config(overrides), [], None
+    config, warnings = load_config(path, overrides=overrides)
     return config, warnings, path
+
+
+def command_line_overrides(parser, args):
+    """Return override_settings' keyword arguments from --listen and
+    --upstream; a malformed value is a usage error (exit 2)."""
+    overrides = {}
+    for value, check, key in ((args.listen, parse_listen, "listen"),
+                              (args.upstream, parse_upstream_url, "upstream")):
+        if value is not None:
+            try:
+                check(value)
+            except ValueError as error:
+                parser.error("--%s: %s" % (key, error))
+            overrides[key] = value
+    return overrides
+
+
+def read_explain_body(argument, stdin):
+    """Return the request body bytes --explain names: JSON text (it starts
+    with "{"), - for stdin, else a file path.  Raises OSError."""
+    if argument == "-":
+        data = getattr(stdin, "buffer", stdin).read()  # bytes: no locale decoding
+        return data.encode("utf-8") if isinstance(data, str) else data
+    if argument.lstrip().startswith("{"):
+        # Python decoded argv with the locale's codec and surrogateescape:
+        # this gives back the bytes the shell passed.
+        return argument.encode("utf-8", "surrogateescape")
+    with open(argument, "rb") as body_file:
+        return body_file.read()
+
+
+def explain_request(config, body):
+    """Return the --explain report (str) for a parsed request body (dict):
+    the model asked, the rule that applies and what it does, the upstream
+    chain and the body as it would be sent."""
+    model = body.get("model")
+    rule = select_rule(config.rule_index, model)
+    chain = rule.upstreams if rule else (DEFAULT_UPSTREAM_NAME,)
+    rewritten = apply_rule(body, rule) if rule else body
+    lines = ["model: %s" % json.dumps(model, ensure_ascii=False)]
+    if rule is None:
+        lines.append("rule: none matches; the body is sent unchanged")
+    else:
+        lines.append("rule: %s (match_model %s)" % (rule.path, ", ".join(
+            json.dumps(name, ensure_ascii=False) for name in rule.match_model)))
+        for label, keys in rule_effects(body, rule):
+            lines.append("  %s: %s" % (label, ", ".join(keys) or "-"))
+    lines.append("upstream: " + " > ".join(
+        "%s (%s)" % (name, config.upstreams[name].url) for name in chain))
+    lines.append("model sent: %s" % json.dumps(rewritten.get("model"),
+                                                ensure_ascii=False))
+    lines.append("body sent:")
+    lines.append(json.dumps(rewritten, ensure_ascii=False, indent=2))
+    return "\n".join(lines) + "\n"
+
+
+def rule_effects(body, rule):
+    """Return [(label, keys)] for what rule does to body: the keys removed
+    (unset and sent), filled in (defaults the client left out), set and
+    merged (extra)."""
+    return [("removed", [key for key in rule.unset if key in body]),
+            ("filled in", [key for key in rule.defaults
+                           if key not in body or key in rule.unset]),
+            ("set", list(rule.set)),
+            ("merged", list(rule.extra))]
+
+
+def explain(config, argument, stdin):
+    """Run --explain; return the exit status (0, or 2 for a bad body)."""
+    try:
+        body = parse_json_body(read_explain_body(argument, stdin))
+    except OSError as error:
+        sys.stderr.write("llm_relay: error: --explain: cannot read %s: %s\n" % (
+            argument, error.strerror or error))
+        return 2
+    except RelayError as error:
+        sys.stderr.write("llm_relay: error: --explain: %s\n" % error.message)
+        return 2
+    report = explain_request(config, body)
+    try:
+        sys.stdout.write(report)
+    except UnicodeEncodeError:  # an ASCII-only terminal (LANG=C on old boxes)
+        sys.stdout.write(report.encode("ascii", "backslashreplace").decode("ascii"))
+    return 0
 
 
 def describe_listen(host, port):
@@ -5885,15 +6256,23 @@ def describe_listen(host, port):
 
 def main(argv=None):
     """Run the relay; return the process exit status (0 ok, 2 bad config)."""
-    args = build_arg_parser().parse_args(argv)
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    overrides = command_line_overrides(parser, args)
+    demo = DemoUpstream() if args.demo and not (
+        args.check_config or args.explain is not None) else None
+    if demo is not None:
+        overrides.update(upstream=demo.url, every_upstream=True)
     try:
-        config, warnings, path = resolve_config(args.config)
+        config, warnings, path = resolve_config(args.config, overrides, args.demo)
     except ConfigError as error:
         sys.stderr.write("llm_relay: error: %s\n" % error)
         return 2
     if args.check_config:
         sys.stdout.write(describe_config(config, warnings))
         return 0
+    if args.explain is not None:
+        return explain(config, args.explain, sys.stdin)
     log_handler = configure_logging(args.verbose, config.log_format)
     for warning in warnings:
         logger.warning("%s", warning)
@@ -5905,9 +6284,14 @@ def main(argv=None):
             error.strerror or error))
         return 1
     server.access_log = AccessLog(log_handler, config.log_format)
+    if path is not None:
+        server.watch_config_file(path, overrides)
+    if demo is not None:
+        demo.start(server)
     install_signal_handlers(server, path)
     logger.info("llm-relay %s listening on %s, upstream %s, %s%s",
                 __version__, describe_listen(server.config.listen_host, server.port),
+                "the built-in demo" if demo else
                 server.config.upstreams[DEFAULT_UPSTREAM_NAME].url
                 if DEFAULT_UPSTREAM_NAME in server.config.upstreams else "-",
                 plural(len(server.config.rules), "rule"),
@@ -5940,8 +6324,7 @@ def install_signal_handlers(server, path):
         if path is None:
             logger.warning("SIGHUP: no config file to reload")
             return
-        threading.Thread(target=reload_config, args=(server, path),
-                         name="llm-relay-reload").start()
+        start_reload(server, path)
 
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers can only be set from the main thread

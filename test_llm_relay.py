@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import shlex
 import signal
 import socket
 import socketserver
@@ -1353,6 +1354,127 @@ class ResponsesAnswerTranslationTest(unittest.TestCase):
         self.assertEqual(failed[0][1]["response"]["status"], "failed")
 
 
+SHIPPED_RULES = [
+    {"match_model": "gpt-3.5-turbo", "unset": ["presence_penalty"],
+     "set": {"model": "qwen2.5-72b-instruct", "temperature": 0.7, "top_p": 0.9},
+     "extra": {"custom_param": "value"}},
+    {"match_model": "default", "set": {"temperature": 0.7, "top_p": 0.95}}]
+
+
+class CommandLineUnitsTest(unittest.TestCase):
+    """--listen, --upstream, --explain and the demo upstream, without sockets."""
+
+    def test_override_settings_replaces_listen_and_the_default_upstream(self):
+        override = llm_relay.override_settings
+        raw = {"listen": "0.0.0.0:8080", "upstream": "http://a/v1",
+               "upstreams": {"b": {"url": "http://b/v1"}}}
+        self.assertEqual(override(raw, "127.0.0.1:9", "http://x/v1"), {
+            "listen": "127.0.0.1:9", "upstream": "http://x/v1",
+            "upstreams": {"b": {"url": "http://b/v1"}}})
+        self.assertEqual(raw["upstream"], "http://a/v1")  # not mutated
+        self.assertEqual(override(raw, upstream="http://x/v1", every_upstream=True)[
+            "upstreams"], {"b": {"url": "http://x/v1"}})
+        named_default = {"upstreams": {"default": {"url": "http://d/v1",
+                                                   "read_timeout": 5}}}
+        self.assertEqual(override(named_default, upstream="http://x/v1"), {
+            "upstreams": {"default": {"url": "http://x/v1", "read_timeout": 5}}})
+        self.assertEqual(override({}, upstream="http://x/v1"), {"upstream": "http://x/v1"})
+        config = llm_relay.default_config({"listen": "127.0.0.1:0",
+                                           "upstream": "https://x:8443/v1"})
+        self.assertEqual((config.listen_host, config.listen_port), ("127.0.0.1", 0))
+        upstream = config.upstreams["default"]
+        self.assertEqual((upstream.scheme, upstream.host, upstream.port,
+                          upstream.base_path), ("https", "x", 8443, "/v1"))
+
+    def test_explain_names_the_rule_its_effects_the_chain_and_the_body(self):
+        config = config_from({"upstreams": {"gpu": {"url": "http://gpu/v1"}},
+                              "model_rules": [dict(SHIPPED_RULES[0], defaults={
+                                  "max_tokens": 64, "seed": 1},
+                                  upstream=["gpu", "default"])]})
+        report = llm_relay.explain_request(config, {
+            "model": "gpt-3.5-turbo", "presence_penalty": 1, "seed": 7})
+        self.assertEqual(report, "\n".join([
+            'model: "gpt-3.5-turbo"',
+            'rule: model_rules[0] (match_model "gpt-3.5-turbo")',
+            "  removed: presence_penalty", "  filled in: max_tokens",
+            "  set: model, temperature, top_p", "  merged: custom_param",
+            "upstream: gpu (http://gpu/v1) > default (http://localhost:11434/v1)",
+            'model sent: "qwen2.5-72b-instruct"', "body sent:",
+            json.dumps({"model": "qwen2.5-72b-instruct", "seed": 7, "max_tokens": 64,
+                        "temperature": 0.7, "top_p": 0.9, "custom_param": "value"},
+                       indent=2)]) + "\n")
+        report = llm_relay.explain_request(config, {"model": "llama3"})
+        self.assertIn("rule: none matches; the body is sent unchanged\n"
+                      "upstream: default (http://localhost:11434/v1)\n", report)
+
+    def test_demo_text_tells_what_the_rule_did(self):
+        config = config_from({"model_rules": SHIPPED_RULES})
+        describe = llm_relay.describe_demo_request
+        self.assertEqual(describe(config, {
+            "model": "qwen2.5-72b-instruct", "messages": [], "temperature": 0.7,
+            "top_p": 0.9, "custom_param": "value"}),
+            "Demo upstream got model qwen2.5-72b-instruct from model_rules[0] "
+            "(gpt-3.5-turbo), which sets model, temperature, top_p; removes "
+            "presence_penalty; merges custom_param. Parameters: "
+            'custom_param="value", temperature=0.7, top_p=0.9.')
+        self.assertEqual(describe(config, {"model": "llama3", "temperature": 0.7,
+                                           "top_p": 0.95}),
+                         "Demo upstream got model llama3 from model_rules[1] "
+                         "(default), which sets temperature, top_p. Parameters: "
+                         "temperature=0.7, top_p=0.95.")
+        self.assertEqual(describe(config_from({}), {"model": "m", "prompt": "x"}),
+                         "Demo upstream got model m; no rule changed the request.")
+
+    def test_demo_answers_in_openai_shapes(self):
+        config = config_from({"model_rules": SHIPPED_RULES})
+        status, listing, stream = llm_relay.demo_answer(config, "/models", {})
+        self.assertEqual((status, stream, [entry["id"] for entry in listing["data"]]),
+                         (200, False, ["llm-relay-demo", "qwen2.5-72b-instruct"]))
+        status, answer, stream = llm_relay.demo_answer(
+            config, "/chat/completions", {"model": "llama3", "messages": []})
+        self.assertEqual((status, stream, answer["object"], answer["model"],
+                          answer["choices"][0]["message"]["role"],
+                          answer["choices"][0]["finish_reason"]),
+                         (200, False, "chat.completion", "llama3", "assistant", "stop"))
+        self.assertEqual(set(answer["usage"]), {"prompt_tokens", "completion_tokens",
+                                                "total_tokens"})
+        events = list(llm_relay.demo_stream_events(answer, include_usage=True))
+        self.assertEqual(events[-1], b"data: [DONE]\n\n")
+        chunks = [json.loads(event[6:].decode()) for event in events[:-1]]
+        self.assertEqual(chunks[0]["choices"][0]["delta"], {"role": "assistant",
+                                                            "content": ""})
+        self.assertEqual("".join(chunk["choices"][0]["delta"].get("content", "")
+                                 for chunk in chunks[:-1]),
+                         answer["choices"][0]["message"]["content"])
+        self.assertEqual(chunks[-2]["choices"][0]["finish_reason"], "stop")
+        self.assertEqual((chunks[-1]["choices"], chunks[-1]["usage"]),
+                         ([], answer["usage"]))
+        self.assertTrue(all(chunk["object"] == "chat.completion.chunk"
+                            for chunk in chunks))
+        status, answer, stream = llm_relay.demo_answer(
+            config, "/completions", {"model": "m", "prompt": "hi", "stream": True})
+        self.assertEqual((answer["object"], stream), ("text_completion", True))
+        events = list(llm_relay.demo_stream_events(answer, include_usage=False))
+        texts = [json.loads(event[6:].decode())["choices"][0]["text"]
+                 for event in events[:-1]]
+        self.assertEqual("".join(texts), answer["choices"][0]["text"])
+        status, error, _ = llm_relay.demo_answer(config, "/embeddings", {})
+        self.assertEqual((status, error["error"]["code"]), (404, "unknown_url"))
+
+    def test_config_file_signature_sees_a_swapped_file_with_equal_size_and_mtime(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        first, second = os.path.join(directory, "a"), os.path.join(directory, "b")
+        for path in (first, second):
+            with open(path, "w") as handle:
+                handle.write("{}")
+            os.utime(path, (1000000000, 1000000000))
+        signature = llm_relay.config_file_signature
+        self.assertNotEqual(signature(first), signature(second))
+        self.assertEqual(signature(first), signature(first))
+        self.assertIsNone(signature(os.path.join(directory, "missing")))
+
+
 ###############################################################################
 # Fake upstream ###############################################################
 ###############################################################################
@@ -2489,18 +2611,25 @@ class UpstreamFaultsTest(RelayTestCase):
 ###############################################################################
 
 class RelayProcess(object):
-    """python3 llm_relay.py --config PATH as a child process on port 0."""
+    """python3 llm_relay.py --config PATH as a child process on port 0.
+
+    With config_text None there is no config file: the relay runs in an
+    empty directory with extra_args only.
+    """
 
     def __init__(self, test, config_text, extra_args=()):
         self.directory = tempfile.mkdtemp()
         test.addCleanup(shutil.rmtree, self.directory, True)
         self.config_path = os.path.join(self.directory, "config.jsonc")
-        self.write_config(config_text)
+        config_args = []
+        if config_text is not None:
+            self.write_config(config_text)
+            config_args = ["--config", self.config_path]
         self.lines = []
         self.lines_changed = threading.Condition()
         self.process = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "llm_relay.py"), "--config",
-             self.config_path] + list(extra_args),
+            [sys.executable, os.path.join(HERE, "llm_relay.py")] + config_args +
+            list(extra_args),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.directory)
         test.addCleanup(self.kill)
         reader = threading.Thread(target=self._read_stderr)
@@ -2676,6 +2805,88 @@ class LifecycleTest(RelayTestCase):
         self.assertEqual(relay.process.wait(WAIT_SECONDS), 0)
 
 
+class ReloadOnChangeTest(RelayTestCase):
+    """reload_on_change: the file is polled and reloaded as SIGHUP does."""
+
+    def setUp(self):
+        RelayTestCase.setUp(self)
+        saved = llm_relay.CONFIG_POLL_SECONDS
+        llm_relay.CONFIG_POLL_SECONDS = 0.05
+        self.addCleanup(setattr, llm_relay, "CONFIG_POLL_SECONDS", saved)
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        # The file's own upstream is wrong: the command line's one must win,
+        # before and after every reload.
+        self.overrides = {"listen": "127.0.0.1:0", "upstream": self.upstream.url}
+
+    def config_text(self, model, reload_on_change=True):
+        return json.dumps({"upstream": "http://127.0.0.1:1/v1",
+                           "reload_on_change": reload_on_change,
+                           "model_rules": [{"match_model": "m",
+                                            "set": {"model": model}}]})
+
+    def write(self, path, text):
+        with open(path, "w") as handle:
+            handle.write(text)
+
+    def start_watching(self, path):
+        config, _ = llm_relay.load_config(path, overrides=self.overrides)
+        self.start_server(config)
+        self.relay.watch_config_file(path, self.overrides)
+
+    def model_sent(self):
+        self.assertEqual(self.chat({"model": "m"})[0], 200)
+        return self.upstream.last().json()["model"]
+
+    def test_an_edited_file_is_reloaded_with_the_command_line_settings(self):
+        path = os.path.join(self.directory, "config.jsonc")
+        self.write(path, self.config_text("old"))
+        self.start_watching(path)
+        self.assertEqual(self.model_sent(), "old")
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            self.write(path, self.config_text("newer"))
+            self.assertTrue(wait_until(
+                lambda: self.relay.config.rules[0].set["model"] == "newer"))
+            self.wait_for_log(logs, "reloaded %s: 1 rule" % path)
+        self.assertIn("%s changed; reloading" % path, "\n".join(logs.output))
+        self.assertEqual(self.model_sent(), "newer")
+        self.assertEqual(self.relay.config.upstreams["default"].url, self.upstream.url)
+
+    def test_a_kubernetes_configmap_symlink_swap_is_noticed(self):
+        # Kubernetes mounts config.jsonc -> ..data/config.jsonc, ..data ->
+        # ..<timestamp>/ and updates by pointing ..data at a new directory.
+        for version, model in (("..2026_a", "old"), ("..2026_b", "new")):
+            os.mkdir(os.path.join(self.directory, version))
+            target = os.path.join(self.directory, version, "config.jsonc")
+            self.write(target, self.config_text(model))
+            os.utime(target, (1000000000, 1000000000))  # same mtime, same size
+        os.symlink("..2026_a", os.path.join(self.directory, "..data"))
+        path = os.path.join(self.directory, "config.jsonc")
+        os.symlink(os.path.join("..data", "config.jsonc"), path)
+        self.start_watching(path)
+        self.assertEqual(self.model_sent(), "old")
+        os.symlink("..2026_b", os.path.join(self.directory, "..data_tmp"))
+        os.rename(os.path.join(self.directory, "..data_tmp"),
+                  os.path.join(self.directory, "..data"))
+        self.assertTrue(wait_until(
+            lambda: self.relay.config.rules[0].set["model"] == "new"))
+        self.assertEqual(self.model_sent(), "new")
+
+    def test_off_by_default_and_turned_on_by_the_reload_that_reads_it(self):
+        path = os.path.join(self.directory, "config.jsonc")
+        self.write(path, self.config_text("old", reload_on_change=False))
+        self.start_watching(path)
+        self.write(path, self.config_text("new", reload_on_change=False) + " ")
+        self.assertFalse(self.relay.poll_config_file(time.monotonic() + 60))
+        self.assertEqual(self.model_sent(), "old")
+        self.write(path, self.config_text("on"))
+        self.assertTrue(llm_relay.reload_config(self.relay, path))  # as SIGHUP
+        self.assertEqual(self.model_sent(), "on")
+        self.write(path, self.config_text("polled"))
+        self.assertTrue(wait_until(
+            lambda: self.relay.config.rules[0].set["model"] == "polled"))
+
+
 class EnvironmentAndWarningsTest(RelayTestCase):
 
     def test_keys_from_the_environment_reach_the_upstream_and_risks_are_warned(self):
@@ -2757,6 +2968,102 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(status, 1)
         self.assertIn("cannot listen", err)
         self.assertNotIn("Traceback", err)
+
+
+class CommandLineSettingsTest(unittest.TestCase):
+    """--listen, --upstream and --explain from the command line."""
+
+    run_relay = CommandLineTest.run_relay
+
+    def write(self, text):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "c.jsonc")
+        with open(path, "w") as handle:
+            handle.write(text)
+        return path
+
+    def empty_directory(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        return directory
+
+    def chat_through(self, relay):
+        connection = http.client.HTTPConnection("127.0.0.1", relay.port,
+                                                timeout=WAIT_SECONDS)
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/chat/completions", body=b'{"model": "m"}',
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+
+    def test_listen_and_upstream_need_no_config_file(self):
+        upstream = FakeUpstream(self)
+        relay = RelayProcess(self, None, ["--listen", "127.0.0.1:0",
+                                          "--upstream", upstream.url])
+        self.assertIsNotNone(relay.port, relay.stderr_text())
+        self.assertEqual(self.chat_through(relay), 200)
+        self.assertEqual(upstream.last().path, "/v1/chat/completions")
+        self.assertIn("upstream %s, 0 rules, built-in defaults" % upstream.url,
+                      relay.stderr_text())
+
+    def test_listen_and_upstream_override_the_config_file(self):
+        upstream = FakeUpstream(self)
+        relay = RelayProcess(self, config_text("http://127.0.0.1:1/v1",
+                                               listen="127.0.0.1:1"),
+                             ["--listen", "127.0.0.1:0", "--upstream", upstream.url])
+        self.assertIsNotNone(relay.port, relay.stderr_text())
+        self.assertNotEqual(relay.port, 1)
+        self.assertEqual(self.chat_through(relay), 200)
+        self.assertEqual(len(upstream.requests), 1)
+        status, out, err = self.run_relay(
+            ["--check-config", "--listen", "[::1]:9", "--upstream",
+             "http://gpu:8000/v1"], cwd=self.empty_directory())
+        self.assertEqual(status, 0, err)
+        self.assertIn("config: <defaults> (valid)\nlisten: http://[::1]:9\n"
+                      "upstream default: http://gpu:8000/v1 ", out)
+
+    def test_malformed_listen_or_upstream_is_a_usage_error(self):
+        for args, message in ((["--listen", "8080"], "--listen: expected \"host:port\""),
+                              (["--upstream", "ftp://x"], "--upstream: expected an "
+                               "http:// or https:// URL")):
+            status, out, err = self.run_relay(args, cwd=self.empty_directory())
+            self.assertEqual(status, 2, err)
+            self.assertIn(message, err)
+            self.assertNotIn("Traceback", err)
+
+    def explain(self, args, stdin=b""):
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, "llm_relay.py"),
+                                    "--explain"] + args, stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   cwd=HERE)
+        out, err = process.communicate(stdin, timeout=WAIT_SECONDS)
+        return process.returncode, out.decode("utf-8"), err.decode("utf-8")
+
+    def test_explain_reads_text_a_file_or_stdin(self):
+        body = '{"model": "gpt-3.5-turbo", "presence_penalty": 1}'
+        expected = llm_relay.explain_request(llm_relay.load_config(
+            os.path.join(HERE, "config.jsonc"))[0], json.loads(body))
+        self.assertIn("rule: model_rules[0]", expected)
+        for args, stdin in (([body], b""), ([self.write(body)], b""),
+                            (["-"], body.encode())):
+            self.assertEqual(self.explain(args, stdin), (0, expected, ""))
+        status, out, err = self.explain(["{\"model\": ", "--upstream",
+                                         "http://gpu:8000/v1"])
+        self.assertEqual((status, out), (2, ""))
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn("llm_relay: error: --explain: The request body is not valid "
+                      "JSON", err)
+        status, out, err = self.explain(["/nonexistent/body.json"])
+        self.assertEqual(status, 2)
+        self.assertIn("--explain: cannot read /nonexistent/body.json", err)
+        status, out, err = self.explain(["[1]"])
+        self.assertEqual(status, 2)
+        status, out, _ = self.explain(["-", "--upstream", "http://gpu:8000/v1"],
+                                      b'{"model": "llama3"}')
+        self.assertIn("rule: model_rules[1] (match_model \"default\")\n", out)
+        self.assertIn("upstream: default (http://gpu:8000/v1)\n", out)
 
 
 ###############################################################################
@@ -3388,6 +3695,117 @@ class QuickStartTest(RelayTestCase):
         self.chat({"model": "llama3", "temperature": 0.1, "messages": []})
         self.assertEqual(self.upstream.last().json(), {
             "model": "llama3", "temperature": 0.7, "messages": [], "top_p": 0.95})
+
+    def quick_start_blocks(self):
+        blocks = readme_code_blocks("## Quick start")
+        self.assertEqual(blocks[0], "python3 llm_relay.py --demo\n")
+        return blocks
+
+    @unittest.skipUnless(openai, OPENAI_MISSING)
+    def test_the_readme_quick_start_runs_as_written(self):
+        blocks = self.quick_start_blocks()
+        snippet, shown_output, curl = blocks[1:4]
+        # The README's command, on a free port, where no config.jsonc is: the
+        # one shipped beside llm_relay.py is used.
+        relay = RelayProcess(self, None, shlex.split(blocks[0])[2:] +
+                             ["--listen", "127.0.0.1:0"])
+        self.assertIsNotNone(relay.port, relay.stderr_text())
+        base_url = "http://127.0.0.1:%d/v1" % relay.port
+        self.assertIn('"http://localhost:8080/v1"', snippet)
+        process = subprocess.Popen(
+            [sys.executable, "-c", snippet.replace("http://localhost:8080/v1", base_url)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = process.communicate(timeout=WAIT_SECONDS)
+        self.assertEqual((process.returncode, out.decode("utf-8")), (0, shown_output),
+                         err.decode("utf-8", "replace"))
+        self.assertIn("POST /v1/chat/completions 200", relay.wait_for_line(
+            "stream=yes model=gpt-3.5-turbo\u2192qwen2.5-72b-instruct"))
+        # The curl command's body, streamed: the same answer, word by word.
+        arguments = shlex.split(curl.replace("\\\n", " "))
+        self.assertEqual(arguments[:3], ["curl", "-N", "http://localhost:8080/v1/chat/"
+                                         "completions"])
+        body = arguments[arguments.index("-d") + 1]
+        connection = http.client.HTTPConnection("127.0.0.1", relay.port,
+                                                timeout=WAIT_SECONDS)
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/chat/completions", body=body.encode(),
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        self.assertEqual(response.getheader("Cache-Control"), "no-cache")
+        lines = read_sse_lines(response)
+        self.assertEqual(lines[-2:], [b"data: [DONE]\n", b"\n"])
+        words = [json.loads(line[6:].decode())["choices"][0]["delta"].get("content", "")
+                 for line in lines[:-2] if line.startswith(b"data: ")]
+        self.assertGreater(len(words), 10)
+        self.assertEqual("".join(words), shown_output.strip())
+
+    def test_the_readme_explain_and_real_commands_run_as_written(self):
+        blocks = self.quick_start_blocks()
+        for line in blocks[4].splitlines():  # checked, not served
+            arguments = shlex.split(line)
+            self.assertEqual(arguments[:3], ["python3", "-m", "llm_relay"])
+            status, out, err = CommandLineTest.run_relay(
+                self, arguments[3:] + ["--check-config"])
+            self.assertEqual(status, 0, err)
+        arguments = shlex.split(blocks[5])
+        self.assertEqual(arguments[:3], ["python3", "llm_relay.py", "--explain"])
+        status, out, err = CommandLineTest.run_relay(self, arguments[2:])
+        self.assertEqual((status, out, err), (0, blocks[6], ""))
+
+
+class DemoUpstreamTest(RelayTestCase):
+    """--demo's upstream, in process: OpenAI shapes, streamed and not."""
+
+    def setUp(self):
+        RelayTestCase.setUp(self)
+        demo = llm_relay.DemoUpstream()
+        self.addCleanup(demo.server_close)
+        self.addCleanup(demo.shutdown)
+        config, _ = llm_relay.load_config(os.path.join(HERE, "config.jsonc"), overrides={
+            "listen": "127.0.0.1:0", "upstream": demo.url, "every_upstream": True})
+        demo.start(self.start_server(config))
+
+    def test_models_and_non_streamed_answers(self):
+        status, _, data = self.request("GET", "/v1/models")
+        self.assertEqual([entry["id"] for entry in json.loads(data.decode())["data"]],
+                         ["llm-relay-demo", "qwen2.5-72b-instruct", "gpt-3.5-turbo"])
+        status, _, data = self.chat({"model": "llama3", "temperature": 0.1,
+                                     "messages": [{"role": "user", "content": "hi"}]})
+        answer = json.loads(data.decode())
+        self.assertEqual((status, answer["object"], answer["model"]),
+                         (200, "chat.completion", "llama3"))
+        self.assertEqual(answer["choices"][0]["message"]["content"],
+                         "Demo upstream got model llama3 from model_rules[1] (default), "
+                         "which sets temperature, top_p. Parameters: temperature=0.7, "
+                         "top_p=0.95.")
+        status, _, data = self.chat({"model": "gpt-3.5-turbo", "prompt": "hi"},
+                                    path="/v1/completions")
+        answer = json.loads(data.decode())
+        self.assertEqual((status, answer["object"], answer["model"]),
+                         (200, "text_completion", "qwen2.5-72b-instruct"))
+        self.assertIn("removes presence_penalty", answer["choices"][0]["text"])
+        status, _, data = self.chat({"model": "m", "input": "x"}, path="/v1/embeddings")
+        self.assert_openai_error(status, data, 404, "unknown_url")
+
+    @unittest.skipUnless(openai, OPENAI_MISSING)
+    def test_the_official_client_streams_chat_and_completions(self):
+        client = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % self.relay.port,
+                               api_key="unused", max_retries=0, timeout=WAIT_SECONDS)
+        self.addCleanup(client.close)
+        stream = client.chat.completions.create(
+            model="gpt-3.5-turbo", messages=[{"role": "user", "content": "hi"}],
+            stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks
+                       if chunk.choices)
+        self.assertTrue(text.startswith("Demo upstream got model qwen2.5-72b-instruct "
+                                        "from model_rules[0]"), text)
+        self.assertEqual(chunks[-1].usage.completion_tokens, len(text.split()))
+        completion = client.completions.create(model="llama3", prompt="hi", stream=True)
+        self.assertIn("from model_rules[1] (default)",
+                      "".join(chunk.choices[0].text for chunk in completion))
+        self.assertEqual([model.id for model in client.models.list()][-1],
+                         "gpt-3.5-turbo")
 
 
 ###############################################################################
