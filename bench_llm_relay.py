@@ -67,6 +67,13 @@ percentile):
                         delay p50/p99/p99.9, time to first token, short-call
                         latency, the proxy's CPU in cores and per token event.
   RSS per open stream   (relay VmRSS with 500 slow streams open - before) / 500.
+  stream as Messages / Responses: added CPU per event
+                        relay CPU per upstream event of a stream translated
+                        from chat completions (a rule routes its model to the
+                        same upstream declared "apis": ["chat"]) minus that of
+                        the same stream passed through (sequential streams,
+                        events back to back); "of which translation" times the
+                        stream translator alone in this process.
 
 The header shows the relay's sha256, the load average before and after the
 run and a pure-Python calibration time, to tell a slower or busier machine
@@ -106,6 +113,9 @@ except (ImportError, OSError, AttributeError):
 
 HOST = "127.0.0.1"
 MODEL = "bench-model"
+TRANSLATED_MODEL = "bench-translated"  # routed to a chat-only upstream
+TRANSLATED_UPSTREAM = "chat-only"  # the same fake upstream, "apis": ["chat"]
+RELAY_PATH = [None]  # the relay under test, for the in-process translator figure
 CREATED = 1700000000
 BIG_BODY_BYTES = 20 * 1024 * 1024
 SMALL_BODY_LIMIT = 1024 * 1024  # the fake upstream parses bodies below this
@@ -122,6 +132,8 @@ MODES = {
         "throughput_seconds": 2.0,
         "single_stream_runs": 5,
         "single_stream_events": 200,
+        "translated_stream_runs": 20,
+        "translated_stream_events": 500,
         "single_stream_interval": 0.002,
         "streams": 100,
         "stream_events": 200,
@@ -142,6 +154,8 @@ MODES = {
         "throughput_seconds": 1.0,
         "single_stream_runs": 2,
         "single_stream_events": 50,
+        "translated_stream_runs": 5,
+        "translated_stream_events": 200,
         "single_stream_interval": 0.002,
         "streams": 100,
         "stream_events": 40,
@@ -293,6 +307,7 @@ async def upstream_stream(writer, request):
     """Send the head, wait bench_prefill seconds (the model reading the
     prompt), then send bench_events events, bench_interval seconds apart,
     each stamped with time.monotonic() just before it is written."""
+    request = bench_parameters(request)
     stream_id = int(request.get("bench_stream_id", 0))
     events = int(request.get("bench_events", 10))
     interval = float(request.get("bench_interval", 0.01))
@@ -307,6 +322,16 @@ async def upstream_stream(writer, request):
         writer.write(chunk(sse_event(stream_id, index, b"%.6f" % time.monotonic())))
         await writer.drain()  # raises once the peer has gone
     writer.write(chunk(DONE_EVENT) + b"0\r\n\r\n")
+
+
+def bench_parameters(request):
+    """Return a stream request's bench_* parameters: its own fields, or, in
+    a request the relay translated from Messages or Responses (which drops
+    unknown fields), the JSON object in its "user" field."""
+    user = request.get("user")
+    if isinstance(user, str) and user.startswith("{"):
+        return dict(request, **json.loads(user))
+    return request
 
 
 def serve_upstream():
@@ -393,7 +418,11 @@ def write_relay_config(workdir, port, upstream_port):
         "listen": "%s:%d" % (HOST, port),
         "upstream": "http://%s:%d/v1" % (HOST, upstream_port),
         "shutdown_grace": 0,
-        "model_rules": [{"match_model": MODEL, "set": {"temperature": 0.5}}],
+        "upstreams": {TRANSLATED_UPSTREAM: {
+            "url": "http://%s:%d/v1" % (HOST, upstream_port), "apis": ["chat"]}},
+        "model_rules": [{"match_model": MODEL, "set": {"temperature": 0.5}},
+                        {"match_model": TRANSLATED_MODEL, "set": {"model": MODEL},
+                         "upstream": TRANSLATED_UPSTREAM}],
     }
     path = os.path.join(workdir, "relay-%d.jsonc" % port)
     with open(path, "w") as handle:
@@ -1428,6 +1457,7 @@ def run_benchmark(relay_path, mode_name, with_nginx=True):
                                      peers, mode)
         report.section("open_streams", measure_open_streams, report, relay,
                        mode["open_streams"])
+        report.section("translation", measure_translation, report, relay, mode)
         if relay.process.poll() is not None:
             raise BenchError("the relay exited; its log:\n" + relay.log_tail())
     finally:
@@ -1437,6 +1467,104 @@ def run_benchmark(relay_path, mode_name, with_nginx=True):
         stop_children()
         remove_tree(workdir)
     return report, mismatches, nginx is not None
+
+
+def translated_stream_request(port, api, events):
+    """A streamed Messages or Responses request for TRANSLATED_MODEL, whose
+    bench parameters survive translation in the user field."""
+    parameters = json.dumps({"bench_events": events, "bench_interval": 0})
+    if api == "messages":
+        body = {"model": TRANSLATED_MODEL, "max_tokens": 1024, "stream": True,
+                "metadata": {"user_id": parameters},
+                "messages": [{"role": "user", "content": "Say hello."}]}
+    else:
+        body = {"model": TRANSLATED_MODEL, "stream": True, "store": False,
+                "user": parameters, "input": "Say hello."}
+    return http_request(port, json.dumps(body, separators=(",", ":")).encode(),
+                        path=b"/v1/" + api.encode())
+
+
+def read_chunked_body(client):
+    """Read one chunked response (RFC 9112 §7.1) on client; return
+    (status, body bytes)."""
+    while True:
+        end = client.buffer.find(b"\r\n\r\n")
+        if end >= 0:
+            break
+        client._fill()
+    head = bytes(client.buffer[:end])
+    del client.buffer[:end + 4]
+    body = bytearray()
+    while True:
+        while b"\r\n" not in client.buffer:
+            client._fill()
+        line_end = client.buffer.find(b"\r\n")
+        size = int(bytes(client.buffer[:line_end]).split(b";")[0], 16)
+        del client.buffer[:line_end + 2]
+        while len(client.buffer) < size + 2:
+            client._fill()
+        body += client.buffer[:size]
+        del client.buffer[:size + 2]
+        if not size:
+            return status_of(head), bytes(body)
+
+
+def measure_translation(report, relay, mode):
+    """The relay's CPU per streamed event for a chat completions stream
+    passed through, and for the same upstream stream translated into the
+    Messages and the Responses event grammar (sequential streams, events
+    sent back to back), with the translators' own share measured in this
+    process."""
+    runs, events = mode["translated_stream_runs"], mode["translated_stream_events"]
+    cpu = {}
+    for api in ("chat", "messages", "responses"):
+        raw = (http_request(relay.port, stream_body(0, events, 0)) if api == "chat"
+               else translated_stream_request(relay.port, api, events))
+        client = BlockingClient(relay.port)
+        try:
+            client.sock.sendall(raw)  # a warm-up stream
+            read_chunked_body(client)
+            before = cpu_seconds(relay)
+            for _ in range(runs):
+                client.sock.sendall(raw)
+                status, body = read_chunked_body(client)
+                if status != 200 or (api != "chat" and b"error" in body[-300:]):
+                    raise BenchError("translated %s stream failed: %d %r" % (
+                        api, status, body[-300:]))
+            cpu[api] = cpu_used(relay, before, runs * events)
+        finally:
+            client.close()
+    report.figure("stream_passthrough_cpu_per_event_us",
+                  "stream passed through: CPU per event", "us", cpu["chat"],
+                  scale=1e6)
+    for api, label in (("messages", "Messages"), ("responses", "Responses")):
+        report.figure("stream_%s_added_cpu_per_event_us" % api,
+                      "stream as %s: added CPU per event" % label, "us",
+                      cpu[api] - cpu["chat"], scale=1e6)
+        report.figure("stream_%s_translator_per_event_us" % api,
+                      "  of which translation (in-process)", "us",
+                      translator_seconds_per_event(api), scale=1e6)
+
+
+def translator_seconds_per_event(api, events=2000):
+    """Time the relay's stream translator alone on a bench stream's lines."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(RELAY_PATH[0])))
+    import llm_relay
+    lines = [sse_event(0, index, b"%.6f" % index) for index in range(events)]
+    lines = [line for event in lines for line in event.splitlines(True)]
+    translators = {"messages": lambda: llm_relay.MessagesStreamTranslator(MODEL),
+                   "responses": lambda: llm_relay.ResponsesStreamTranslator(MODEL, {})}
+    best = None
+    for _ in range(3):
+        translator = translators[api]()
+        started = time.perf_counter()
+        translator.start()
+        for line in lines:
+            translator.feed_line(line)
+        translator.finish()
+        elapsed = (time.perf_counter() - started) / events
+        best = elapsed if best is None else min(best, elapsed)
+    return best
 
 
 def remove_tree(path):
@@ -1576,6 +1704,7 @@ def main(argv=None):
     raise_fd_limit()
     mode_name = "quick" if args.quick else "full"
     relay_path = os.path.abspath(args.relay)
+    RELAY_PATH[0] = relay_path
     RELAY_START["cpus"] = parse_cpus(args.relay_cpus)
     RELAY_START["module"] = args.start == "module"
     load = round(os.getloadavg()[0], 2)  # other work on the machine skews figures
