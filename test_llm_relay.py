@@ -5426,6 +5426,27 @@ class TranslatedMessagesOverHttpTest(ChatOnlyUpstreamTestCase):
                          'list of API names: "chat", "messages", "responses"')
 
 
+    def test_readme_recipe_routes_both_agents_to_the_local_model(self):
+        recipe = readme_code_blocks("### With an upstream that speaks only chat")[0]
+        config, warnings = llm_relay.parse_config_text(recipe, "README.md", {})
+        self.assertEqual(warnings, [])
+        self.assertEqual(config.upstreams["default"].apis, frozenset(["chat"]))
+        config = config._replace(listen_port=0, upstreams={"default": config.upstreams[
+            "default"]._replace(port=self.upstream.port)})
+        self.start_server(config)
+        for path, body, max_tokens in (
+                ("/v1/messages", {"model": "claude-sonnet-4-5-20250929",
+                                  "max_tokens": 128000, "messages": [
+                                      {"role": "user", "content": "hi"}]}, 16384),
+                ("/v1/responses", {"model": "gpt-5.5", "input": "hi", "store": False},
+                 None)):
+            status, _, data = self.request("POST", path, body)
+            self.assertEqual(status, 200, data)
+            sent = self.upstream.last().json()
+            self.assertEqual((sent["model"], sent.get("max_tokens")),
+                             ("qwen3-coder", max_tokens))
+
+
 class TranslatedResponsesOverHttpTest(ChatOnlyUpstreamTestCase):
 
     def test_stateful_requests_are_refused(self):
