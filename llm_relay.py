@@ -2310,16 +2310,18 @@ class ResponsesStreamTranslator(object):
     the events for one upstream SSE line; finish() closes the open item and
     sends response.completed (response.incomplete when the upstream hit the
     token limit) with usage; fail(message) sends response.failed.  Every
-    event carries a rising sequence_number.  Calls of custom_tools become
+    event carries a rising sequence_number; the response reports model (with
+    fixed_model false, the upstream's name once known).  Calls of custom_tools become
     custom_tool_call items, their input sent whole once the call is complete
     (the upstream streams it JSON-encoded).  Source: the OpenAI API
     reference, "Streaming events" of the Responses API.
     """
 
     def __init__(self, model, request, custom_tools=frozenset(), response_id=None,
-                 created_at=None):
+                 created_at=None, fixed_model=False):
         self.reader = ChatDeltaReader()
         self.model = model
+        self.fixed_model = fixed_model
         self.request = request
         self.custom_tools = custom_tools
         self.response_id = response_id or new_item_id("resp_")
@@ -2336,7 +2338,8 @@ class ResponsesStreamTranslator(object):
         return sse_event(event_type, payload)
 
     def _response(self, status, usage=None, error=None):
-        return responses_object(self.response_id, self.reader.model or self.model,
+        model = self.model if self.fixed_model else self.reader.model or self.model
+        return responses_object(self.response_id, model,
                                 self.created_at, self.request, status, self.output,
                                 usage, error)
 
@@ -4994,7 +4997,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             if is_event_stream(response.getheader("Content-Type")):
                 self.log_fields["stream"] = True
                 complete = self._relay_translated_stream(
-                    upstream, response, exchange.sock,
+                    api, upstream, response, exchange.sock,
                     self._stream_translator(api, translation))
                 exchange.release(complete)
                 return None
@@ -5024,11 +5027,14 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 "body": RequestBody(serialize_json(translated.body))}
 
     def _stream_translator(self, api, translation):
+        """Return the stream translator for api; the model it reports is the
+        one asked for with response_model "asked", else the upstream's."""
         request, client = translation["request"], translation["client"]
-        model = request.body.get("model")
+        model = self._rename_model or request.body.get("model")
         if api == "messages":
             return MessagesStreamTranslator(model, request.stop_sequences)
-        return ResponsesStreamTranslator(model, client, request.custom_tools)
+        return ResponsesStreamTranslator(model, client, request.custom_tools,
+                                         fixed_model=self._rename_model is not None)
 
     def _send_translated_error(self, api, response, data):
         """Relay an upstream's error answer; on /v1/messages in Anthropic's
@@ -5053,8 +5059,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self._count_upstream_failure(upstream, "invalid")
             raise RelayError(502, "upstream %s answered chat completions with "
                              "invalid JSON." % upstream.name, code="upstream_error")
-        if self.server.config.metrics:
-            self.server.metrics.add_usage(self._model_asked, chat.get("usage"))
+        self._count_translated_usage(api, chat.get("usage"))
         request, client = translation["request"], translation["client"]
         if client.get("stream") is True:
             translator = self._stream_translator(api, translation)
@@ -5070,9 +5075,11 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         else:
             answer = chat_to_responses_response(chat, model, client,
                                                 request.custom_tools)
+        if self._rename_model is not None:
+            answer["model"] = self._rename_model  # response_model "asked"
         self._send_json(200, answer)
 
-    def _relay_translated_stream(self, upstream, response, sock, translator):
+    def _relay_translated_stream(self, api, upstream, response, sock, translator):
         """Translate a chat completions stream event by event; send a ping
         after TRANSLATED_PING_SECONDS of upstream silence (a CPU box can
         think for minutes).  Returns True when the upstream ended its body
@@ -5110,9 +5117,19 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 writer.write(events)
         writer.write(translator.finish())
         writer.finish()
-        if self.server.config.metrics:
-            self.server.metrics.add_usage(self._model_asked, translator.reader.usage)
+        self._count_translated_usage(api, translator.reader.usage)
         return line is None or self._wait_for_body_end(lines)
+
+    def _count_translated_usage(self, api, chat_usage):
+        """Count an upstream's chat usage as the tokens of the client's
+        protocol (input and output, as for a native upstream)."""
+        if self.server.config.metrics and isinstance(chat_usage, dict):
+            if api == "messages":
+                self.server.metrics.add_usage(self._model_asked, anthropic_usage(
+                    chat_usage), PROTOCOL_MESSAGES)
+            else:
+                self.server.metrics.add_usage(self._model_asked, responses_usage(
+                    chat_usage), PROTOCOL_RESPONSES)
 
     @staticmethod
     def _wait_for_body_end(lines):

@@ -5280,17 +5280,22 @@ class TranslatedMessagesOverHttpTest(ChatOnlyUpstreamTestCase):
 
     def test_stream_follows_the_grammar(self):
         self.start_chat_only_relay()
-        connection = self.connect()
-        connection.request("POST", "/v1/messages", body=json.dumps({
-            "model": "claude-haiku-4-5", "max_tokens": 50, "stream": True,
-            "tools": [WEATHER_TOOL],
-            "messages": [{"role": "user", "content": "weather?"}]}),
-            headers={"Content-Type": "application/json"})
-        response = connection.getresponse()
-        self.assertEqual(response.status, 200)
-        self.assertEqual(response.getheader("Content-Type"),
-                         "text/event-stream; charset=utf-8")
-        events = parse_sse_events(b"".join(read_sse_lines(response)))
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            connection = self.connect()
+            connection.request("POST", "/v1/messages", body=json.dumps({
+                "model": "claude-haiku-4-5", "max_tokens": 50, "stream": True,
+                "tools": [WEATHER_TOOL],
+                "messages": [{"role": "user", "content": "weather?"}]}),
+                headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            self.assertEqual(response.status, 200)
+            self.assertEqual(response.getheader("Content-Type"),
+                             "text/event-stream; charset=utf-8")
+            events = parse_sse_events(b"".join(read_sse_lines(response)))
+            self.wait_for_log(logs, "translated=messages>chat")
+        access = [line for line in logs.output if "translated=" in line]
+        self.assertNotIn("error=", access[0])
+        self.assertIn("stream=yes", access[0])
         assert_anthropic_grammar(self, events)
         self.assertEqual(anthropic_blocks(events), [
             {"type": "thinking", "thinking": "need a tool", "signature": ""},
@@ -5305,6 +5310,21 @@ class TranslatedMessagesOverHttpTest(ChatOnlyUpstreamTestCase):
         self.assertEqual(sent["stream_options"], {"include_usage": True})
         self.assertEqual(sent["tools"][0]["function"]["parameters"],
                          WEATHER_TOOL["input_schema"])
+
+    def test_usage_is_counted_in_the_clients_protocol(self):
+        self.start_chat_only_relay()
+        for stream in (False, True):
+            self.request("POST", "/v1/messages", {
+                "model": "claude-sonnet-4-5", "max_tokens": 5, "stream": stream,
+                "messages": [{"role": "user", "content": "hi"}]})
+        self.request("POST", "/v1/responses", {"model": "gpt-5-codex", "input": "hi"})
+        _, _, data = self.request("GET", "/metrics")
+        text = data.decode("utf-8")
+        for model, count in (("claude-sonnet-4-5", 2), ("gpt-5-codex", 1)):
+            for kind, tokens in (("input", 31), ("output", 12)):
+                self.assertIn('llm_relay_tokens_total{model="%s",kind="%s"} %d' % (
+                    model, kind, count * tokens), text)
+        self.assertNotIn('kind="prompt"', text)
 
     def test_count_tokens_is_estimated_here(self):
         self.start_chat_only_relay()
@@ -5445,6 +5465,25 @@ class TranslatedMessagesOverHttpTest(ChatOnlyUpstreamTestCase):
             sent = self.upstream.last().json()
             self.assertEqual((sent["model"], sent.get("max_tokens")),
                              ("qwen3-coder", max_tokens))
+
+
+    def test_response_model_asked_is_reported(self):
+        self.start_chat_only_relay(response_model="asked")
+        for stream in (False, True):
+            status, _, data = self.request("POST", "/v1/messages", {
+                "model": "claude-sonnet-4-5", "max_tokens": 5, "stream": stream,
+                "messages": [{"role": "user", "content": "hi"}]})
+            self.assertEqual(status, 200, data)
+            model = (parse_sse_events(data)[0][1]["message"]["model"] if stream
+                     else json.loads(data.decode("utf-8"))["model"])
+            self.assertEqual(model, "claude-sonnet-4-5")
+            status, _, data = self.request("POST", "/v1/responses", {
+                "model": "gpt-5-codex", "input": "hi", "stream": stream})
+            self.assertEqual(status, 200, data)
+            models = ([event[1]["response"]["model"] for event in parse_sse_events(data)
+                       if "response" in event[1]] if stream
+                      else [json.loads(data.decode("utf-8"))["model"]])
+            self.assertEqual(set(models), {"gpt-5-codex"})
 
 
 class TranslatedResponsesOverHttpTest(ChatOnlyUpstreamTestCase):
