@@ -5369,6 +5369,36 @@ class TranslatedMessagesOverHttpTest(ChatOnlyUpstreamTestCase):
         self.assertEqual(events[-1][1]["error"]["type"], "api_error")
         self.assertIn("mid-stream", events[-1][1]["error"]["message"])
 
+    def test_client_leaving_closes_the_upstream(self):
+        client_left, upstream_cut = threading.Event(), threading.Event()
+
+        def endless(handler, recorded):
+            start_chunked(handler)
+            write_chunk(handler, chat_sse([chat_chunk({"content": "a"})])[0] + b"\n")
+            client_left.wait(WAIT_SECONDS)
+            try:
+                for _ in range(1000):  # until the relay has closed the connection
+                    write_chunk(handler, b": still thinking\n\n")
+                    time.sleep(0.01)
+            except OSError:
+                upstream_cut.set()
+        self.upstream.behaviour = endless
+        self.start_chat_only_relay()
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            connection = self.connect()
+            connection.request("POST", "/v1/messages", body=json.dumps({
+                "model": "claude-sonnet-4-5", "max_tokens": 5, "stream": True,
+                "messages": [{"role": "user", "content": "hi"}]}),
+                headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            while b"text_delta" not in response.readline():
+                pass
+            connection.sock.shutdown(socket.SHUT_RDWR)
+            connection.close()
+            client_left.set()
+            self.assertTrue(upstream_cut.wait(WAIT_SECONDS))
+            self.wait_for_log(logs, "client disconnected")
+
     def test_pings_while_the_upstream_is_silent(self):
         saw_ping = threading.Event()
 
