@@ -4972,7 +4972,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         upstreams that speak its API, translated onto chat completions to
         those that speak only chat; answer in the client's protocol."""
         if target_suffix.startswith("/messages/count_tokens"):
-            self.log_fields["translated"] = "count_tokens>estimate"
+            self.log_fields["note"] = "count_tokens estimated (chat-only upstream)"
             return self._send_json(200, {"input_tokens": estimate_input_tokens(
                 json.loads(body.data.decode("utf-8")))})
         translation = {}
