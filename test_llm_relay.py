@@ -5326,6 +5326,25 @@ class TranslatedMessagesOverHttpTest(ChatOnlyUpstreamTestCase):
                     model, kind, count * tokens), text)
         self.assertNotIn('kind="prompt"', text)
 
+    def test_whole_upstream_answer_to_a_streamed_request(self):
+        """An upstream that ignores "stream" still gives the client a stream."""
+        def whole(handler, recorded):
+            body = dict(recorded.json(), stream=False)
+            recorded.body = json.dumps(body).encode("utf-8")
+            answer_chat_only(handler, recorded, scripted_chat_answer)
+        self.upstream.behaviour = whole
+        self.start_chat_only_relay()
+        status, headers, data = self.request("POST", "/v1/messages", {
+            "model": "claude-sonnet-4-5", "max_tokens": 5, "stream": True,
+            "tools": [WEATHER_TOOL], "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual(status, 200, data)
+        self.assertEqual(headers["content-type"], "text/event-stream; charset=utf-8")
+        events = parse_sse_events(data)
+        assert_anthropic_grammar(self, events)
+        self.assertEqual([block["type"] for block in anthropic_blocks(events)],
+                         ["thinking", "text", "tool_use", "tool_use"])
+        self.assertEqual(events[-2][1]["usage"], {"input_tokens": 31, "output_tokens": 12})
+
     def test_count_tokens_is_estimated_here(self):
         self.start_chat_only_relay()
         status, _, data = self.request("POST", "/v1/messages/count_tokens?beta=true", {
@@ -5525,6 +5544,16 @@ class TranslatedResponsesOverHttpTest(ChatOnlyUpstreamTestCase):
         error = self.assert_openai_error(status, data, 400, "stateless_relay")
         self.assertIn("stateless", error["message"])
         self.assertEqual(self.upstream.requests, [])
+
+    def test_upstream_errors_pass_in_openai_shape(self):
+        self.upstream.behaviour = lambda handler, recorded: reply_json(
+            handler, {"error": {"message": "context too long", "type": "invalid_request_error",
+                                "param": None, "code": None}}, 400)
+        self.start_chat_only_relay()
+        status, _, data = self.request("POST", "/v1/responses", {
+            "model": "gpt-5-codex", "input": "hi"})
+        error = self.assert_openai_error(status, data, 400)
+        self.assertEqual(error["message"], "context too long")
 
     def test_drop_mid_stream_ends_with_response_failed(self):
         def drop(handler, recorded):
