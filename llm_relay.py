@@ -1934,12 +1934,12 @@ class ChatDeltaReader(object):
         if current is None or self._starts_new_call(current, upstream_id, name):
             self.call_count += 1
             current = [self.call_count, upstream_id, upstream_id or new_item_id(
-                "call_"), None, "", ""]
+                "call_"), None, "", []]
             self.calls[index] = current
         if name and not current[3]:
             current[3] = name
-        current[4] += arguments or ""
-        current[5] += arguments or ""
+        current[4] += arguments or ""  # emptied as soon as it is passed on
+        current[5].append(arguments or "")
         if current[3] and (current[4] or name):
             pieces.extend(self.splitter.flush())
             pieces.append(("tool", current[0], current[2], current[3], current[4]))
@@ -1954,7 +1954,7 @@ class ChatDeltaReader(object):
         if not name or not current[3] or upstream_id:
             return False
         try:
-            json.loads(current[5])
+            json.loads("".join(current[5]))
         except ValueError:
             return False
         return True
@@ -2333,9 +2333,10 @@ class ResponsesStreamTranslator(object):
 
     def _event(self, event_type, payload):
         self.sequence += 1
-        payload = collections.OrderedDict([("type", event_type)] + list(
-            payload.items()) + [("sequence_number", self.sequence)])
-        return sse_event(event_type, payload)
+        event = {"type": event_type}
+        event.update(payload)
+        event["sequence_number"] = self.sequence
+        return sse_event(event_type, event)
 
     def _response(self, status, usage=None, error=None):
         model = self.model if self.fixed_model else self.reader.model or self.model
@@ -2389,7 +2390,7 @@ class ResponsesStreamTranslator(object):
             item["summary"] = []
         elif item["type"] == "custom_tool_call":
             item["input"] = ""
-        self.open_item = [key, item["id"], block]
+        self.open_item = [key, item["id"], block, []]  # [3]: the text's pieces
         events = [self._event("response.output_item.added", {
             "output_index": len(self.output), "item": item})]
         where = {"item_id": item["id"], "output_index": len(self.output)}
@@ -2403,15 +2404,15 @@ class ResponsesStreamTranslator(object):
         return b"".join(events)
 
     def _delta(self, piece):
-        block = self.open_item[2]
+        block, parts = self.open_item[2], self.open_item[3]
         where = {"item_id": self.open_item[1], "output_index": len(self.output)}
         if piece[0] == "tool":
-            block[3] += piece[4]
+            parts.append(piece[4])  # joined once the item closes: no O(n^2)
             if block[2] in self.custom_tools or not piece[4]:
                 return b""  # sent whole at the end of the call
             return self._event("response.function_call_arguments.delta",
                                dict(where, delta=piece[4]))
-        block[1] += piece[1]
+        parts.append(piece[1])
         if piece[0] == "text":
             return self._event("response.output_text.delta", dict(
                 where, content_index=0, delta=piece[1], logprobs=[]))
@@ -2421,8 +2422,9 @@ class ResponsesStreamTranslator(object):
     def _close_item(self):
         if self.open_item is None:
             return b""
-        key, item_id, block = self.open_item
+        key, item_id, block, parts = self.open_item
         self.open_item = None
+        block[-1] = "".join(parts)  # the text, or a call's arguments
         item = responses_output_item(block, self.custom_tools, item_id)
         where = {"item_id": item_id, "output_index": len(self.output)}
         events = []

@@ -4393,7 +4393,10 @@ class MetricsTest(RelayTestCase):
         self.chat(b"{bad", {"Content-Type": "application/json"})
         self.request("GET", "/health")
         self.request("GET", '/v1/odd"path\\x')
-        wait_until(lambda: 'path="/health"' in self.metrics())
+        # Each request is counted just after its answer went out: wait until
+        # only the scrape itself is in flight.
+        wait_until(lambda: 'path="/health"' in self.metrics() and
+                   "llm_relay_requests_in_flight 1\n" in self.metrics())
         found = self.samples(self.metrics())
 
         def value(name, **labels):
