@@ -5001,6 +5001,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 complete = self._relay_translated_stream(
                     api, upstream, response, exchange.sock,
                     self._stream_translator(api, translation))
+                if not complete:
+                    shutdown_socket(exchange.sock)  # wakes the line pump
                 exchange.release(complete)
                 return None
             data = self._read_upstream_body(upstream, response)

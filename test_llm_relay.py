@@ -5548,6 +5548,22 @@ class TranslatedResponsesOverHttpTest(ChatOnlyUpstreamTestCase):
         self.assertIn("stateless", error["message"])
         self.assertEqual(self.upstream.requests, [])
 
+    def test_dropped_tools_are_logged_once(self):
+        self.start_chat_only_relay()
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            status, _, data = self.request("POST", "/v1/responses", {
+                "model": "gpt-5-codex", "input": "hi", "tools": [
+                    {"type": "web_search"}, {"type": "namespace", "name": "mcp"},
+                    {"type": "function", "name": "f", "parameters": {}}]})
+            self.wait_for_log(logs, "translated=responses>chat")
+        self.assertEqual(status, 200, data)
+        dropped = [line for line in logs.output if "dropped" in line]
+        self.assertEqual(len(dropped), 1, logs.output)
+        self.assertIn("responses>chat dropped: tools of type web_search, namespace",
+                      dropped[0])
+        self.assertEqual([tool["function"]["name"] for tool in
+                          self.upstream.last().json()["tools"]], ["f"])
+
     def test_upstream_errors_pass_in_openai_shape(self):
         self.upstream.behaviour = lambda handler, recorded: reply_json(
             handler, {"error": {"message": "context too long", "type": "invalid_request_error",
