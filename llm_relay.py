@@ -22,6 +22,7 @@ import hmac
 import http.client
 import http.server
 import io
+import itertools
 import json
 import logging
 import math
@@ -2774,6 +2775,16 @@ def response_body_framing(method, status, version, fields):
     return (parse_content_length(lengths) if lengths else None), False
 
 
+def source_holds(source):
+    """Return how many bytes a buffered source has received and not yet
+    handed out, when it can tell: a BufferedReader over a raw file whose
+    tell() is the count of bytes received (KernelTimeoutReader); else 0."""
+    try:
+        return source.raw.received - source.tell()
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
 class BodyReader(object):
     """Read one message body from a buffered binary file by its framing.
 
@@ -2805,6 +2816,37 @@ class BodyReader(object):
 
     def readline(self, limit):
         return self._piece(limit, self._source.readline)
+
+    def read_arrived(self, limit):
+        """Return what read(limit) returns (waiting for the first bytes),
+        then also the body bytes that have arrived after them, across chunk
+        boundaries, up to limit bytes in all; it never waits for more."""
+        data = self.read(limit)
+        while data and len(data) < limit and self._more_arrived():
+            more = self.read(limit - len(data))
+            if not more:
+                break
+            data += more
+        return data
+
+    def _more_arrived(self):
+        """True when the next read cannot wait for the network: the source
+        holds more of this chunk, or the end of this chunk's framing, the
+        next size line and some of its data."""
+        held = source_holds(self._source)
+        if not held:
+            return False
+        if self._left:
+            return True
+        if not self._chunked or self.complete:
+            return False
+        framing = self._source.peek(held)[:held]  # buffered bytes: no read
+        start = 2 if self._crlf_due else 0
+        end = framing.find(b"\n", start) + 1
+        if not end or end == len(framing) or framing[:start] != b"\r\n"[:start]:
+            return False
+        match = _CHUNK_LINE.match(framing[start:end])
+        return match is not None and int(match.group(1), 16) > 0
 
     def read_to_end(self, max_bytes):
         """Return the rest of the body; when it is longer than max_bytes,
@@ -3150,6 +3192,55 @@ def iter_upstream_lines(response, limit):
         yield pending
 
 
+def iter_upstream_batches(response, limit):
+    """Yield an upstream response body as it arrives, as runs of whole lines.
+
+    Each run holds every complete line the upstream has sent so far, in one
+    bytes object, so the relay sends them in one write (one chunk): one
+    receive and one send per upstream read, however the upstream framed
+    them.  A partial line waits only for its own end, never for later lines;
+    a line longer than limit bytes comes in pieces.  Ends and raises as
+    iter_upstream_lines does.
+    """
+    reader = response.body_reader
+    pending = b""
+    while True:
+        data = reader.read_arrived(limit)
+        if not data:
+            break
+        if pending:
+            data = pending + data
+        end = data.rfind(b"\n") + 1
+        if end == len(data):
+            pending = b""
+            yield data  # the common case: whole lines only
+            continue
+        if end:
+            yield data[:end]
+        pending = data[end:]
+        while len(pending) >= limit:
+            yield pending[:limit]
+            pending = pending[limit:]
+    if pending:
+        yield pending
+
+
+def split_at_done(run):
+    """Split a run of SSE lines after its data: [DONE] line; return (up to
+    and including that line, the rest, the line), or None without one."""
+    position = 0
+    for line in run.splitlines(True):
+        position += len(line)
+        if b"[DONE]" in line and is_done_line(line):
+            return run[:position], run[position:], line
+    return None
+
+
+def last_line_of(run):
+    """Return the last line of a run of lines (bytes, ends kept)."""
+    return run[run.rfind(b"\n", 0, len(run) - 1) + 1:]
+
+
 ###############################################################################
 # Upstream exchange ###########################################################
 ###############################################################################
@@ -3242,6 +3333,7 @@ class KernelTimeoutReader(io.RawIOBase):
     def __init__(self, raw):
         io.RawIOBase.__init__(self)
         self._raw = raw
+        self.received = 0
 
     def readable(self):
         return True
@@ -3250,7 +3342,13 @@ class KernelTimeoutReader(io.RawIOBase):
         count = self._raw.readinto(buffer)
         if count is None:
             raise socket.timeout("timed out")
+        self.received += count
         return count
+
+    def tell(self):
+        """The bytes received so far: the buffered reader above subtracts
+        what it holds, so source_holds can tell what has arrived unread."""
+        return self.received
 
     def close(self):
         self._raw.close()  # lets a closed socket release its descriptor
@@ -5241,7 +5339,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _relay_stream(self, exchange, headers):
-        """Relay SSE lines as they arrive, each written and flushed at once.
+        """Relay SSE lines as they arrive: every complete line the upstream
+        has sent leaves at once, those that arrived together in one write.
 
         data: [DONE] ends the client's response at once; the upstream's
         connection is pooled if its body ends soon after.  An upstream
@@ -5254,8 +5353,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             headers = headers + [("Cache-Control", "no-cache")]
         writer = self._start_streamed_response(response.status, headers + [
             ("X-Accel-Buffering", "no")])
-        lines = iter_upstream_lines(response, MAX_SSE_LINE_BYTES)
-        last_line = b"\n"
+        runs = iter_upstream_batches(response, MAX_SSE_LINE_BYTES)
+        last_run = b"\n"
         # A Responses stream is watched even without metrics: its response
         # object goes into the relay's own response.failed event.
         watch = self._stream_watch = StreamWatch(self._protocol) if (
@@ -5264,31 +5363,37 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         marker = watch.marker if watch is not None else None
         rename = (model_renamer(self._rename_model) if self._rename_model is not None
                   else None)
-        # The loop runs once per line of every stream: locals, no method calls.
+        # The loop runs once per upstream read of every stream: locals, no
+        # method calls.  Each run of whole lines leaves in one write.
         tracked, send, chunked = self.tracked, writer.send, writer.chunked
         try:
             while True:
                 try:
-                    line = next(lines, None)
+                    run = next(runs, None)
                 except Exception as error:
-                    return self._end_stream_with_error(upstream, error, last_line,
-                                                       writer)
+                    return self._end_stream_with_error(
+                        upstream, error, last_line_of(last_run), writer)
                 if tracked.client_gone:
                     raise ClientDisconnected()  # also at a close-delimited end
-                if line is None:
+                if run is None:
                     break
-                last_line = line
-                if rename is not None:
-                    line = rename(line)
-                if b"[DONE]" in line and is_done_line(line):
-                    line += event_boundary(line)
-                    send(b"%x\r\n%s\r\n" % (len(line), line) if chunked else line)
+                last_run = run
+                if rename is not None and b'"model"' in run:
+                    run = b"".join(rename(line) for line in run.splitlines(True))
+                done = b"[DONE]" in run and split_at_done(run)
+                if done:
+                    run, rest, done_line = done
+                    run += event_boundary(done_line)
+                send(b"%x\r\n%s\r\n" % (len(run), run) if chunked else run)
+                if marker is not None and marker in run:
+                    for line in run.splitlines(True):
+                        if marker in line:
+                            watch.see(line)
+                if done:
                     writer.finish()
-                    exchange.release(self._read_tail_after_done(lines, exchange.sock))
+                    exchange.release(self._read_tail_after_done(
+                        itertools.chain((rest,), runs), exchange.sock))
                     return
-                send(b"%x\r\n%s\r\n" % (len(line), line) if chunked else line)
-                if marker is not None and marker in line:
-                    watch.see(line)
         finally:
             if watch is not None and watch.usage and self.server.config.metrics:
                 self.server.metrics.add_usage(self._model_asked, watch.usage,

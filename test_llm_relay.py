@@ -6783,3 +6783,102 @@ class CodexOnNativeUpstreamTest(AgentOnNativeUpstreamTestCase):
                             for event in events), report)
         self.assertEqual(token_counts(self, self.KEY).get(("gpt-5-codex", "output")),
                          7 * len(requests), report)
+
+
+class _Response(object):
+    """What iter_upstream_batches needs of an upstream response."""
+
+    def __init__(self, body_reader):
+        self.body_reader = body_reader
+
+
+class SseRunsTest(unittest.TestCase):
+    """One receive and one send per upstream read: every complete line that
+    has arrived leaves at once; a partial line waits only for its own end."""
+
+    def socket_source(self):
+        """(sending socket, buffered source over a kernel-timeout reader);
+        a read that would wait fails after WAIT_SECONDS instead."""
+        left, right = socket.socketpair()
+        self.addCleanup(left.close)
+        self.addCleanup(right.close)
+        self.assertTrue(llm_relay.set_kernel_timeouts(left, WAIT_SECONDS))
+        return right, io.BufferedReader(llm_relay.KernelTimeoutReader(
+            left.makefile("rb", 0)))
+
+    def test_chunks_that_arrived_together_are_read_together(self):
+        peer, source = self.socket_source()
+        reader = llm_relay.BodyReader(source, chunked=True)
+        peer.sendall(b"9\r\ndata: a\n\n\r\n9\r\ndata: b\n\n\r\n")
+        self.assertEqual(reader.read_arrived(65536), b"data: a\n\ndata: b\n\n")
+
+    def test_a_chunk_is_not_held_for_the_next_one(self):
+        peer, source = self.socket_source()
+        reader = llm_relay.BodyReader(source, chunked=True)
+        # Its CRLF and half of the next size line have arrived: reading on
+        # would wait for the network, so the first chunk comes alone.
+        peer.sendall(b"9\r\ndata: a\n\n\r\n1")
+        self.assertEqual(reader.read_arrived(65536), b"data: a\n\n")
+        peer.sendall(b"2\r\ndata: bcdefghijk\n\n\r\n0\r\n\r\n")
+        self.assertEqual(reader.read_arrived(65536), b"data: bcdefghijk\n\n")
+        self.assertEqual(reader.read_arrived(65536), b"")
+        self.assertTrue(reader.complete)
+
+    def test_runs_of_whole_lines_and_a_partial_line_waits_for_its_end(self):
+        peer, source = self.socket_source()
+        runs = llm_relay.iter_upstream_batches(
+            _Response(llm_relay.BodyReader(source, chunked=True)), 64)
+        peer.sendall(b"10\r\ndata: a\n\ndata: b\r\n")
+        self.assertEqual(next(runs), b"data: a\n\n")  # not held for "b"
+        peer.sendall(b"3\r\nc\n\n\r\n")
+        self.assertEqual(next(runs), b"data: bc\n\n")
+        peer.sendall(b"50\r\n" + b"x" * 80 + b"\r\n0\r\n\r\n")
+        self.assertEqual(list(runs), [b"x" * 64, b"x" * 16])
+
+    def test_split_at_done_and_last_line(self):
+        self.assertEqual(llm_relay.split_at_done(b"data: 1\n\ndata: [DONE]\n\nx\n"),
+                         (b"data: 1\n\ndata: [DONE]\n", b"\nx\n", b"data: [DONE]\n"))
+        self.assertIsNone(llm_relay.split_at_done(b"data: 1\n\n"))
+        self.assertEqual(llm_relay.last_line_of(b"data: 1\n\n"), b"\n")
+        self.assertEqual(llm_relay.last_line_of(b"a\ndata: 1\n"), b"data: 1\n")
+        self.assertEqual(llm_relay.last_line_of(b"data: 1"), b"data: 1")
+
+
+class SseRunsOverHttpTest(RelayTestCase):
+
+    def read_chunks(self, sock):
+        """Read a chunked response from sock; return its head and chunks."""
+        reader = sock.makefile("rb")
+        self.addCleanup(reader.close)
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += reader.readline()
+        chunks = []
+        while True:
+            size = int(reader.readline().split(b";")[0], 16)
+            if not size:
+                return head, chunks
+            chunks.append(reader.read(size))
+            reader.read(2)
+
+    def test_lines_that_arrived_together_leave_together(self):
+        events = [b'data: {"n": %d}\n' % number for number in range(3)]
+
+        def together(handler, recorded):
+            start_chunked(handler)
+            # Three events, each its own chunk, in one TCP write.
+            handler.wfile.write(b"".join(
+                b"%x\r\n%s\r\n" % (len(line + b"\n"), line + b"\n") for line in events))
+            handler.wfile.flush()
+            end_chunks(handler)
+        self.upstream.behaviour = together
+        self.start_relay()
+        sock = socket.create_connection(("127.0.0.1", self.relay.port),
+                                        timeout=WAIT_SECONDS)
+        self.addCleanup(sock.close)
+        body = b'{"model": "m", "stream": true}'
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        head, chunks = self.read_chunks(sock)
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+        self.assertEqual(chunks, [b"\n".join(events) + b"\n"])
