@@ -5824,8 +5824,10 @@ class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         if signature == self._config_signature:
             return False
         self._config_signature = signature
-        if signature is None:
-            return False  # gone for a moment (a swap); reloaded when it is back
+        if signature is None:  # gone for a moment (a swap): reload when back
+            logger.warning("%s is missing; keeping the running config",
+                           self.config_path)
+            return False
         logger.info("%s changed; reloading", self.config_path)
         start_reload(self, self.config_path)
         return True
@@ -6385,6 +6387,8 @@ def main(argv=None):
     parser = build_arg_parser()
     args = parser.parse_args(argv)
     overrides = command_line_overrides(parser, args)
+    if args.demo and args.upstream is not None:
+        parser.error("--demo answers in place of every upstream; drop --upstream")
     demo = DemoUpstream() if args.demo and not (
         args.check_config or args.explain is not None) else None
     if demo is not None:

@@ -3132,6 +3132,14 @@ class ReloadOnChangeTest(RelayTestCase):
         self.assertIn("%s changed; reloading" % path, "\n".join(logs.output))
         self.assertEqual(self.model_sent(), "newer")
         self.assertEqual(self.relay.config.upstreams["default"].url, self.upstream.url)
+        # Missing for a moment (a non-atomic replace): reloaded once it is back.
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            os.remove(path)
+            self.wait_for_log(logs, "%s is missing; keeping the running config" % path)
+            self.assertEqual(self.model_sent(), "newer")
+            self.write(path, self.config_text("back"))
+            self.assertTrue(wait_until(
+                lambda: self.relay.config.rules[0].set["model"] == "back"))
 
     def test_a_kubernetes_configmap_symlink_swap_is_noticed(self):
         # Kubernetes mounts config.jsonc -> ..data/config.jsonc, ..data ->
@@ -3313,6 +3321,29 @@ class CommandLineSettingsTest(unittest.TestCase):
             self.assertEqual(status, 2, err)
             self.assertIn(message, err)
             self.assertNotIn("Traceback", err)
+
+    def test_demo_takes_a_config_and_replaces_every_upstream(self):
+        path = self.write(json.dumps({
+            "upstreams": {"gpu": {"url": "http://127.0.0.1:1/v1"}},
+            "model_rules": [{"match_model": "fast", "upstream": "gpu",
+                             "set": {"model": "llama3-8b"}}]}))
+        relay = RelayProcess(self, None, ["--demo", "--config", path,
+                                          "--listen", "127.0.0.1:0"])
+        self.assertIsNotNone(relay.port, relay.stderr_text())
+        self.assertIn("upstream the built-in demo, 1 rule, config " + path,
+                      relay.stderr_text())
+        connection = http.client.HTTPConnection("127.0.0.1", relay.port,
+                                                timeout=WAIT_SECONDS)
+        self.addCleanup(connection.close)
+        connection.request("POST", "/v1/chat/completions", body=b'{"model": "fast"}',
+                           headers={"Content-Type": "application/json"})
+        answer = json.loads(connection.getresponse().read().decode())
+        self.assertEqual(answer["choices"][0]["message"]["content"],
+                         "Demo upstream got model llama3-8b from model_rules[0] "
+                         "(fast), which sets model.")
+        status, out, err = self.run_relay(["--demo", "--upstream", "http://x/v1"])
+        self.assertEqual(status, 2)
+        self.assertIn("--demo answers in place of every upstream", err)
 
     def explain(self, args, stdin=b""):
         process = subprocess.Popen([sys.executable, os.path.join(HERE, "llm_relay.py"),
@@ -4046,6 +4077,13 @@ class OpenAIClientTest(RelayTestCase):
         tokens = [chunk.choices[0].delta.content for chunk in stream
                   if chunk.choices and chunk.choices[0].delta.content]
         self.assertEqual(tokens, ["tok0 ", "tok1 ", "tok2 "])
+
+    def test_the_upstreams_request_id_is_the_sdks_request_id(self):
+        self.upstream.behaviour = lambda handler, recorded: reply_json(
+            handler, chat_completion(), headers=[("x-request-id", "req_upstream_9")])
+        completion = self.client.chat.completions.create(
+            model="gpt-3.5-turbo", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(completion._request_id, "req_upstream_9")
 
     def test_completion(self):
         completion = self.client.completions.create(model="gpt-3.5-turbo",
