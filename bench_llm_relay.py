@@ -19,9 +19,9 @@ Processes, so that none shares a GIL with another:
     "stream": true, a chunked text/event-stream: its head at once, then
     after bench_prefill seconds N events, each carrying the time.monotonic()
     at which it was written ("t"); GET /v1/models too.
-  * the relay: `sys.executable -m llm_relay --config TMPFILE` from bytecode
-    compiled first, as the README starts it (--start script: the file as a
-    script), listening on a free 127.0.0.1 port, with one model rule that applies to every request
+  * the relay: `sys.executable -m llm_relay --config TMPFILE` from a copy
+    in a temporary directory, compiled there first, as the README starts it
+    (--start script: the file itself as a script), on a free 127.0.0.1 port, with one model rule that applies to every request
     (so each body is parsed, rewritten and serialized, as in real use).  Its
     memory and CPU come from /proc/PID/status and /proc/PID/stat.
   * nginx, when installed (apt-get install nginx-light): one process,
@@ -433,15 +433,18 @@ def write_relay_config(workdir, port, upstream_port):
 RELAY_START = {"cpus": None, "module": True}  # set from the command line
 
 
-def relay_command(relay_path, config):
-    """The relay's command line: the script, or its module from bytecode
-    compiled here first (as the README's deployments start it)."""
+def relay_command(relay_path, workdir):
+    """(command line, working directory) of the relay: the script itself, or
+    a copy in workdir started as a module from bytecode compiled there
+    first, as the README starts it (so the repository gets no __pycache__)."""
     if not RELAY_START["module"]:
-        return [sys.executable, relay_path, "--config", config]
-    import py_compile
-    py_compile.compile(relay_path, doraise=True)
-    module = os.path.splitext(os.path.basename(relay_path))[0]
-    return [sys.executable, "-m", module, "--config", config]
+        return [sys.executable, relay_path], os.path.dirname(relay_path)
+    copy = os.path.join(workdir, "llm_relay.py")
+    if not os.path.exists(copy):
+        import py_compile
+        shutil.copyfile(relay_path, copy)
+        py_compile.compile(copy, doraise=True)
+    return [sys.executable, "-m", "llm_relay"], workdir
 
 
 class Relay(object):
@@ -452,13 +455,13 @@ class Relay(object):
             self.port = free_port()
             config = write_relay_config(workdir, self.port, upstream_port)
             self.log_path = os.path.join(workdir, "relay-%d.log" % self.port)
+            command, directory = relay_command(relay_path, workdir)
             with open(self.log_path, "wb") as log:
                 started = time.perf_counter()
-                self.process = spawn(relay_command(relay_path, config),
+                self.process = spawn(command + ["--config", config],
                                      stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=log,
-                                     cwd=os.path.dirname(relay_path),
-                                     cpus=RELAY_START["cpus"])
+                                     cwd=directory, cpus=RELAY_START["cpus"])
             if wait_health(self.port, self.process, timeout=10.0):
                 self.startup = time.perf_counter() - started
                 self.pid = self.process.pid
