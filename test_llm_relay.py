@@ -1835,7 +1835,7 @@ class RelayEndpointsTest(RelayTestCase):
         status, headers, data = self.chat({
             "model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "é"}],
             "presence_penalty": 1, "opts": {"b": 2}})
-        self.assertEqual(status, 200)
+        self.assert_ok(status, data)
         self.assertEqual(json.loads(data.decode())["choices"][0]["message"]["content"],
                          "hello")
         sent = self.upstream.last()
@@ -1849,8 +1849,8 @@ class RelayEndpointsTest(RelayTestCase):
     def test_unmatched_request_is_forwarded_byte_for_byte(self):
         self.start_relay(model_rules=[{"match_model": "other", "set": {"x": 1}}])
         raw = b'{ "model" : "m",\n "messages": [], "t": 1.50 }'
-        status, _, _ = self.chat(raw, {"Content-Type": "application/json"})
-        self.assertEqual(status, 200)
+        status, _, data = self.chat(raw, {"Content-Type": "application/json"})
+        self.assert_ok(status, data)
         self.assertEqual(self.upstream.last().body, raw)
 
     def test_paths_without_v1_prefix_and_completions(self):
@@ -1858,7 +1858,7 @@ class RelayEndpointsTest(RelayTestCase):
                                        "set": {"model": "base"}}])
         status, _, data = self.request("POST", "/completions", {"model": "x",
                                                                 "prompt": "hi"})
-        self.assertEqual(status, 200)
+        self.assert_ok(status, data)
         self.assertEqual(json.loads(data.decode())["object"], "text_completion")
         self.assertEqual(self.upstream.last().path, "/v1/completions")
         self.assertEqual(self.upstream.last().json()["model"], "base")
@@ -1881,7 +1881,7 @@ class RelayEndpointsTest(RelayTestCase):
             {"match_model": "qwen2.5-72b-instruct"}, {"match_model": "default"}])
         for path in ("/v1/models", "/models"):
             status, _, data = self.request("GET", path)
-            self.assertEqual(status, 200)
+            self.assert_ok(status, data)
             listing = json.loads(data.decode())
             self.assertEqual(listing["object"], "list")
             self.assertEqual([m["id"] for m in listing["data"]],
@@ -1975,8 +1975,8 @@ class RelayErrorsTest(RelayTestCase):
             status, _, data = self.chat(raw, {"Content-Type": "application/json"})
             self.assert_openai_error(status, data, 400, "invalid_json")
         self.assertEqual(self.upstream.requests, [])
-        status, _, _ = self.chat({"model": "m", "messages": []})
-        self.assertEqual(status, 200)
+        status, _, data = self.chat({"model": "m", "messages": []})
+        self.assert_ok(status, data)
 
     def test_upstream_error_status_and_body_reach_the_client_unchanged(self):
         body = b'{"error": {"message": "model not found", "type": "x"}}'
@@ -2013,6 +2013,32 @@ class RelayErrorsTest(RelayTestCase):
         error = self.assert_openai_error(status, data, 504, "upstream_timeout")
         self.assertIn("0.3", error["message"])
 
+    def test_an_unexpected_error_is_a_json_500_with_the_traceback_at_debug(self):
+        def broken(*args):
+            raise RuntimeError("secret-in-exception-text")
+        original = llm_relay.rewrite_body
+        llm_relay.rewrite_body = broken
+        self.addCleanup(setattr, llm_relay, "rewrite_body", original)
+        self.start_relay()
+        with self.assertLogs("llm_relay", "DEBUG") as logs:
+            status, headers, data = self.chat({"model": "m"})
+            self.wait_for_log(logs, " 500 ")
+        error = self.assert_openai_error(status, data, 500, "internal_error")
+        self.assertEqual(headers["content-type"], "application/json")
+        self.assertNotIn("secret", error["message"])
+        records = [(record.levelno, record.exc_info is not None) for record in
+                   logs.records]
+        # The traceback only at debug level; the access line names the type.
+        self.assertIn((logging.DEBUG, True), records)
+        self.assertNotIn((logging.INFO, True), records)
+        shown = [record.getMessage() for record in logs.records
+                 if record.levelno >= logging.INFO]
+        self.assertTrue(any("internal error: RuntimeError" in line
+                            for line in shown), shown)
+        self.assertFalse(any("secret" in line for line in shown), shown)
+        llm_relay.rewrite_body = original
+        self.assert_ok(*self.chat({"model": "m"})[::2])
+
     def test_malformed_numbers_and_targets_are_400_not_500(self):
         self.start_relay()
         cases = [
@@ -2025,12 +2051,13 @@ class RelayErrorsTest(RelayTestCase):
             b"Content-Length: 30\r\n\r\n" b'{"n": 1' + b"0" * 4400 + b"}",
         ]
         for raw in cases:
-            if b'"n"' in raw:
-                body = raw.split(b"\r\n\r\n", 1)[1]
-                raw = raw.replace(b"Content-Length: 30", b"Content-Length: %d"
-                                  % len(body))
-            reply = self.raw_exchange(raw)
-            self.assertRegex(reply[:12], b"HTTP/1.1 4[01][0-9]", raw[:60])
+            with self.subTest(raw=raw[:60]):
+                if b'"n"' in raw:
+                    body = raw.split(b"\r\n\r\n", 1)[1]
+                    raw = raw.replace(b"Content-Length: 30", b"Content-Length: %d"
+                                      % len(body))
+                reply = self.raw_exchange(raw)
+                self.assertRegex(reply[:12], b"HTTP/1.1 4[01][0-9]", raw[:60])
         self.assertEqual(self.upstream.requests, [])
 
 
@@ -2063,8 +2090,8 @@ class StreamingTest(RelayTestCase):
             gate.set()
         self.assertEqual(response.read(), b"")
         # The same connection serves the next request (keep-alive).
-        status, _, _ = self.chat({"model": "m"}, connection=connection)
-        self.assertEqual(status, 200)
+        status, _, data = self.chat({"model": "m"}, connection=connection)
+        self.assert_ok(status, data)
 
     def test_stream_is_relayed_byte_exact_through_done(self):
         self.start_relay()
@@ -2123,7 +2150,7 @@ class StreamingTest(RelayTestCase):
         self.assertEqual(response.status, 200)
         # The client's connection stays usable, the upstream's is not reused.
         self.upstream.behaviour = openai_like
-        self.assertEqual(self.chat({"model": "m"}, connection=connection)[0], 200)
+        self.assert_ok(*self.chat({"model": "m"}, connection=connection)[::2])
 
     def test_http10_client_gets_a_close_delimited_stream(self):
         self.start_relay()
@@ -2162,8 +2189,8 @@ class StreamingTest(RelayTestCase):
         self.assertEqual(set(error), {"message", "type", "param", "code"})
         self.assertIn("mid-stream", error["message"])
         self.assertTrue(any("mid-stream" in line for line in logs.output), logs.output)
-        status, _, _ = self.chat({"model": "m"})  # the relay keeps serving
-        self.assertEqual(status, 200)
+        status, _, data = self.chat({"model": "m"})  # the relay keeps serving
+        self.assert_ok(status, data)
 
     def test_upstream_silence_mid_stream_ends_with_an_error_event(self):
         release = threading.Event()
@@ -2266,7 +2293,7 @@ class StreamingTest(RelayTestCase):
             handler.close_connection = True
         self.upstream.behaviour = behaviour
         status, _, data = self.chat({"model": "m", "stream": True})
-        self.assertEqual(status, 200)
+        self.assert_ok(status, data)
         return data
 
     def test_cut_streams_end_with_a_separate_error_event_and_no_half_line(self):
@@ -2284,11 +2311,12 @@ class StreamingTest(RelayTestCase):
              b'data: {"a":1}\n\n'),
         ]
         for raw, kept in cases:
-            data = self.stream_reply(raw)
-            self.assertTrue(data.startswith(kept), data)
-            rest = data[len(kept):]
-            self.assertTrue(rest.startswith(b"data: {\"error\":"), data)
-            self.assertTrue(rest.endswith(b"\n\n") and rest.count(b"\n") == 2, data)
+            with self.subTest(raw=raw[len(head):len(head) + 40]):
+                data = self.stream_reply(raw)
+                self.assertTrue(data.startswith(kept), data)
+                rest = data[len(kept):]
+                self.assertTrue(rest.startswith(b"data: {\"error\":"), data)
+                self.assertTrue(rest.endswith(b"\n\n") and rest.count(b"\n") == 2, data)
 
 
 class HeadersOverHttpTest(RelayTestCase):
@@ -2354,12 +2382,12 @@ class HeadersOverHttpTest(RelayTestCase):
         self.start_relay()
         connection = self.connect()
         for _ in range(3):
-            self.assertEqual(self.chat({"model": "m"}, connection=connection)[0], 200)
+            self.assert_ok(*self.chat({"model": "m"}, connection=connection)[::2])
             self.assertEqual(self.request("GET", "/health", connection=connection)[0],
                              200)
         status, _, data = self.chat(b"bad", connection=connection)
-        self.assertEqual(status, 400)
-        self.assertEqual(self.chat({"model": "m"}, connection=connection)[0], 200)
+        self.assert_ok(status, data, expected=400)
+        self.assert_ok(*self.chat({"model": "m"}, connection=connection)[::2])
         self.assertEqual(self.relay.active_connections(), 1)
 
 
@@ -2371,11 +2399,12 @@ class RequestFramingTest(RelayTestCase):
         self.start_relay(model_rules=[{"match_model": "alias"}])
         smuggled = b"DELETE /v1/files/file-1 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
         for target in (b"/health", b"/v1/models/alias", b"/health/ready", b"/metrics"):
-            reply = self.raw_exchange(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
-                                      b"Content-Length: %d\r\n\r\n" % len(smuggled)
-                                      + smuggled)
-            self.assertEqual(reply.count(b"HTTP/1.1 "), 1, reply)
-            self.assertIn(b"Connection: close", reply)
+            with self.subTest(target=target):
+                reply = self.raw_exchange(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
+                                          b"Content-Length: %d\r\n\r\n" % len(smuggled)
+                                          + smuggled)
+                self.assertEqual(reply.count(b"HTTP/1.1 "), 1, reply)
+                self.assertIn(b"Connection: close", reply)
         self.assertEqual([r.method for r in self.upstream.requests
                           if r.method == "DELETE"], [])
 
@@ -2414,10 +2443,11 @@ class RequestFramingTest(RelayTestCase):
         self.assertEqual(len(real_data), 0x3b)
         size_line = b"3b;e=" + b"a" * (4096 + 0x3b - 7) + b"\r\n"
         for head in (UPLOAD_HEAD, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"):
-            reply = self.raw_exchange(head + b"Transfer-Encoding: chunked\r\n\r\n" +
-                                      size_line + real_data + b"\r\n0\r\n\r\n")
-            self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply[:100])
-            self.assertEqual(reply.count(b"HTTP/1.1 "), 1, reply)
+            with self.subTest(head=head[:30]):
+                reply = self.raw_exchange(head + b"Transfer-Encoding: chunked\r\n\r\n" +
+                                          size_line + real_data + b"\r\n0\r\n\r\n")
+                self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply[:100])
+                self.assertEqual(reply.count(b"HTTP/1.1 "), 1, reply)
         self.assertNotIn("smuggled", " ".join(r.path for r in self.upstream.requests))
 
     def test_one_byte_chunks_decode_whole_parsed_or_streamed(self):
@@ -2459,9 +2489,9 @@ class AccessControlTest(RelayTestCase):
                 self.assert_openai_error(status, data, 401, "invalid_api_key")
                 self.assertEqual(response_headers["www-authenticate"], "Bearer")
         self.assertEqual(self.upstream.requests, [])
-        self.assertEqual(self.request("GET", "/health")[0], 200)
-        status, _, _ = self.chat({"model": "m"}, {"Authorization": "Bearer relay-key-2"})
-        self.assertEqual(status, 200)
+        self.assert_ok(*self.request("GET", "/health")[::2])
+        status, _, data = self.chat({"model": "m"}, {"Authorization": "Bearer relay-key-2"})
+        self.assert_ok(status, data)
         self.assertIsNone(self.upstream.last().headers.get("Authorization"))
 
     def test_relay_key_is_not_sent_upstream_but_upstream_key_is(self):
@@ -2531,8 +2561,8 @@ class AccessControlTest(RelayTestCase):
         self.start_relay(model_rules=[{"match_model": "default", "set": {"k": 1}}])
         deep = b'{"model": "m", "x": ' + b"[" * 400 + b"]" * 400 + b"}"
         with self.assertLogs("llm_relay", "DEBUG"):
-            status, _, _ = self.chat(deep, {"Content-Type": "application/json"})
-        self.assertEqual(status, 200)
+            status, _, data = self.chat(deep, {"Content-Type": "application/json"})
+        self.assert_ok(status, data)
 
 
 def make_certificate(directory):
@@ -2580,7 +2610,7 @@ class TlsUpstreamTest(RelayTestCase):
              "upstream_tls_verify": False}, "t", None, {})
         self.assertTrue(any("upstream_tls_verify" in w for w in warnings))
         self.start_server(config)
-        self.assertEqual(self.chat({"model": "m"})[0], 200)
+        self.assert_ok(*self.chat({"model": "m"})[::2])
 
 
 class LimitsTest(RelayTestCase):
@@ -2650,7 +2680,7 @@ class LimitsTest(RelayTestCase):
         deadline = time.monotonic() + WAIT_SECONDS
         while self.relay.active_connections() > 1 and time.monotonic() < deadline:
             time.sleep(0.01)
-        self.assertEqual(self.request("GET", "/health")[0], 200)
+        self.assert_ok(*self.request("GET", "/health")[::2])
 
     def test_a_burst_of_500_connections_is_not_refused(self):
         self.start_relay()
@@ -2672,7 +2702,7 @@ class LimitsTest(RelayTestCase):
                                         timeout=WAIT_SECONDS)
         self.addCleanup(slow.close)
         idle = self.connect()
-        self.assertEqual(self.request("GET", "/health", connection=idle)[0], 200)
+        self.assert_ok(*self.request("GET", "/health", connection=idle)[::2])
         slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                      b"Content-Length: 100\r\n\r\n{")
         started = time.monotonic()
@@ -2692,17 +2722,19 @@ class LimitsTest(RelayTestCase):
                      b"Content-Type: multipart/form-data; boundary=x\r\n"
                      b"Content-Length: 100\r\n\r\n--x")
         started = time.monotonic()
-        data = b""
-        while time.monotonic() - started < WAIT_SECONDS:
-            try:
-                sock.sendall(b"a")  # one byte now and then: a slow drip
-                chunk = sock.recv(1000) if wait_readable(sock, 0.2) else b"-"
-            except OSError:
-                break
-            if not chunk:
-                break
-            data += chunk if chunk != b"-" else b""
-        self.assertLess(time.monotonic() - started, WAIT_SECONDS)
+        data, closed = b"", False
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            while not closed and time.monotonic() - started < WAIT_SECONDS:
+                try:
+                    sock.sendall(b"a")  # one byte now and then: a slow drip
+                    chunk = sock.recv(1000) if wait_readable(sock, 0.2) else None
+                except OSError:
+                    chunk = b""
+                closed = chunk == b""
+                data += chunk or b""
+            self.wait_for_log(logs, "client_timeout")
+        self.assertTrue(closed, "the relay kept a slow-drip upload open")
+        self.assertFalse(data.startswith(b"HTTP/1.1 2"), data)
 
     def test_chunked_upload_over_the_limit_is_413(self):
         self.start_relay(max_body_bytes=100)
@@ -2739,7 +2771,10 @@ def listen_but_never_accept():
         filler.setblocking(False)
         filler.connect_ex(server.getsockname())
         fillers.append(filler)
-    time.sleep(0.1)  # let the kernel complete the fillers' handshakes
+    # A connecting socket turns writable when its handshake is done; once
+    # one is, the accept queue (backlog 0) is full and new SYNs are dropped.
+    if not select.select([], fillers, [], WAIT_SECONDS)[1]:
+        raise AssertionError("no filler connection completed its handshake")
     return server, fillers
 
 
@@ -2827,7 +2862,7 @@ class UpstreamFaultsTest(RelayTestCase):
         self.upstream.behaviour = fragmented
         self.start_relay()
         status, headers, data = self.chat({"model": "m", "stream": True})
-        self.assertEqual(status, 200)
+        self.assert_ok(status, data)
         self.assertEqual(headers["content-type"], "text/event-stream; charset=utf-8")
         self.assertEqual(data, b"".join(pieces))
         self.assert_relay_still_serves()
@@ -2853,7 +2888,7 @@ class UpstreamFaultsTest(RelayTestCase):
                           headers={"Content-Type": "application/json"})
         response = streaming.getresponse()
         self.assertEqual(response.readline(), b"data: 1\n")
-        self.assertEqual(self.chat({"model": "bad"})[0], 502)
+        self.assert_ok(*self.chat({"model": "bad"})[::2], expected=502)
         self.assertEqual(self.request("POST", "/v1/chat/completions", b"{")[0], 400)
         gate.set()
         self.assertEqual(response.read(), b"\ndata: [DONE]\n\n")
@@ -2918,9 +2953,11 @@ class RelayProcess(object):
         reader.start()
         self.port = None
         line = self.wait_for_line("listening on http://")
-        if line is not None:
-            self.port = int(line.split("listening on http://")[1].split(",")[0]
-                            .rsplit(":", 1)[1])
+        if line is None:
+            test.fail("the relay did not start; its stderr:\n%s" % (
+                self.stderr_text()[-3000:] or "(empty)"))
+        self.port = int(line.split("listening on http://")[1].split(",")[0]
+                        .rsplit(":", 1)[1])
 
     def write_config(self, text):
         with open(self.config_path, "w") as handle:
@@ -3116,7 +3153,7 @@ class ReloadOnChangeTest(RelayTestCase):
         self.relay.watch_config_file(path, self.overrides)
 
     def model_sent(self):
-        self.assertEqual(self.chat({"model": "m"})[0], 200)
+        self.assert_ok(*self.chat({"model": "m"})[::2])
         return self.upstream.last().json()["model"]
 
     def test_an_edited_file_is_reloaded_with_the_command_line_settings(self):
@@ -3387,21 +3424,21 @@ class UpstreamPoolTest(RelayTestCase):
     def test_upstream_connections_are_reused(self):
         self.start_relay()
         for body in ({"model": "m"}, {"model": "m", "stream": True}, {"model": "m"}):
-            self.assertEqual(self.chat(body)[0], 200)
-        self.assertEqual(self.request("GET", "/v1/models")[0], 200)
+            self.assert_ok(*self.chat(body)[::2])
+        self.assert_ok(*self.request("GET", "/v1/models")[::2])
         self.assertEqual(self.upstream.connections_opened, 1)
         self.assertEqual(len(self.upstream.requests), 4)
 
     def test_connection_closed_by_the_upstream_while_idle_is_not_reused(self):
         self.start_relay()
-        self.assertEqual(self.chat({"model": "m"})[0], 200)
+        self.assert_ok(*self.chat({"model": "m"})[::2])
         with self.upstream.lock:
             sockets = list(self.upstream.sockets)
         self.upstream.connection_closed_event.clear()
         for sock in sockets:
             sock.shutdown(socket.SHUT_RDWR)
         self.assertTrue(self.upstream.connection_closed_event.wait(WAIT_SECONDS))
-        self.assertEqual(self.chat({"model": "m"})[0], 200)
+        self.assert_ok(*self.chat({"model": "m"})[::2])
         self.assertEqual(self.upstream.connections_opened, 2)
         self.assertEqual(len(self.upstream.requests), 2)
 
@@ -3415,8 +3452,8 @@ class UpstreamPoolTest(RelayTestCase):
             openai_like(handler, recorded)
         self.upstream.behaviour = closes_second_request_on_a_connection
         self.start_relay()
-        self.assertEqual(self.chat({"model": "m"})[0], 200)
-        self.assertEqual(self.chat({"model": "m"})[0], 200)
+        self.assert_ok(*self.chat({"model": "m"})[::2])
+        self.assert_ok(*self.chat({"model": "m"})[::2])
         self.assertEqual(self.upstream.connections_opened, 2)
         self.assertEqual(len(self.upstream.requests), 3)
 
@@ -3436,7 +3473,7 @@ class UpstreamPoolTest(RelayTestCase):
         try:
             for name in saved:
                 os.environ[name] = "http://127.0.0.1:9"  # nothing listens there
-            self.assertEqual(self.chat({"model": "m"})[0], 200)
+            self.assert_ok(*self.chat({"model": "m"})[::2])
         finally:
             for name, value in saved.items():
                 if value is None:
@@ -3456,8 +3493,8 @@ class UpstreamPoolTest(RelayTestCase):
             openai_like(handler, recorded)
         self.upstream.behaviour = slow_then_closes
         self.start_relay()
-        self.assertEqual(self.chat({"model": "m"})[0], 200)
-        self.assertEqual(self.chat({"model": "m"})[0], 502)
+        self.assert_ok(*self.chat({"model": "m"})[::2])
+        self.assert_ok(*self.chat({"model": "m"})[::2], expected=502)
         self.assertEqual(len(self.upstream.requests), 2)
 
     def test_a_client_leaving_never_makes_the_relay_send_a_request_twice(self):
@@ -3476,17 +3513,20 @@ class UpstreamPoolTest(RelayTestCase):
                     return
         self.upstream.behaviour = silent_after_first
         self.start_relay()
-        self.assertEqual(self.chat({"model": "m"})[0], 200)  # pools a connection
+        self.assert_ok(*self.chat({"model": "m"})[::2])  # pools a connection
         sock = socket.create_connection(("127.0.0.1", self.relay.port))
         body = b'{"model": "m"}'
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         self.assertTrue(received.wait(WAIT_SECONDS))
-        sock.close()
-        # The first chat's keep-alive connection stays; the raw one ends.
-        self.assertTrue(wait_until(lambda: self.relay.active_connections() == 1))
-        time.sleep(0.3)  # a wrong retry would arrive within this
-        self.assertEqual(len(self.upstream.requests), 2)
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            sock.close()
+            # The access line comes after the relay gave up on the request;
+            # a wrong retry would have reached the upstream (and been
+            # recorded, then answered on its new connection) before it.
+            self.wait_for_log(logs, " 499 ")
+        self.assertEqual([r.path for r in self.upstream.requests],
+                         ["/v1/chat/completions"] * 2)
 
 
 ###############################################################################
@@ -3500,8 +3540,14 @@ def open_descriptors():
         return None
 
 
+@unittest.skipUnless(os.environ.get("LLM_RELAY_SOAK") == "1",
+                     "the soak runs with LLM_RELAY_SOAK=1 (.ci/run sets it once)")
 class SoakTest(RelayTestCase):
-    """200 concurrent streams and 2,000 buffered requests, some abandoned."""
+    """200 concurrent streams and 2,000 buffered requests, some abandoned.
+
+    It takes about 12 s, so it runs only with LLM_RELAY_SOAK=1: .ci/run sets
+    it for one run (the README's test command), not for each interpreter.
+    """
 
     STREAMS = 200
     BUFFERED = 2000
@@ -3642,8 +3688,8 @@ class RoutingTest(RelayTestCase):
 
     def test_a_rule_sends_its_model_to_a_named_upstream(self):
         self.start_routed("second", upstream_api_key="sk-main")
-        self.assertEqual(self.chat({"model": "routed"})[0], 200)
-        self.assertEqual(self.chat({"model": "other"})[0], 200)
+        self.assert_ok(*self.chat({"model": "routed"})[::2])
+        self.assert_ok(*self.chat({"model": "other"})[::2])
         self.assertEqual([r.json()["model"] for r in self.second.requests], ["routed"])
         self.assertEqual([r.json()["model"] for r in self.upstream.requests], ["other"])
         self.assertEqual(self.second.last().headers["Authorization"], "Bearer sk-second")
@@ -3666,7 +3712,7 @@ class RoutingTest(RelayTestCase):
             self.assertEqual(status, 200, data)
             self.assertEqual(self.second.last().json(), {"model": "routed", "x": 1})
         self.upstream.stop()
-        self.assertEqual(self.chat({"model": "routed"})[0], 200)
+        self.assert_ok(*self.chat({"model": "routed"})[::2])
         self.assertEqual(len(self.second.requests), 4)
 
     def test_last_upstream_answer_is_relayed_when_all_fail(self):
@@ -3685,7 +3731,7 @@ class RoutingTest(RelayTestCase):
         self.upstream.behaviour = drops
         self.start_routed(["default", "second"])
         status, _, data = self.chat({"model": "routed", "stream": True})
-        self.assertEqual(status, 200)
+        self.assert_ok(status, data)
         self.assertIn(b'"error"', data)
         self.assertEqual(self.second.requests, [])
 
@@ -3703,7 +3749,7 @@ class RoutingTest(RelayTestCase):
         self.second.stop()
         with self.assertLogs("llm_relay", "WARNING") as logs:
             status, _, data = self.request("GET", "/v1/models")
-        self.assertEqual(status, 200)
+        self.assert_ok(status, data)
         self.assertIn("left out upstream second", "".join(logs.output))
         self.assertEqual([m["id"] for m in json.loads(data.decode())["data"]],
                          ["qwen2.5-72b-instruct", "routed", "alias"])
@@ -3722,7 +3768,7 @@ class RoutingTest(RelayTestCase):
         self.start_relay(upstreams={"second": {"url": second.url}}, model_rules=[
             {"match_model": "s", "upstream": "second"}])
         status, _, data = self.request("GET", "/v1/models")
-        self.assertEqual(status, 200)
+        self.assert_ok(status, data)
         self.assertEqual([m["id"] for m in json.loads(data.decode())["data"]],
                          ["qwen2.5-72b-instruct", "s"])
 
@@ -3754,7 +3800,7 @@ class PassThroughTest(RelayTestCase):
         for path in ("/v1/embeddings", "/v1/moderations", "/v1/rerank"):
             status, _, data = self.request("POST", path, {"model": "embed",
                                                           "input": "hi"})
-            self.assertEqual(status, 200)
+            self.assert_ok(status, data)
             self.assertEqual(self.upstream.last().path, path)
             self.assertEqual(self.upstream.last().json(),
                              {"model": "nomic-embed-text", "input": "hi"})
@@ -3764,10 +3810,10 @@ class PassThroughTest(RelayTestCase):
         self.start_relay(model_rules=[{"match_model": "*-embed-?",
                                        "unset": ["encoding_format"]}])
         curl_form = {"Content-Type": "application/x-www-form-urlencoded"}
-        status, _, _ = self.request("POST", "/v1/embeddings", b' {"model": "n-embed-t",'
+        status, _, data = self.request("POST", "/v1/embeddings", b' {"model": "n-embed-t",'
                                     b' "input": "x", "encoding_format": "base64"}',
                                     curl_form)
-        self.assertEqual(status, 200)
+        self.assert_ok(status, data)
         self.assertEqual(self.upstream.last().json(), {"model": "n-embed-t",
                                                        "input": "x"})
         self.assertEqual(self.upstream.last().headers["Content-Type"],
@@ -3776,8 +3822,8 @@ class PassThroughTest(RelayTestCase):
                                        curl_form)
         self.assert_openai_error(status, data, 400, "invalid_json")
         self.assertEqual(len(self.upstream.requests), 1)
-        status, _, _ = self.request("POST", "/v1/files", b"a=1&b=%7B", curl_form)
-        self.assertEqual(status, 200)
+        status, _, data = self.request("POST", "/v1/files", b"a=1&b=%7B", curl_form)
+        self.assert_ok(status, data)
         self.assertEqual(self.upstream.last().body, b"a=1&b=%7B")
         self.assertEqual(self.upstream.last().headers["Content-Type"],
                          "application/x-www-form-urlencoded")
@@ -3805,7 +3851,7 @@ class PassThroughTest(RelayTestCase):
         status, _, data = self.request(
             "POST", "/v1/audio/transcriptions", upload,
             {"Content-Type": "multipart/form-data; boundary=XyZ"})
-        self.assertEqual(status, 200)
+        self.assert_ok(status, data)
         self.assertEqual(self.upstream.last().body, upload)
         self.assertEqual(json.loads(data.decode())["text"],
                          "%d bytes, multipart/form-data; boundary=XyZ" % len(upload))
@@ -3913,7 +3959,7 @@ class PassThroughTest(RelayTestCase):
         self.assertEqual((response.status, response.getheader("Content-Length"),
                           response.read()), (200, "1234", b""))
         self.upstream.behaviour = openai_like
-        self.assertEqual(self.request("GET", "/health", connection=connection)[0], 200)
+        self.assert_ok(*self.request("GET", "/health", connection=connection)[::2])
 
     def test_typed_non_json_bodies_starting_with_a_brace_pass_through(self):
         self.upstream.behaviour = lambda handler, recorded: reply_json(handler, {})
@@ -3921,11 +3967,13 @@ class PassThroughTest(RelayTestCase):
         for content_type, body in (
                 ("application/x-ndjson", b'{"custom_id":"1"}\n{"custom_id":"2"}\n'),
                 ("text/csv", b"{x},y\n")):
-            status, _, _ = self.request("POST", "/v1/batches/upload", body,
-                                        {"Content-Type": content_type})
-            self.assertEqual(status, 200)
-            self.assertEqual(self.upstream.last().body, body)
-            self.assertEqual(self.upstream.last().headers["Content-Type"], content_type)
+            with self.subTest(content_type=content_type):
+                status, _, data = self.request("POST", "/v1/batches/upload", body,
+                                               {"Content-Type": content_type})
+                self.assert_ok(status, data)
+                self.assertEqual(self.upstream.last().body, body)
+                self.assertEqual(self.upstream.last().headers["Content-Type"],
+                                 content_type)
 
     def test_an_early_upstream_answer_to_an_upload_is_relayed(self):
         server = socket.socket()
@@ -3973,22 +4021,22 @@ class BrowsersAndRequestIdTest(RelayTestCase):
 
     def test_preflight_is_answered_here_and_keys_still_guard_requests(self):
         self.start_relay(cors_origins=["https://app.example"], api_keys=["k"])
-        status, headers, _ = self.request("OPTIONS", "/v1/chat/completions", None, {
+        status, headers, data = self.request("OPTIONS", "/v1/chat/completions", None, {
             "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "authorization, content-type"})
-        self.assertEqual(status, 204)
+        self.assert_ok(status, data, expected=204)
         self.assertEqual(headers["access-control-allow-origin"], "https://app.example")
         self.assertIn("POST", headers["access-control-allow-methods"])
         self.assertEqual(headers["access-control-allow-headers"],
                          "authorization, content-type")
         self.assertEqual(headers["access-control-max-age"], "600")
         self.assertEqual(self.upstream.requests, [])
-        status, headers, _ = self.chat({"model": "m"}, {"Origin": "https://app.example"})
-        self.assertEqual(status, 401)
+        status, headers, data = self.chat({"model": "m"}, {"Origin": "https://app.example"})
+        self.assert_ok(status, data, expected=401)
         self.assertEqual(headers["access-control-allow-origin"], "https://app.example")
-        status, headers, _ = self.chat({"model": "m"}, {
+        status, headers, data = self.chat({"model": "m"}, {
             "Origin": "https://app.example", "Authorization": "Bearer k"})
-        self.assertEqual(status, 200)
+        self.assert_ok(status, data)
         self.assertIn("X-Request-Id", headers["access-control-expose-headers"])
         self.assertEqual(headers["vary"], "Origin")
         status, headers, _ = self.chat({"model": "m"}, {
@@ -4474,7 +4522,7 @@ class MetricsTest(RelayTestCase):
 
     def test_metrics_need_a_key_and_can_be_turned_off(self):
         self.start_relay(api_keys=["k"])
-        self.assertEqual(self.request("GET", "/metrics")[0], 401)
+        self.assert_ok(*self.request("GET", "/metrics")[::2], expected=401)
         self.assertIn("llm_relay_requests_total", self.metrics(
             {"Authorization": "Bearer k"}))
         self.relay.config = self.relay.config._replace(metrics=False)
@@ -4508,7 +4556,7 @@ class ReadinessTest(RelayTestCase):
                           answer["routes_down"]),
                          (503, "not ready", ["default", "second"], ["default"]))
         self.assertEqual(answer["upstreams"]["default"], "timeout")
-        self.assertEqual(self.request("GET", "/health")[0], 200)
+        self.assert_ok(*self.request("GET", "/health")[::2])
 
     def test_an_upstream_without_models_is_up(self):
         self.upstream.behaviour = lambda handler, recorded: reply_json(
