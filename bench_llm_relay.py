@@ -74,6 +74,13 @@ percentile):
                         the same stream passed through (sequential streams,
                         events back to back); "of which translation" times the
                         stream translator alone in this process.
+  response_model asked  CPU the relay adds per streamed event when it renames
+                        the model (response_model "asked"): model_renamer on
+                        recorded chat chunk, message_start and Responses
+                        event lines, and on a line without a model (the
+                        common Messages/Responses delta), minus the loop
+                        without renaming; in-process, llm_relay imported from
+                        --relay.  Off (the default) it costs one None check.
 
 The header shows the relay's sha256, the load average before and after the
 run and a pure-Python calibration time, to tell a slower or busier machine
@@ -1434,6 +1441,56 @@ def measure_open_streams(report, relay, count):
         raise BenchError("the relay kept threads after its streams closed")
 
 
+REWRITE_EVENT_LINES = (
+    ("chat chunk", b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk",'
+     b'"created":1,"model":"qwen3-coder:30b","choices":[{"index":0,"delta":'
+     b'{"content":" token"},"finish_reason":null}]}\n'),
+    ("message_start", b'data: {"type":"message_start","message":{"id":"msg_1",'
+     b'"type":"message","role":"assistant","model":"qwen3-coder:30b","content":[],'
+     b'"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":12,'
+     b'"output_tokens":1}}}\n'),
+    ("Responses event", b'data: {"type":"response.in_progress","sequence_number":1,'
+     b'"response":{"id":"resp_1","object":"response","created_at":1,"status":'
+     b'"in_progress","model":"qwen3-coder:30b","output":[],"usage":null}}\n'),
+    ("delta without model", b'data: {"type":"content_block_delta","index":0,'
+     b'"delta":{"type":"text_delta","text":" token"}}\n'),
+)
+
+
+def load_relay_module(relay_path):
+    """Import llm_relay from relay_path (for in-process measurements)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_llm_relay_target", relay_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure_event_rewrite(report, relay_path, events=50000):
+    """CPU per streamed event of response_model "asked" (see the docstring)."""
+    relay = load_relay_module(relay_path)
+    rename = relay.model_renamer("claude-sonnet-4-5-20250929")
+    for name, line in REWRITE_EVENT_LINES:
+        lines = [line] * events
+        off = on = None
+        for _ in range(3):  # best of three: the least disturbed run
+            started = time.perf_counter()
+            for item in lines:
+                if None is not None:
+                    item = rename(item)
+            took = time.perf_counter() - started
+            off = took if off is None else min(off, took)
+            started = time.perf_counter()
+            for item in lines:
+                if rename is not None:
+                    item = rename(item)
+            took = time.perf_counter() - started
+            on = took if on is None else min(on, took)
+        report.figure("rename_%s_us" % name.replace(" ", "_").lower(),
+                      "response_model asked: CPU per %s" % name, "us",
+                      max(0.0, on - off) / events, scale=1e6)
+
+
 def run_benchmark(relay_path, mode_name, with_nginx=True):
     """Run every measurement; return (Report, event mismatches, nginx used)."""
     mode = MODES[mode_name]
@@ -1461,6 +1518,7 @@ def run_benchmark(relay_path, mode_name, with_nginx=True):
         report.section("open_streams", measure_open_streams, report, relay,
                        mode["open_streams"])
         report.section("translation", measure_translation, report, relay, mode)
+        report.section("event_rewrite", measure_event_rewrite, report, relay_path)
         if relay.process.poll() is not None:
             raise BenchError("the relay exited; its log:\n" + relay.log_tail())
     finally:

@@ -6770,24 +6770,89 @@ class OpenAIResponsesOnNativeUpstreamTest(NativeAgentUpstreamTestCase):
 def claude_code_environment(home, base_url, **variables):
     """The environment for claude -p against the relay at base_url: state
     under home, telemetry, updates and every non-essential call off, no
-    retries, and IS_SANDBOX=1 so --dangerously-skip-permissions runs as root."""
-    return agent_environment(
+    retries, and IS_SANDBOX=1 so --dangerously-skip-permissions runs as root.
+    variables (the README's exports) come last and win."""
+    environment = agent_environment(
         home, CLAUDE_CONFIG_DIR=os.path.join(home, ".claude"), CLAUDE_CODE_TMPDIR=home,
         ANTHROPIC_BASE_URL=base_url, CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
         DISABLE_TELEMETRY="1", DISABLE_ERROR_REPORTING="1", DISABLE_AUTOUPDATER="1",
         DISABLE_UPDATES="1", DISABLE_GROWTHBOOK="1", CLAUDE_CODE_DISABLE_FEATURE_FLAGS="1",
         DO_NOT_TRACK="1", DISABLE_INSTALLATION_CHECKS="1",
         CLAUDE_CODE_DISABLE_FEEDBACK_SURVEY="1", CLAUDE_CODE_MAX_RETRIES="0",
-        IS_SANDBOX="1", **variables)
+        IS_SANDBOX="1")
+    environment.update(variables)
+    return environment
+
+
+AGENT_RECIPE = "### With an upstream that serves Messages and Responses natively"
+
+
+def agent_recipe_blocks():
+    """Return the README's agent recipe: (relay config JSONC, Claude Code's
+    shell lines, Codex's config.toml)."""
+    relay, shell, toml = readme_code_blocks(AGENT_RECIPE)[:3]
+    return relay, shell, toml
+
+
+def recipe_config(upstream_url, relay_key):
+    """Return the README recipe's relay Config, on an ephemeral port and with
+    upstream_url for Ollama."""
+    relay, _, _ = agent_recipe_blocks()
+    text = relay.replace('"127.0.0.1:8080"', '"127.0.0.1:0"').replace(
+        '"http://localhost:11434/v1"', json.dumps(upstream_url))
+    config, warnings = llm_relay.parse_config_text(text, "README.md",
+                                                   {"RELAY_KEY": relay_key})
+    return config, warnings
+
+
+def recipe_shell_environment(base_url, relay_key):
+    """Return the variables the README's Claude Code lines export, with the
+    relay's base URL and key filled in."""
+    _, shell, _ = agent_recipe_blocks()
+    variables = {}
+    for line in shell.splitlines():
+        if line.startswith("export "):
+            name, _, value = line[len("export "):].partition("=")
+            variables[name] = value.strip('"').replace("$RELAY_KEY", relay_key).replace(
+                "http://127.0.0.1:8080", base_url)
+    return variables
+
+
+class AgentRecipeTest(unittest.TestCase):
+    """The README's recipe for Claude Code and Codex: a valid config whose
+    rules catch the names the agents ask for."""
+
+    def test_rules_catch_the_agents_model_names(self):
+        config, warnings = recipe_config("http://127.0.0.1:1/v1", "k")
+        self.assertEqual(warnings, [])
+        self.assertEqual(config.response_model, "asked")
+        for asked, sent in (("claude-sonnet-4-5-20250929", "qwen3-coder:30b"),
+                            ("claude-opus-4-1[1m]", "qwen3-coder:30b"),
+                            ("claude-opus-5-5", "qwen3-coder:30b"),
+                            ("claude-haiku-4-5", "qwen3:4b"),
+                            ("claude-haiku-4-5-20251001", "qwen3:4b"),
+                            ("gpt-5-codex", "qwen3-coder:30b"),
+                            ("gpt-5.5", "qwen3-coder:30b")):
+            rule = llm_relay.select_rule(config.rule_index, asked)
+            self.assertEqual(llm_relay.apply_rule({"model": asked}, rule)["model"], sent,
+                             asked)
+        variables = recipe_shell_environment("http://relay:1", "k")
+        self.assertEqual((variables["ANTHROPIC_BASE_URL"], variables["ANTHROPIC_API_KEY"]),
+                         ("http://relay:1", "k"))
+        for name in ("ANTHROPIC_MODEL", "ANTHROPIC_DEFAULT_HAIKU_MODEL"):
+            self.assertIsNotNone(llm_relay.select_rule(config.rule_index,
+                                                       variables[name]), name)
+        self.assertIn('base_url = "http://127.0.0.1:8080/v1"', agent_recipe_blocks()[2])
 
 
 class AgentOnNativeUpstreamTestCase(NativeAgentUpstreamTestCase):
-
-    RULES = [{"match_model": ["claude-*", "gpt-5*"], "set": {"model": "qwen3-coder"},
-              "response_model": "asked"}]
+    """The README's recipe, run with the real agent CLIs."""
 
     def setUp(self):
-        NativeAgentUpstreamTestCase.setUp(self)
+        RelayTestCase.setUp(self)
+        self.upstream.behaviour = native_scripted_upstream
+        config, _ = recipe_config(self.upstream.url, "relay-key")
+        self.start_server(config)
         self.directory = tempfile.mkdtemp(prefix="llm-relay-agent-")
         self.addCleanup(shutil.rmtree, self.directory, True)
         self.home = os.path.join(self.directory, "home")
@@ -6807,8 +6872,9 @@ class AgentOnNativeUpstreamTestCase(NativeAgentUpstreamTestCase):
 class ClaudeCodeOnNativeUpstreamTest(AgentOnNativeUpstreamTestCase):
 
     def test_bash_tool_round_trip_through_the_relay(self):
-        environment = claude_code_environment(self.home, self.base_url,
-                                              ANTHROPIC_API_KEY="relay-key")
+        environment = claude_code_environment(
+            self.home, self.base_url, **recipe_shell_environment(self.base_url,
+                                                                 "relay-key"))
         code, events, report = self.run_agent([
             CLAUDE_BIN, "-p", "Create out.txt containing hi using the Bash tool.",
             "--output-format", "stream-json", "--verbose", "--no-session-persistence",
@@ -6820,7 +6886,7 @@ class ClaudeCodeOnNativeUpstreamTest(AgentOnNativeUpstreamTestCase):
         self.assertEqual(set(recorded.path for recorded in requests),
                          {"/v1/messages?beta=true"}, report)
         bodies = [recorded.json() for recorded in requests]
-        self.assertEqual(set(body["model"] for body in bodies), {"qwen3-coder"})
+        self.assertEqual(set(body["model"] for body in bodies), {"qwen3-coder:30b"})
         self.assertTrue(all(body.get("stream") is True for body in bodies), report)
         results = [block for block in bodies[-1]["messages"][-1]["content"]
                    if isinstance(block, dict) and block.get("type") == "tool_result"]
@@ -6833,7 +6899,7 @@ class ClaudeCodeOnNativeUpstreamTest(AgentOnNativeUpstreamTestCase):
         # response_model "asked": Claude Code saw its own model name.
         init = [event for event in events if event.get("type") == "assistant"]
         asked = init[0]["message"]["model"]
-        self.assertTrue(asked.startswith("claude-"), report)
+        self.assertEqual(asked, "claude-sonnet-4-5-20250929", report)
         self.assertEqual(token_counts(self, self.KEY).get((asked, "input")),
                          21 * len(requests), report)
 
@@ -6842,12 +6908,15 @@ class ClaudeCodeOnNativeUpstreamTest(AgentOnNativeUpstreamTestCase):
 class CodexOnNativeUpstreamTest(AgentOnNativeUpstreamTestCase):
 
     def test_exec_command_tool_round_trip_through_the_relay(self):
-        config = CodexOnChatOnlyUpstreamTest.CONFIG.replace(
-            'model = "gpt-5.5"', 'model = "gpt-5-codex"')
+        config = agent_recipe_blocks()[2].replace(
+            "http://127.0.0.1:8080", self.base_url).replace(
+            'wire_api = "responses"\n', 'wire_api = "responses"\nrequest_max_retries = 0\n'
+            'stream_max_retries = 0\n')
+        self.assertIn("stream_max_retries", config)
         with open(os.path.join(self.home, "config.toml"), "w") as handle:
-            handle.write(config % self.base_url)
+            handle.write(config)
         environment = agent_environment(self.home, CODEX_HOME=self.home,
-                                        RELAY_API_KEY="relay-key")
+                                        RELAY_KEY="relay-key")
         code, events, report = self.run_agent([
             CODEX_BIN, "exec", "--skip-git-repo-check", "--ephemeral", "--json",
             "--dangerously-bypass-approvals-and-sandbox", "Create out.txt containing hi"],
@@ -6859,7 +6928,7 @@ class CodexOnNativeUpstreamTest(AgentOnNativeUpstreamTestCase):
         self.assertEqual(set(recorded.path for recorded in requests), {"/v1/responses"},
                          report)
         bodies = [recorded.json() for recorded in requests]
-        self.assertEqual(set(body["model"] for body in bodies), {"qwen3-coder"})
+        self.assertEqual(set(body["model"] for body in bodies), {"qwen3-coder:30b"})
         outputs = [item for item in bodies[-1]["input"]
                    if item.get("type") == "function_call_output"]
         self.assertEqual([item["call_id"] for item in outputs], ["call_1"], report)
