@@ -4521,6 +4521,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     # -- connection lifecycle -------------------------------------------------
 
     def setup(self):
+        """Prepare a new client connection: bounded writes, TCP_NODELAY (an
+        SSE line must not wait for the peer's delayed ACK) and its
+        TrackedConnection."""
         http.server.BaseHTTPRequestHandler.setup(self)
         # Reads from the client are bounded by the server's client_timeout
         # deadline (its housekeeping thread shuts overdue sockets down);
@@ -4534,9 +4537,13 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
         self.tracked = self.server.track_connection(self.connection)
+        # True while _serve_request runs: it writes the access line itself,
+        # so send_error (http.server's own errors) writes one only outside it.
         self._in_dispatch = False
 
     def handle_one_request(self):
+        """Serve one request of a keep-alive connection with fresh
+        per-request state; stop when the server drains."""
         if not self.tracked.wait_for_request():
             self.close_connection = True
             return
@@ -5496,6 +5503,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         return format_http_date(timestamp)
 
     def _send_head(self, status, headers):
+        """Send the status line and headers (not flushed): headers plus the
+        request id, CORS headers and, when this connection cannot carry
+        another request (draining, closing, or a request body left unread),
+        Connection: close."""
         self.send_response(status)
         for name, value in headers:
             self.send_header(name, value)
