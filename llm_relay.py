@@ -135,6 +135,8 @@ UPSTREAM_REQUEST_ID_HEADERS = ("x-request-id", "request-id")
 SECRET_KEY_PATTERN = re.compile(
     r"(api[-_]?key|authorization|password|secret|token)$", re.IGNORECASE)
 GLOB_CHARACTERS = frozenset("*?[")
+_CREDENTIAL_WORDS = re.compile(
+    r"((?i:\b(?:bearer|basic)\s+)|\b(?:sk|pk|rk)-)[^\s&;,'\")]+")
 SECRET_QUERY_PARAMETER = re.compile(
     r"((?:^|[?&;])[^=&;]*(?:key|token|secret|password|sig)[^=&;]*=)[^&;]*",
     re.IGNORECASE)
@@ -1276,17 +1278,40 @@ def split_route(target):
         raise RelayError(400, "The request target must be visible ASCII; "
                               "percent-encode other characters.",
                          code="invalid_path")
-    parts = urllib.parse.urlsplit(target)
-    path = parts.path
+    path, query = target_path(target)
     if not path.startswith("/"):
-        raise RelayError(400, "Invalid request target %r." % printable(target)[:200])
+        raise RelayError(400, "Invalid request target %s." % loggable_target(
+            target)[:200])
     segments = urllib.parse.unquote(path).split("/")
     if "." in segments or ".." in segments:
         raise RelayError(400, "The request path must not contain '.' or '..' "
                               "segments.", code="invalid_path")
     if path == "/v1" or path.startswith("/v1/"):
         path = path[3:] or "/"
-    return path, parts.query
+    return path, query
+
+
+def target_path(target):
+    """Return (path, query) of a request target, as sent (/v1 kept).
+
+    RFC 9112 §3.2: the origin form is a path and a query, so "//x/y" is the
+    path //x/y, never the authority x (urlsplit's reading, which Python 3.6's
+    http.server followed); the absolute form contributes its path.
+    """
+    if target.startswith("/"):
+        path, _, query = target.partition("#")[0].partition("?")
+        return path, query
+    parts = urllib.parse.urlsplit(target)
+    return parts.path, parts.query
+
+
+def target_protocol(target):
+    """Return the PROTOCOL_* of a raw request target (see request_protocol),
+    for errors answered before the target is routed."""
+    path = target.partition("?")[0]
+    if path == "/v1" or path.startswith("/v1/"):
+        path = path[3:]
+    return request_protocol(path)
 
 
 ###############################################################################
@@ -2520,8 +2545,6 @@ def rename_model_in_body(data, model):
 # HTTP framing ################################################################
 ###############################################################################
 
-_OBS_FOLD = re.compile(r"\r?\n[ \t]+")
-
 # RFC 9110 §5.6.2: a token, the syntax of field names, methods and codings.
 _TOKEN = br"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _IS_TOKEN = re.compile(_TOKEN + br"\Z")
@@ -2954,9 +2977,7 @@ def upstream_headers(request_headers, upstream, forward_auth, body_length,
         if lowered in REQUEST_HEADERS_SET_BY_RELAY or (
                 lowered in CREDENTIAL_HEADERS and not forward_auth):
             continue
-        # RFC 9112 §5.2: a folded (obs-fold) value is unfolded before it is
-        # forwarded, so no line break reaches the upstream.
-        headers.append((name, _OBS_FOLD.sub(" ", value)))
+        headers.append((name, value))
     if upstream.api_key and not forward_auth:
         headers.extend(upstream_credential_headers(upstream, headers))
     headers.append(("Accept-Encoding", "identity"))
@@ -4260,7 +4281,16 @@ def loggable_target(target):
     if "?" in target:
         path, _, query = target.partition("?")
         target = path + "?" + SECRET_QUERY_PARAMETER.sub(r"\1***", query)
-    return printable(target)[:300]
+    return mask_secrets(printable(target)[:300])
+
+
+def mask_secrets(text):
+    """Mask what looks like a credential in client text bound for a log
+    line: key-like parameters (api-key=, token=, ...), Bearer/Basic
+    credentials and sk-... style keys."""
+    if "=" in text:
+        text = SECRET_QUERY_PARAMETER.sub(r"\1***", text)
+    return _CREDENTIAL_WORDS.sub(lambda match: match.group(1) + "***", text)
 
 
 def plural(count, noun):
@@ -4578,12 +4608,70 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._header_items = None
         self._headers_by_name = None
         self._body = None  # the RequestBodyReader, once the framing is checked
+        self._head_body_length = 0  # from the head: bytes, or None (chunked)
+        self.command = None
+        self.request_version = self.default_request_version
         self.path = None
         self.log_fields = collections.OrderedDict()
 
     def parse_request(self):
+        """Read the request line and header section strictly; True to serve.
+
+        Replaces http.server's parser, which reads headers with the email
+        package: lenient by design, a malformed line there silently ends the
+        header section and what follows is read as body or as the next
+        request.  Here every line must be valid (parse_request_line,
+        read_field_lines) and the body framing unambiguous
+        (request_body_length, RFC 9112 §6.3); otherwise the answer is 400
+        (431, 501 or 505) and the connection closes, so nothing after a bad
+        head is ever interpreted.
+        """
         self.tracked.request_started()
-        return http.server.BaseHTTPRequestHandler.parse_request(self)
+        self.requestline = ""  # http.server's logging of it is not used
+        self.close_connection = True
+        line = self.raw_requestline
+        if line in (b"\r\n", b"\n"):
+            # RFC 9112 §2.2: an empty line before a request is ignored
+            # (some clients end a POST body with an extra CRLF).
+            line = self.rfile.readline(MAX_REQUEST_LINE_BYTES + 1)
+            if not line:
+                return False
+        try:
+            if len(line) > MAX_REQUEST_LINE_BYTES:
+                raise BadMessage("a request line longer than %d bytes"
+                                 % MAX_REQUEST_LINE_BYTES, 414)
+            self.command, self.path, self.request_version = parse_request_line(line)
+            fields = FieldList(read_field_lines(self.rfile))
+            self._head_body_length = request_body_length(self.request_version,
+                                                         fields)
+        except BadMessage as error:
+            self._refuse_head(line, error)
+            return False
+        except (MessageCutShort, OSError):
+            return False  # the client left or timed out inside the head
+        self.headers = fields
+        tokens = list_elements(fields.get_all("connection", ()))
+        self.close_connection = "close" in tokens or (
+            self.request_version == "HTTP/1.0" and "keep-alive" not in tokens)
+        if self.request_version == "HTTP/1.1" and (
+                fields.get("expect", "").lower() == "100-continue"):
+            return self.handle_expect_100()
+        return True
+
+    def _refuse_head(self, line, error):
+        """Answer a request head that parse_request refused: one access line
+        (the target's secrets masked), the error in the shape of its path,
+        Connection: close, nothing forwarded."""
+        words = line.split(b" ")
+        if self.command is None:
+            self.command = words[0].decode("latin-1")[:20] if _IS_TOKEN.match(
+                words[0]) else None
+        if self.path is None and len(words) > 1:
+            self.path = words[1].decode("latin-1")
+        self._protocol = target_protocol(self.path or "")
+        self.send_error(error.status, "Bad request: %s." % error.reason
+                        if error.status == 400 else error.reason[:1].upper() +
+                        error.reason[1:] + ".")
 
     def _header_list(self):
         """Return the request headers as (name, value) pairs, read once: each
@@ -4705,10 +4793,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             return route, query
         if allowed is None and not self._path_is_under_v1():
             raise RelayError(404, "Unknown path %s %s." % (
-                self.command, printable(self.path)[:200]), code="unknown_url")
+                self.command, loggable_target(self.path)[:200]), code="unknown_url")
         if allowed is not None and self.command not in allowed:
             raise RelayError(405, "Method %s is not allowed on %s; use %s." % (
-                self.command, printable(urllib.parse.urlsplit(self.path).path)[:200],
+                self.command, printable(target_path(self.path)[0])[:200],
                 ", ".join(allowed)),
                 code="method_not_allowed", headers=[("Allow", ", ".join(allowed))])
         if config.api_keys and route not in UNAUTHENTICATED_PATHS and not check_api_key(
@@ -4723,7 +4811,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         return route, query
 
     def _path_is_under_v1(self):
-        path = urllib.parse.urlsplit(self.path).path
+        path = target_path(self.path)[0]
         return path.startswith("/v1/") and path != "/v1/"
 
     # -- reading the request body -------------------------------------------------
@@ -4745,41 +4833,21 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             self._body is not None and self._body.done)
 
     def _check_body_length(self, config):
-        """Decide how the request body is framed, refusing what could be
-        read two ways (request smuggling, RFC 9112 §6.1 and §6.3).
+        """Return the request body's length in bytes, or None (chunked).
 
-        Only Transfer-Encoding "chunked" is decoded (else 501, and close).
-        Transfer-Encoding and Content-Length together: chunked wins and the
-        connection closes after the answer.  Content-Length must be one
-        decimal number, repeated values equal (else 400); POST, PUT and
-        PATCH need a length (411); a length over max_body_bytes is 413
-        before any body byte is read.  Returns the length, or None (chunked).
+        parse_request has already refused every framing that could be read
+        two ways (request_body_length, RFC 9112 §6.1 and §6.3).  Here POST,
+        PUT and PATCH need a length (411), and a length over max_body_bytes
+        is 413 before any body byte is read.
         """
-        if self._header_values("transfer-encoding"):
-            declared = ",".join(self._header_values("transfer-encoding"))
-            codings = [coding.strip().lower() for coding in declared.split(",")]
-            if codings != ["chunked"]:
-                self.close_connection = True
-                raise RelayError(501, "Transfer-Encoding %s is not supported." %
-                                 printable(declared)[:100],
-                                 code="unsupported_transfer_encoding")
-            if self._header_values("content-length"):
-                # RFC 9112 §6.3: Transfer-Encoding wins, and the connection
-                # must close afterwards: the message may be a smuggling attempt.
-                self.close_connection = True
+        length = self._head_body_length  # parse_request refused the rest
+        if length is None:
             return None
-        values = self._header_values("content-length")
-        if not values:
-            if self.command in ("POST", "PUT", "PATCH"):
-                raise RelayError(411, "A request body needs Content-Length or "
-                                      "chunked Transfer-Encoding.",
-                                 code="length_required")
-            return 0
-        if len(set(v.strip() for v in values)) != 1 or not re.match(
-                r"^[0-9]{1,18}$", values[0].strip()):
-            raise RelayError(400, "Invalid Content-Length.",
-                             code="invalid_content_length")
-        length = int(values[0])
+        if not length and self.command in ("POST", "PUT", "PATCH") and not \
+                self._header_values("content-length"):
+            raise RelayError(411, "A request body needs Content-Length or "
+                                  "chunked Transfer-Encoding.",
+                             code="length_required")
         if length > config.max_body_bytes:
             raise RelayError(413, "The request body is %d bytes; the limit is "
                              "max_body_bytes = %d." % (length, config.max_body_bytes),
@@ -4941,8 +5009,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         """
         content_type = self._header("content-type")
         reader = self._request_body(config)
-        must_be_json = self.command == "POST" and urllib.parse.urlsplit(
-            self.path).path.rstrip("/").split("/")[-1] in (
+        must_be_json = self.command == "POST" and target_path(
+            self.path)[0].rstrip("/").split("/")[-1] in (
                 "completions", "messages", "responses", "count_tokens")
         if not must_be_json and reader.length != 0 and is_streamed_body_type(
                 content_type):
@@ -5583,8 +5651,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             error.code, error.param), headers)
 
     def _declares_body(self):
-        return bool(self._header_values("transfer-encoding")) or (
-            (self._header("content-length") or "0").strip() not in ("", "0"))
+        return self._head_body_length != 0
 
     def send_error(self, code, message=None, explain=None):
         """Answer http.server's own errors (bad request line, long headers,
@@ -5605,7 +5672,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         pass  # one access line per request comes from _log_access
 
     def log_message(self, format, *args):
-        logger.debug("%s %s", self.client_address[0], printable(format % args))
+        logger.debug("%s %s", self.client_address[0], mask_secrets(
+            printable(format % args)))
 
     def _log_access(self):
         """Write the request's one access line (see AccessLog)."""

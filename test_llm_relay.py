@@ -2410,26 +2410,29 @@ class RequestFramingTest(RelayTestCase):
 
     def test_folded_and_doubled_framing_headers(self):
         self.start_relay()
-        self.raw_exchange(b"POST /v1/chat/completions HTTP/1.1\r\nX-Fold: a\r\n"
-                          b" Transfer-Encoding: chunked\r\nContent-Length: 2\r\n"
-                          b"Connection: close\r\n\r\n{}")
-        self.assertEqual(self.upstream.last().headers["X-Fold"],
-                         "a Transfer-Encoding: chunked")
-        reply = self.raw_exchange(b"POST /v1/chat/completions HTTP/1.1\r\n"
+        reply = self.raw_exchange(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                  b"X-Fold: a\r\n Transfer-Encoding: chunked\r\n"
+                                  b"Content-Length: 2\r\n\r\n{}")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply)
+        reply = self.raw_exchange(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                                   b"Transfer-Encoding: chunked\r\nTransfer-Encoding: "
                                   b"identity\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply)
+        reply = self.raw_exchange(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                  b"Transfer-Encoding: gzip, chunked\r\n\r\n")
         self.assertTrue(reply.startswith(b"HTTP/1.1 501"), reply)
+        self.assertEqual(self.upstream.requests, [])
 
-    def test_content_length_with_chunked_upload_closes_the_connection(self):
+    def test_content_length_with_chunked_upload_is_refused(self):
         self.start_relay()
         smuggled = b"GET /v1/models?smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
         body = b"3\r\nabc\r\n0\r\n\r\n" + smuggled
         reply = self.raw_exchange(UPLOAD_HEAD + b"Content-Length: %d\r\nTransfer-"
                                   b"Encoding: chunked\r\n\r\n%s" % (len(body), body))
         self.assertEqual(reply.count(b"HTTP/1.1 "), 1, reply)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply)
         self.assertIn(b"Connection: close", reply)
-        self.assertEqual(self.upstream.last().body, b"abc")
-        self.assertNotIn("smuggled", " ".join(r.path for r in self.upstream.requests))
+        self.assertEqual(self.upstream.requests, [])
 
     def test_an_overlong_chunk_size_line_is_refused(self):
         # Read as 4096-byte lines, the size line below ends early; its tail
@@ -2552,6 +2555,7 @@ class AccessControlTest(RelayTestCase):
             self.request("GET", "/v1/models?api-key=sk-CLIENTKEY&x=1")
             self.chat({"model": "m" * 100000})
             self.wait_for_log(logs, "mmmm")
+            self.wait_for_log(logs, "GET /v1/models")  # written after its answer
         text = "\n".join(logs.output)
         self.assertNotIn("sk-CLIENTKEY", text)
         self.assertIn("api-key=***&x=1", text)
@@ -4058,7 +4062,7 @@ class BrowsersAndRequestIdTest(RelayTestCase):
             self.wait_for_log(logs, "id=client-id-1")
         self.assertEqual(headers["x-request-id"], "client-id-1")
         self.assertEqual(self.upstream.last().headers["X-Request-Id"], "client-id-1")
-        _, headers, _ = self.chat({"model": "m"}, {"X-Request-Id": "bad id\x7f"})
+        _, headers, _ = self.chat({"model": "m"}, {"X-Request-Id": "bad id"})
         self.assertRegex(headers["x-request-id"], "^[0-9a-f]{32}$")
         self.assertEqual(self.upstream.last().headers["X-Request-Id"],
                          headers["x-request-id"])
@@ -7037,3 +7041,182 @@ class SseRunsOverHttpTest(RelayTestCase):
         head, chunks = self.read_chunks(sock)
         self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
         self.assertEqual(chunks, [b"\n".join(events) + b"\n"])
+
+
+class StrictRequestHeadTest(RelayTestCase):
+    """The front door: a request head RFC 9112 says to reject gets one 400
+    (431/501/505) in the error shape of its path, Connection: close, one
+    log line, and nothing is forwarded, even what follows it."""
+
+    SMUGGLED = b"GET /v1/files/smuggled HTTP/1.1\r\nHost: r\r\n\r\n"
+
+    def assert_refused(self, head, status=400, shape="openai"):
+        reply = self.raw_exchange(head + self.SMUGGLED)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 %d " % status), (head, reply))
+        response_head, _, body = reply.partition(b"\r\n\r\n")
+        self.assertIn(b"\r\nConnection: close\r\n", response_head + b"\r\n", head)
+        self.assertIn(b"\r\nContent-Length: %d\r\n" % len(body), response_head)
+        value = json.loads(body.decode("utf-8"))  # one answer, nothing after it
+        if shape == "openai":
+            self.assertEqual(set(value["error"]), {"message", "type", "param", "code"})
+        else:
+            self.assertEqual(value["type"], "error")
+            self.assertEqual(value["error"]["type"], "invalid_request_error")
+        self.assertEqual(self.upstream.requests, [], head)
+        return value
+
+    def test_a_malformed_header_line_never_lets_the_rest_through(self):
+        self.start_relay()
+        # ../shared/cases/smuggled-after-bad-header-line.md, and its kind.
+        for bad_line in (b"X-Pad : 1", b"X-Pad\t: 1", b"X\x7fPad: 1", b"X-Pad 1",
+                         b" X-Pad: 1", b"X-Pad: a\rb", b"X-Pad: a\x00b",
+                         b"X-Pad: a\x01b", b"X[Pad]: 1"):
+            self.assert_refused(b"GET /health HTTP/1.1\r\nHost: r\r\n" + bad_line +
+                                b"\r\nContent-Length: 48\r\n\r\n")
+
+    def test_framing_headers_that_could_be_read_two_ways_are_refused(self):
+        self.start_relay()
+        post = b"POST /v1/chat/completions HTTP/1.1\r\nHost: r\r\n"
+        for headers, status in (
+                (b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n", 400),
+                (b"Transfer-Encoding: chunked, identity\r\n", 400),
+                (b"Transfer-Encoding: identity\r\n", 400),
+                (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", 400),
+                (b"Transfer-Encoding: gzip, chunked\r\n", 501),
+                (b"Content-Length: 2\r\nContent-Length: 3\r\n", 400),
+                (b"Content-Length: 2, 3\r\n", 400),
+                (b"Content-Length: +2\r\n", 400),
+                (b"Content-Length: 0x2\r\n", 400),
+                (b"Content-Length:\x0b2\r\n", 400),
+                (b"Content-Length: 2\x0c\r\n", 400),
+                (b"Content-Length: 2\x1c\r\n", 400),
+                (b"Content-Length: 2\xa0\r\n", 400),
+                (b"Content-Length: \xc2\xa02\r\n", 400),
+                (b"Transfer-Encoding: chunked\x1c\r\n", 400),
+                (b"Transfer-Encoding: chunked\xa0\r\n", 400),
+                (b"Transfer-Encoding:\x0bchunked\r\n", 400)):
+            self.assert_refused(post + headers + b"\r\n{}", status)
+
+    def test_host_and_request_line_rules(self):
+        self.start_relay()
+        for head, status in (
+                (b"GET /health HTTP/1.1\r\n\r\n", 400),
+                (b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+                (b"GET /health HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+                (b"GET  /health HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+                (b"GET /health  HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+                (b"GET\t/health HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+                (b"GET /health HTTP/1.1 \r\nHost: a\r\n\r\n", 400),
+                (b"GET /health http/1.1\r\nHost: a\r\n\r\n", 400),
+                (b"GET /health HTTP/1.1\rHost: a\r\n\r\n", 400),
+                (b"GET /health\r\n\r\n", 400),
+                (b"G(T /health HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+                (b"GET /health HTTP/1.2\r\nHost: a\r\n\r\n", 505),
+                (b"GET /health HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+                (b"GET /health HTTP/1.1\r\n" + b"X-A: 1\r\n" * 101 + b"Host: a\r\n\r\n",
+                 431)):
+            self.assert_refused(head, status)
+        # Still accepted: HTTP/1.0 without Host, one empty line before the
+        # request (RFC 9112 §2.2), obs-text in a value, bare LF line ends.
+        for head in (b"GET /health HTTP/1.0\r\n\r\n",
+                     b"\r\nGET /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+                     b"GET /health HTTP/1.1\r\nHost: a\r\nX-Name: caf\xe9\r\n"
+                     b"Connection: close\r\n\r\n",
+                     b"GET /health HTTP/1.1\nHost: a\nConnection: close\n\n"):
+            reply = self.raw_exchange(head)
+            self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), (head, reply))
+
+    def test_malformed_chunked_bodies_are_refused(self):
+        self.start_relay()
+        post = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: r\r\n"
+                b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        data = b'{"model": "m"}'
+        for body in (b"e \r\n%s\r\n0\r\n\r\n", b" e\r\n%s\r\n0\r\n\r\n",
+                     b"ex\r\n%s\r\n0\r\n\r\n", b"e;=\r\n%s\r\n0\r\n\r\n",
+                     b"e\r\n%sXX0\r\n\r\n", b"e\r\n%s\n0\r\n\r\n",
+                     # The last chunk without its final CRLF: the next request
+                     # must not pass for trailer fields and go unanswered.
+                     b"e\r\n%s\r\n0\r\n"):
+            self.assert_refused(post + body % data)
+        reply = self.raw_exchange(post.replace(b"\r\n\r\n", b"\r\nConnection: close"
+                                               b"\r\n\r\n") +
+                                  b"e;ext=1\r\n%s\r\n0\r\nX-T: 1\r\n\r\n" % data)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+
+    def test_messages_paths_get_the_anthropic_error_shape(self):
+        self.start_relay()
+        value = self.assert_refused(b"POST /v1/messages HTTP/1.1\r\nHost: r\r\n"
+                                    b"X-Pad : 1\r\nContent-Length: 2\r\n\r\n{}",
+                                    shape="anthropic")
+        self.assertIn("whitespace between a header name and its colon",
+                      value["error"]["message"])
+        self.assert_refused(b"POST /v1/messages/count_tokens HTTP/1.1 x\r\n\r\n",
+                            shape="anthropic")
+
+    def test_a_target_starting_with_two_slashes_is_a_path(self):
+        self.start_relay(api_keys=["k"])
+        for target in (b"//x/metrics", b"//x/health", b"//127.0.0.1/v1/models"):
+            reply = self.raw_exchange(b"GET " + target + b" HTTP/1.1\r\nHost: r\r\n"
+                                      b"Connection: close\r\n\r\n")
+            self.assertTrue(reply.startswith(b"HTTP/1.1 404 "), (target, reply))
+        self.assertEqual(llm_relay.split_route("//x/metrics?a=1"), ("//x/metrics", "a=1"))
+        self.assertEqual(llm_relay.split_route("http://h/v1/models?a"), ("/models", "a"))
+
+
+class NoKeyInAnyLogLineTest(RelayTestCase):
+    """Every path that logs client input masks secrets (README promise)."""
+
+    SECRET = "sk-live-SECRET1234"
+
+    def assert_no_secret(self, logs):
+        text = "\n".join(logs.output)
+        self.assertNotIn("SECRET1234", text)
+        return text
+
+    def test_a_key_in_a_malformed_request_line(self):
+        # ../shared/cases/key-in-bad-request-line.md
+        self.start_relay()
+        for name in (b"api-key", b"token", b"key"):
+            with self.assertLogs("llm_relay", "DEBUG") as logs:
+                reply = self.raw_exchange(b"GET /v1/models?" + name + b"=" +
+                                          self.SECRET.encode() + b"&q=a b HTTP/1.1"
+                                          b"\r\nHost: r\r\n\r\n")
+                self.wait_for_log(logs, " 400 ")
+            self.assertTrue(reply.startswith(b"HTTP/1.1 400 "), reply)
+            text = self.assert_no_secret(logs)
+            self.assertIn(name.decode() + "=***", text)
+
+    def test_a_key_in_the_target_of_unknown_paths_and_bad_heads(self):
+        self.start_relay()
+        with self.assertLogs("llm_relay", "DEBUG") as logs:
+            status, _, data = self.request("GET", "/nope?token=" + self.SECRET)
+            self.assertEqual(status, 404)
+            self.assertNotIn(b"SECRET1234", data)
+            self.raw_exchange(b"GET /v1/x?key=" + self.SECRET.encode() +
+                              b" HTTP/1.1\r\nHost: r\r\nX-Pad : 1\r\n\r\n")
+            self.raw_exchange(b"GET /v1/x/" + self.SECRET.encode() +
+                              b" HTTP/1.1\r\nHost: r\r\nX-Pad : 1\r\n\r\n")
+            self.wait_for_log(logs, "header name")
+        self.assert_no_secret(logs)
+
+    def test_keys_in_headers_and_debug_bodies(self):
+        self.start_relay(model_rules=[{"match_model": "m", "set": {"temperature": 0}}])
+        with self.assertLogs("llm_relay", "DEBUG") as logs:
+            self.raw_exchange(b"POST /v1/chat/completions HTTP/1.1\r\nHost: r\r\n"
+                              b"Authorization : Bearer " + self.SECRET.encode() +
+                              b"\r\nContent-Length: 2\r\n\r\n{}")
+            status, _, _ = self.chat({"model": "m", "api_key": self.SECRET,
+                                      "metadata": {"token": self.SECRET}},
+                                     {"Authorization": "Bearer " + self.SECRET})
+            self.assertEqual(status, 200)
+            self.wait_for_log(logs, "POST /v1/chat/completions 200")
+        self.assert_no_secret(logs)
+        self.assertEqual(self.upstream.last().json()["api_key"], self.SECRET)
+
+    def test_mask_secrets(self):
+        mask = llm_relay.mask_secrets
+        self.assertEqual(mask("GET /x?api_key=abc&q=1 HTTP/1.1"),
+                         "GET /x?api_key=***&q=1 HTTP/1.1")
+        self.assertEqual(mask("Authorization: Bearer abc.def"),
+                         "Authorization: Bearer ***")
+        self.assertEqual(mask("model sk-proj-abc123, task-1"), "model sk-***, task-1")
