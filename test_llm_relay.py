@@ -243,8 +243,9 @@ class ConfigValidationTest(unittest.TestCase):
         self.assertEqual(llm_relay.parse_listen("localhost:0"), ("localhost", 0))
         self.assertEqual(llm_relay.parse_listen(":9000"), ("0.0.0.0", 9000))
         for bad in ("8080", "::1:8080", "host:", "host:port", "[::1]", "a:70000"):
-            with self.assertRaises(ValueError, msg=bad):
-                llm_relay.parse_listen(bad)
+            with self.subTest(bad=bad):
+                with self.assertRaises(ValueError, msg=bad):
+                    llm_relay.parse_listen(bad)
 
     def test_upstream_url_keeps_its_path_prefix(self):
         self.assertEqual(llm_relay.parse_upstream_url("http://h:11434/v1/"),
@@ -578,9 +579,11 @@ class SmallHelpersTest(unittest.TestCase):
         self.assertTrue(check(None, "k1"))
         self.assertTrue(check("Basic k3", " k2 "))
         for bad in (None, "", "k1", "Basic k1", "Bearer k3", "Bearer k", "Bearer "):
-            self.assertFalse(check(bad), bad)
+            with self.subTest(bad=bad):
+                self.assertFalse(check(bad), bad)
         for bad in (None, "", " ", "k3", "Bearer k1"):
-            self.assertFalse(check(None, bad), bad)
+            with self.subTest(bad=bad):
+                self.assertFalse(check(None, bad), bad)
         self.assertFalse(check("Bearer wrong", "k1"))  # the Bearer token wins
         self.assertEqual(llm_relay.client_credential("Bearer a", "b"), "a")
         self.assertIsNone(llm_relay.client_credential("Bearer  ", " "))
@@ -602,7 +605,8 @@ class SmallHelpersTest(unittest.TestCase):
     def test_sanitize_request_id(self):
         self.assertEqual(llm_relay.sanitize_request_id("abc-123"), "abc-123")
         for bad in (None, "", "a b", "x\r\nInjected: 1", "é", "a" * 129):
-            self.assertIsNone(llm_relay.sanitize_request_id(bad), bad)
+            with self.subTest(bad=bad):
+                self.assertIsNone(llm_relay.sanitize_request_id(bad), bad)
 
     def test_redact_for_log(self):
         text = llm_relay.redact_for_log({"model": "m", "api_key": "sk-1",
@@ -1887,8 +1891,9 @@ class RelayEndpointsTest(RelayTestCase):
             self.assertEqual([m["id"] for m in listing["data"]],
                              ["qwen2.5-72b-instruct", "gpt-3.5-turbo"])
             for entry in listing["data"]:
-                self.assertEqual(set(entry), {"id", "object", "created", "owned_by"})
-                self.assertEqual(entry["object"], "model")
+                with self.subTest(entry=entry):
+                    self.assertEqual(set(entry), {"id", "object", "created", "owned_by"})
+                    self.assertEqual(entry["object"], "model")
         self.assertEqual(self.upstream.last().path, "/v1/models")
 
     def test_models_relays_an_upstream_error_and_502_when_unreachable(self):
@@ -1923,17 +1928,18 @@ class RelayEndpointsTest(RelayTestCase):
         self.start_relay(model_rules=[{"match_model": ["gpt-3.5-turbo", "gpt-4*"]},
                                       {"match_model": "default"}])
         for item in answers:
-            current.append(item)
-            with self.assertLogs("llm_relay", "WARNING") as logs:
-                status, headers, data = self.request("GET", "/v1/models")
-            self.assertEqual((status, headers["content-type"]),
-                             (200, "application/json"), data)
-            self.assertEqual(json.loads(data.decode("utf-8"))["data"], [
-                {"id": "gpt-3.5-turbo", "object": "model",
-                 "created": self.relay.config.created, "owned_by": "llm-relay"}])
-            warnings = [line for line in logs.output if "WARNING" in line]
-            self.assertEqual(len(warnings), 1, warnings)
-            self.assertIn("has no model list: GET /models " + item[3], warnings[0])
+            with self.subTest(item=item):
+                current.append(item)
+                with self.assertLogs("llm_relay", "WARNING") as logs:
+                    status, headers, data = self.request("GET", "/v1/models")
+                self.assertEqual((status, headers["content-type"]),
+                                 (200, "application/json"), data)
+                self.assertEqual(json.loads(data.decode("utf-8"))["data"], [
+                    {"id": "gpt-3.5-turbo", "object": "model",
+                     "created": self.relay.config.created, "owned_by": "llm-relay"}])
+                warnings = [line for line in logs.output if "WARNING" in line]
+                self.assertEqual(len(warnings), 1, warnings)
+                self.assertIn("has no model list: GET /models " + item[3], warnings[0])
 
     def test_parse_model_list_accepts_only_an_openai_list(self):
         self.assertEqual(llm_relay.parse_model_list(200, b'{"data": []}'), {"data": []})
@@ -1984,9 +1990,10 @@ class RelayErrorsTest(RelayTestCase):
             handler, body, 404, [("x-ratelimit-remaining-requests", "7")])
         self.start_relay()
         for stream in (False, True):
-            status, headers, data = self.chat({"model": "m", "stream": stream})
-            self.assertEqual((status, data), (404, body))
-            self.assertEqual(headers["x-ratelimit-remaining-requests"], "7")
+            with self.subTest(stream=stream):
+                status, headers, data = self.chat({"model": "m", "stream": stream})
+                self.assertEqual((status, data), (404, body))
+                self.assertEqual(headers["x-ratelimit-remaining-requests"], "7")
 
     def test_upstream_refused_is_502_naming_the_upstream(self):
         self.start_relay()
@@ -2352,7 +2359,8 @@ class HeadersOverHttpTest(RelayTestCase):
         self.assertEqual(sent["X-Custom"], "passes")
         self.assertEqual((status, data), (200, b"{}"))
         for name in ("x-up-hop", "keep-alive", "upgrade"):
-            self.assertNotIn(name, headers)
+            with self.subTest(name=name):
+                self.assertNotIn(name, headers)
         self.assertEqual(headers["openai-processing-ms"], "12")
         self.assertNotIn("x-upstream-request-id", headers)
 
@@ -2526,7 +2534,8 @@ class AccessControlTest(RelayTestCase):
         text = "\n".join(logs.output)
         self.assertIn("body sent", text)  # the verbose body log was exercised
         for secret in secrets:
-            self.assertNotIn(secret, text)
+            with self.subTest(secret=secret):
+                self.assertNotIn(secret, text)
 
     def test_upstream_redirect_is_relayed_not_followed(self):
         self.upstream.behaviour = lambda handler, recorded: reply_json(
@@ -2837,13 +2846,14 @@ class UpstreamFaultsTest(RelayTestCase):
             write_chunk(handler, b'{"id": ')
             handler.close_connection = True
         for behaviour in (short_body, short_chunked):
-            self.upstream.behaviour = behaviour
-            if not hasattr(self, "relay"):
-                self.start_relay()
-            status, _, data = self.chat({"model": "m"})
-            error = self.assert_openai_error(status, data, 502, "upstream_error")
-            self.assertIn("closed the connection mid-body", error["message"])
-            self.assert_relay_still_serves()
+            with self.subTest(behaviour=behaviour):
+                self.upstream.behaviour = behaviour
+                if not hasattr(self, "relay"):
+                    self.start_relay()
+                status, _, data = self.chat({"model": "m"})
+                error = self.assert_openai_error(status, data, 502, "upstream_error")
+                self.assertIn("closed the connection mid-body", error["message"])
+                self.assert_relay_still_serves()
 
     def test_sse_framing_variants_are_relayed_byte_exact(self):
         pieces = [b"retry: 1000\r\n", b": ping\r\n", b"\r\n",
@@ -2906,9 +2916,10 @@ class UpstreamFaultsTest(RelayTestCase):
         self.upstream.behaviour = early_hints
         self.start_relay()
         for model in ("a", "b"):
-            status, _, data = self.chat({"model": model})
-            self.assertEqual((status, json.loads(data.decode())),
-                             (200, {"answer": model}))
+            with self.subTest(model=model):
+                status, _, data = self.chat({"model": model})
+                self.assertEqual((status, json.loads(data.decode())),
+                                 (200, {"answer": model}))
 
         def switching(handler, recorded):
             handler.wfile.write(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
@@ -3282,7 +3293,8 @@ class CommandLineTest(unittest.TestCase):
         status, out, err = self.run_relay(["--help"])
         self.assertEqual(status, 0)
         for option in ("--config", "--verbose", "--version", "config.jsonc"):
-            self.assertIn(option, out)
+            with self.subTest(option=option):
+                self.assertIn(option, out)
 
     def test_port_in_use_is_a_clear_error(self):
         holder = socket.socket()
@@ -3428,7 +3440,8 @@ class UpstreamPoolTest(RelayTestCase):
     def test_upstream_connections_are_reused(self):
         self.start_relay()
         for body in ({"model": "m"}, {"model": "m", "stream": True}, {"model": "m"}):
-            self.assert_ok(*self.chat(body)[::2])
+            with self.subTest(body=body):
+                self.assert_ok(*self.chat(body)[::2])
         self.assert_ok(*self.request("GET", "/v1/models")[::2])
         self.assertEqual(self.upstream.connections_opened, 1)
         self.assertEqual(len(self.upstream.requests), 4)
@@ -3709,12 +3722,13 @@ class RoutingTest(RelayTestCase):
         ]
         self.start_routed(["default", "second"], read_timeout=0.3)
         for behaviour in behaviours:
-            self.upstream.behaviour = behaviour
-            with self.assertLogs("llm_relay", "INFO") as logs:
-                status, _, data = self.chat({"model": "routed", "x": 1})
-                self.wait_for_log(logs, "upstream=default>second")
-            self.assertEqual(status, 200, data)
-            self.assertEqual(self.second.last().json(), {"model": "routed", "x": 1})
+            with self.subTest(behaviour=behaviour):
+                self.upstream.behaviour = behaviour
+                with self.assertLogs("llm_relay", "INFO") as logs:
+                    status, _, data = self.chat({"model": "routed", "x": 1})
+                    self.wait_for_log(logs, "upstream=default>second")
+                self.assertEqual(status, 200, data)
+                self.assertEqual(self.second.last().json(), {"model": "routed", "x": 1})
         self.upstream.stop()
         self.assert_ok(*self.chat({"model": "routed"})[::2])
         self.assertEqual(len(self.second.requests), 4)
@@ -3790,8 +3804,9 @@ class RichRulesOverHttpTest(RelayTestCase):
                   {"model": "big", "temperature": 0.9, "top_p": 1}),
                  ({"model": "GPT-4o"}, {"model": "fallback"})]
         for sent, expected in cases:
-            self.chat(sent)
-            self.assertEqual(self.upstream.last().json(), expected)
+            with self.subTest(sent=sent, expected=expected):
+                self.chat(sent)
+                self.assertEqual(self.upstream.last().json(), expected)
 
 
 class PassThroughTest(RelayTestCase):
@@ -3802,12 +3817,13 @@ class PassThroughTest(RelayTestCase):
         self.start_relay(model_rules=[{"match_model": "embed",
                                        "set": {"model": "nomic-embed-text"}}])
         for path in ("/v1/embeddings", "/v1/moderations", "/v1/rerank"):
-            status, _, data = self.request("POST", path, {"model": "embed",
-                                                          "input": "hi"})
-            self.assert_ok(status, data)
-            self.assertEqual(self.upstream.last().path, path)
-            self.assertEqual(self.upstream.last().json(),
-                             {"model": "nomic-embed-text", "input": "hi"})
+            with self.subTest(path=path):
+                status, _, data = self.request("POST", path, {"model": "embed",
+                                                              "input": "hi"})
+                self.assert_ok(status, data)
+                self.assertEqual(self.upstream.last().path, path)
+                self.assertEqual(self.upstream.last().json(),
+                                 {"model": "nomic-embed-text", "input": "hi"})
 
     def test_json_sent_with_a_form_content_type_still_gets_rules_and_checks(self):
         self.upstream.behaviour = lambda handler, recorded: reply_json(handler, {})
@@ -3898,8 +3914,9 @@ class PassThroughTest(RelayTestCase):
                            headers={"Content-Type": "application/json"})
         response = connection.getresponse()
         for line, gate in zip(lines, gates):
-            self.assertEqual(response.readline(), line)
-            gate.set()
+            with self.subTest(line=line, gate=gate):
+                self.assertEqual(response.readline(), line)
+                gate.set()
 
     def test_model_by_id_alias_here_others_upstream(self):
         self.start_relay(model_rules=[{"match_model": "alias", "set": {"model": "x"}}])
@@ -4083,14 +4100,15 @@ class BrowsersAndRequestIdTest(RelayTestCase):
         self.start_relay()
         for name in ("x-request-id", "request-id"):
             for stream in (False, True):
-                name_sent.append(name)
-                with self.assertLogs("llm_relay", "INFO") as logs:
-                    _, headers, _ = self.chat({"model": "m", "stream": stream},
-                                              {"X-Request-Id": "relay-id-7"})
-                    self.wait_for_log(logs, "id=relay-id-7")
-                self.assertEqual(headers["x-request-id"], upstream_ids[name])
-                line = [line for line in logs.output if "id=relay-id-7" in line][0]
-                self.assertIn("upstream_id=%s " % upstream_ids[name], line)
+                with self.subTest(stream=stream):
+                    name_sent.append(name)
+                    with self.assertLogs("llm_relay", "INFO") as logs:
+                        _, headers, _ = self.chat({"model": "m", "stream": stream},
+                                                  {"X-Request-Id": "relay-id-7"})
+                        self.wait_for_log(logs, "id=relay-id-7")
+                    self.assertEqual(headers["x-request-id"], upstream_ids[name])
+                    line = [line for line in logs.output if "id=relay-id-7" in line][0]
+                    self.assertIn("upstream_id=%s " % upstream_ids[name], line)
         self.assertEqual(headers["request-id"], "req_anthropic_1")
         name_sent.append(None)  # an upstream without an id: the relay's own
         _, headers, _ = self.chat({"model": "m"}, {"X-Request-Id": "relay-id-8"})
@@ -4403,13 +4421,14 @@ class ReadmeTest(unittest.TestCase):
                 self.assertEqual(sorted(rows), sorted(llm_relay.TOP_LEVEL_KEYS),
                                  "%s's configuration table" % name)
                 for key in llm_relay.CONFIG_KEYS:
-                    shown = readme_default(key.default, name)
-                    self.assertTrue(rows[key.name][1].startswith(shown), "%s: "
-                                    "default of %s is %s, not %s" % (
-                                        name, key.name, rows[key.name][1], shown))
-                    if name == "README.md":
-                        self.assertEqual(rows[key.name][0], key.type,
-                                         "README.md: type of %s" % key.name)
+                    with self.subTest(key=key):
+                        shown = readme_default(key.default, name)
+                        self.assertTrue(rows[key.name][1].startswith(shown), "%s: "
+                                        "default of %s is %s, not %s" % (
+                                            name, key.name, rows[key.name][1], shown))
+                        if name == "README.md":
+                            self.assertEqual(rows[key.name][0], key.type,
+                                             "README.md: type of %s" % key.name)
 
     def test_both_readmes_document_exactly_the_rule_and_upstream_keys(self):
         for name in README_NAMES:
@@ -4418,8 +4437,9 @@ class ReadmeTest(unittest.TestCase):
                                  sorted(llm_relay.RULE_KEYS))
                 section = readme_section(name, "Several upstreams")
                 for key in llm_relay.UPSTREAM_KEYS:
-                    self.assertIn("`%s`" % key, section, "%s: upstreams' %s" % (
-                        name, key))
+                    with self.subTest(key=key):
+                        self.assertIn("`%s`" % key, section, "%s: upstreams' %s" % (
+                            name, key))
 
     def test_the_readmes_link_each_other(self):
         self.assertIn("README.zh-CN.md", readme_section("README.md", ""))
@@ -4617,12 +4637,14 @@ class OperatorCommandLineTest(CommandLineTest):
         status, out, err = self.run_relay(["--check-config", "--config", path])
         self.assertEqual(status, 0, err)
         for secret in ("sk-secret-upstream", "relay-secret-key"):
-            self.assertNotIn(secret, out)
+            with self.subTest(secret=secret):
+                self.assertNotIn(secret, out)
         self.assertIn("****1234", out)
         self.assertIn("listen: http://127.0.0.1:1", out)
         rule_line = [line for line in out.splitlines() if "gpt-3.5-turbo" in line][0]
         for part in ("default", "presence_penalty", 'model="qwen"', '{"o": {"a": 1}}'):
-            self.assertIn(part, rule_line)
+            with self.subTest(part=part):
+                self.assertIn(part, rule_line)
         self.assertIn("warning:", out)
         self.assertIn("unknown key 'lisen'", out)
         status, out, err = self.run_relay(["--check-config", "--config",
