@@ -5146,51 +5146,141 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         """Send a Messages or Responses request along its chain: as it is to
         upstreams that speak its API, translated onto chat completions to
         those that speak only chat; answer in the client's protocol."""
+        client_body = json.loads(body.data.decode("utf-8"))
         if target_suffix.startswith("/messages/count_tokens"):
             self.log_fields["note"] = "count_tokens estimated (chat-only upstream)"
             return self._send_json(200, {"input_tokens": estimate_input_tokens(
-                json.loads(body.data.decode("utf-8")))})
+                client_body)})
         translation = {}
 
         def variant(upstream):
             if not translates_to_chat(upstream, api):
                 return target_suffix, body
             if not translation:
-                translation.update(self._translate_request(api, body.data))
+                translation.update(self._translate_request(api, client_body))
             return "/chat/completions", translation["body"]
-        exchange = self._open_upstream(config, chain, target_suffix, body, True,
-                                       variant)
-        upstream, response = exchange.upstream, exchange.response
-        if not translates_to_chat(upstream, api):
+        if client_body.get("stream") is True and all(
+                translates_to_chat(config.upstreams[name], api) for name in chain):
+            # Every answer will be translated, so the client's stream may
+            # start (and ping) before an upstream has sent its head: llama.cpp
+            # and Ollama send it with the first token, after the prefill.
+            self.log_fields["translated"] = api + ">chat"
+            exchange, stream = self._open_upstream_pinging(
+                config, api, chain, target_suffix, body, variant, translation)
+            if exchange is None:
+                return None  # failed after the stream started; it has ended
+        else:
+            stream = None
+            exchange = self._open_upstream(config, chain, target_suffix, body, True,
+                                           variant)
+        if not translates_to_chat(exchange.upstream, api):
             return self._relay_response(exchange)
         self.log_fields["translated"] = api + ">chat"
         try:
-            if response.status != 200:
-                data = self._read_upstream_body(upstream, response)
-                exchange.release(complete=True)
-                return self._send_translated_error(api, response, data)
-            if is_event_stream(response.getheader("Content-Type")):
-                self.log_fields["stream"] = True
-                complete = self._relay_translated_stream(
-                    api, upstream, response, exchange.sock,
-                    self._stream_translator(api, translation))
-                if not complete:
-                    shutdown_socket(exchange.sock)  # wakes the line pump
-                exchange.release(complete)
-                return None
-            data = self._read_upstream_body(upstream, response)
-            exchange.release(complete=True)
-            self._send_translated_answer(api, upstream, translation, data)
+            self._relay_translated(api, translation, exchange, stream)
         finally:
             if not exchange.released:
                 shutdown_socket(exchange.sock)  # wakes the line pump, if one waits
                 exchange.release(complete=False)
 
-    def _translate_request(self, api, data):
+    def _relay_translated(self, api, translation, exchange, stream):
+        """Answer with the translation of a chat completions answer: an error
+        as it came (in Anthropic's shape on /v1/messages), a stream event by
+        event, a whole answer whole.  stream is the (writer, translator) of
+        a client stream already started, or None."""
+        upstream, response = exchange.upstream, exchange.response
+        if response.status != 200:
+            data = self._read_upstream_body(upstream, response)
+            exchange.release(complete=True)
+            if stream is not None:
+                return self._fail_translated_stream(upstream, stream, RelayError(
+                    response.status, "upstream %s answered %d: %s" % (
+                        upstream.name, response.status,
+                        upstream_error_message(data, response.status))))
+            return self._send_translated_error(api, response, data)
+        if is_event_stream(response.getheader("Content-Type")):
+            if stream is None:
+                stream = self._start_translated_stream(api, translation, [
+                    (name, value) for name, value in self._client_headers(
+                        list(response.getheaders())) if name.lower() not in (
+                            "content-type", "cache-control")])
+            complete = self._relay_translated_stream(api, upstream, response, stream)
+            if not complete:
+                shutdown_socket(exchange.sock)  # wakes the line pump
+            return exchange.release(complete)
+        data = self._read_upstream_body(upstream, response)
+        exchange.release(complete=True)
+        self._send_translated_answer(api, upstream, translation, data, stream)
+
+    def _open_upstream_pinging(self, config, api, chain, target_suffix, body,
+                               variant, translation):
+        """Open the upstream (see _open_upstream) in a helper thread; when no
+        answer has come within TRANSLATED_PING_SECONDS, start the client's
+        stream and ping it until one comes.  Returns (exchange, stream):
+        stream is the (writer, translator) started, or None; exchange is None
+        when the upstream failed after the stream started (the stream has
+        ended with the failure event).  Failures before that are raised."""
+        answers = queue.Queue()
+        abandoned = []
+        lock = threading.Lock()
+
+        def open_exchange():
+            try:
+                answer = self._open_upstream(config, chain, target_suffix, body, True,
+                                             variant)
+            except Exception as error:
+                answer = error
+            with lock:
+                if not abandoned:
+                    return answers.put(answer)
+            if isinstance(answer, UpstreamExchange):  # the client has gone
+                shutdown_socket(answer.sock)
+                answer.release(complete=False)
+        opener = threading.Thread(target=open_exchange, name="llm-relay-open")
+        opener.daemon = True
+        opener.start()
+        stream = None
+        try:
+            while True:
+                try:
+                    answer = answers.get(timeout=TRANSLATED_PING_SECONDS)
+                    break
+                except queue.Empty:
+                    if not translation:
+                        continue  # not sent yet (cannot take long)
+                    if stream is None:
+                        stream = self._start_translated_stream(api, translation, [])
+                    stream[0].write(stream[1].ping())
+        except BaseException:
+            with lock:
+                abandoned.append(True)
+                answer = None if answers.empty() else answers.get_nowait()
+            if isinstance(answer, UpstreamExchange):
+                shutdown_socket(answer.sock)
+                answer.release(complete=False)
+            raise
+        if not isinstance(answer, Exception):
+            return answer, stream
+        if stream is None or not isinstance(answer, RelayError):
+            raise answer
+        self._fail_translated_stream(None, stream, answer)
+        return None, stream
+
+    def _start_translated_stream(self, api, translation, headers):
+        """Send the head of a translated stream and its first event
+        (message_start, or response.created); return (writer, translator)."""
+        translator = self._stream_translator(api, translation)
+        self.log_fields["stream"] = True
+        writer = self._start_streamed_response(200, headers + [
+            ("Content-Type", "text/event-stream; charset=utf-8"),
+            ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")])
+        writer.write(translator.start())
+        return writer, translator
+
+    def _translate_request(self, api, client_body):
         """Translate the (rewritten) client body; returns a dict with the
         client body, the TranslatedRequest and the RequestBody to send.
         Dropped features are logged in one line."""
-        client_body = json.loads(data.decode("utf-8"))
         translate = (messages_to_chat_request if api == "messages"
                      else responses_to_chat_request)
         translated = translate(client_body)
@@ -5225,9 +5315,11 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._send_buffered(response.status, headers + [
             ("Content-Type", "application/json")], data)
 
-    def _send_translated_answer(self, api, upstream, translation, data):
+    def _send_translated_answer(self, api, upstream, translation, data,
+                                stream=None):
         """Translate a whole chat completion (sent as a stream when the
-        client asked for one and the upstream answered whole)."""
+        client asked for one and the upstream answered whole; stream is the
+        (writer, translator) of one already started)."""
         try:
             chat = json.loads(data.decode("utf-8"))
             if not isinstance(chat, dict):
@@ -5239,12 +5331,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._count_translated_usage(api, chat.get("usage"))
         request, client = translation["request"], translation["client"]
         if client.get("stream") is True:
-            translator = self._stream_translator(api, translation)
-            writer = self._start_streamed_response(200, [
-                ("Content-Type", "text/event-stream; charset=utf-8"),
-                ("Cache-Control", "no-cache")])
-            writer.write(translator.start() + translator.feed_chunk(
-                chat_message_as_chunk(chat)) + translator.finish())
+            writer, translator = stream or self._start_translated_stream(
+                api, translation, [])
+            writer.write(translator.feed_chunk(chat_message_as_chunk(chat)) +
+                         translator.finish())
             return writer.finish()
         model = request.body.get("model")
         if api == "messages":
@@ -5256,18 +5346,13 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             answer["model"] = self._rename_model  # response_model "asked"
         self._send_json(200, answer)
 
-    def _relay_translated_stream(self, api, upstream, response, sock, translator):
-        """Translate a chat completions stream event by event; send a ping
-        after TRANSLATED_PING_SECONDS of upstream silence (a CPU box can
-        think for minutes).  Returns True when the upstream ended its body
-        normally (its connection can be reused)."""
-        headers = [(name, value) for name, value in self._client_headers(
-            list(response.getheaders())) if name.lower() not in (
-                "content-type", "cache-control")]
-        writer = self._start_streamed_response(200, headers + [
-            ("Content-Type", "text/event-stream; charset=utf-8"),
-            ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")])
-        writer.write(translator.start())
+    def _relay_translated_stream(self, api, upstream, response, stream):
+        """Translate a chat completions stream event by event into the
+        started stream (writer, translator); send a ping after
+        TRANSLATED_PING_SECONDS of upstream silence (a CPU box can think for
+        minutes).  Returns True when the upstream ended its body normally
+        (its connection can be reused)."""
+        writer, translator = stream
         lines = queue.Queue()
         pump = threading.Thread(target=pump_lines, args=(response, lines),
                                 name="llm-relay-stream")
@@ -5288,8 +5373,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                     raise line
                 events = translator.feed_line(line)
             except Exception as error:
-                return self._fail_translated_stream(upstream, translator, error,
-                                                    writer)
+                return self._fail_translated_stream(upstream, stream, error)
             if events:
                 writer.write(events)
         writer.write(translator.finish())
@@ -5317,18 +5401,24 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         except queue.Empty:
             return False
 
-    def _fail_translated_stream(self, upstream, translator, error, writer):
-        """End a translated stream with the protocol's failure event
-        (Anthropic's error event, or response.failed); returns False."""
+    def _fail_translated_stream(self, upstream, stream, error):
+        """End a started translated stream (writer, translator) with the
+        protocol's failure event (Anthropic's error event, or
+        response.failed) for error, an exception (a RelayError already
+        counted when upstream is None); returns False."""
         if self.tracked.client_gone:
             raise ClientDisconnected()
+        writer, translator = stream
         if self.tracked.aborted:
             failure = RelayError(503, "The relay is shutting down; the stream was "
                                  "cut.", code="shutting_down")
+        elif isinstance(error, RelayError):
+            failure = error
         else:
             failure = translated_stream_failure(upstream, error)
         self.log_fields["error"] = failure.message
-        self._count_upstream_failure(upstream, failure.kind)
+        if upstream is not None:
+            self._count_upstream_failure(upstream, failure.kind)
         logger.warning("%s stream ended early: %s", self._request_id, failure.message)
         writer.write(translator.fail(failure.message, failure.status))
         writer.finish()

@@ -770,7 +770,8 @@ def parse_sse_events(data):
         if not block.strip():
             continue
         fields = dict(line.split(": ", 1) for line in block.split("\n"))
-        events.append((fields.get("event"), json.loads(fields["data"])))
+        if "data" in fields:  # else a comment (": ping")
+            events.append((fields.get("event"), json.loads(fields["data"])))
     return events
 
 
@@ -5565,6 +5566,66 @@ class TranslatedMessagesOverHttpTest(ChatOnlyUpstreamTestCase):
         self.assertEqual(events[0][0], "message_start")
         assert_anthropic_grammar(self, events)
         self.assertEqual(anthropic_blocks(events), [{"type": "text", "text": "late"}])
+
+    def fast_pings(self):
+        original = llm_relay.TRANSLATED_PING_SECONDS
+        llm_relay.TRANSLATED_PING_SECONDS = 0.05
+        self.addCleanup(setattr, llm_relay, "TRANSLATED_PING_SECONDS", original)
+
+    def read_until_ping(self, path, body, ping, saw_ping):
+        """Stream body to path; return the lines read up to a ping line, and
+        the response to read on from."""
+        connection = self.connect()
+        connection.request("POST", path, body=json.dumps(body),
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        self.assertEqual(response.status, 200)
+        lines = []
+        while not saw_ping.is_set():
+            line = response.readline()
+            self.assertTrue(line, "stream ended before a ping: %r" % lines)
+            lines.append(line)
+            if line.startswith(ping):
+                saw_ping.set()
+        return lines, response
+
+    def test_pings_before_the_upstream_sends_its_head(self):
+        """llama.cpp and Ollama send their head with the first token."""
+        saw_ping = threading.Event()
+
+        def prefill(handler, recorded):
+            saw_ping.wait(WAIT_SECONDS)
+            reply_sse(handler, chat_sse([chat_chunk({"content": "late"}),
+                                         chat_chunk({}, "stop")]))
+        self.upstream.behaviour = prefill
+        self.fast_pings()
+        self.start_chat_only_relay()
+        lines, response = self.read_until_ping("/v1/messages", {
+            "model": "claude-sonnet-4-5", "max_tokens": 5, "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]}, b"event: ping", saw_ping)
+        events = parse_sse_events(b"".join(lines + read_sse_lines(response)))
+        assert_anthropic_grammar(self, events)
+        self.assertEqual(anthropic_blocks(events), [{"type": "text", "text": "late"}])
+
+    def test_upstream_error_after_pings_ends_with_an_error_event(self):
+        saw_ping = threading.Event()
+
+        def overloaded(handler, recorded):
+            saw_ping.wait(WAIT_SECONDS)
+            reply_json(handler, {"error": {"message": "out of memory"}}, 503)
+        self.upstream.behaviour = overloaded
+        self.fast_pings()
+        self.start_chat_only_relay()
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            lines, response = self.read_until_ping("/v1/responses", {
+                "model": "gpt-5-codex", "input": "hi", "stream": True}, b": ping",
+                saw_ping)
+            events = parse_sse_events(b"".join(lines + read_sse_lines(response)))
+            self.wait_for_log(logs, "error=")
+        self.assertEqual([name for name, _ in events[:2]],
+                         ["response.created", "response.in_progress"])
+        self.assertEqual(events[-1][0], "response.failed")
+        self.assertIn("out of memory", events[-1][1]["response"]["error"]["message"])
 
     def test_chat_completions_keep_their_fast_path(self):
         self.start_chat_only_relay(model_rules=[])
