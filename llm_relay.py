@@ -58,6 +58,10 @@ DEFAULT_SHUTDOWN_GRACE_SECONDS = 30.0
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # base64 images are large
 DEFAULT_MAX_CONNECTIONS = 512
 
+# The longest timeout every socket and wait here can represent: socket
+# timeouts overflow past about 9.2e9 s, 32-bit timevals past 2**31 s, and
+# threading waits past threading.TIMEOUT_MAX (49 days on Windows).
+MAX_TIMEOUT_SECONDS = int(min(threading.TIMEOUT_MAX, 2 ** 31 - 1))
 LISTEN_BACKLOG = 1024  # socketserver's default of 5 refuses bursts
 POOL_MAX_IDLE_PER_UPSTREAM = 32
 POOL_IDLE_SECONDS = 30.0  # idle upstream connections are closed after this
@@ -163,6 +167,20 @@ ROUTES = collections.OrderedDict((route.path, route) for route in (
 ))
 ENDPOINTS = collections.OrderedDict(
     (path, route.methods) for path, route in ROUTES.items())
+
+# Paths of the OpenAI and Anthropic API references (without /v1) that the
+# metrics path label may name besides the relay's endpoints: a request under
+# one of them counts as "/v1<path>/*", anything else as "other", so clients
+# cannot grow the label set (and every scrape) by inventing paths.
+KNOWN_API_PATHS = frozenset((
+    "/messages/batches", "/embeddings", "/audio/speech",
+    "/audio/transcriptions", "/audio/translations", "/images/generations",
+    "/images/edits", "/images/variations", "/files", "/uploads", "/batches",
+    "/moderations", "/rerank", "/fine_tuning/jobs", "/vector_stores",
+    "/assistants", "/threads", "/realtime", "/conversations", "/containers",
+    "/evals", "/responses", "/models", "/messages", "/chat/completions",
+    "/completions", "/tokenize", "/detokenize",
+))
 UNAUTHENTICATED_PATHS = frozenset(
     path for path, route in ROUTES.items() if not route.needs_key)
 
@@ -324,11 +342,15 @@ def error_body(protocol, status, message, error_type=None, code=None,
 
 _JSON_STRING = r'"(?:[^"\\\n]|\\.)*"'
 
+# A // comment ends at CR, LF or CRLF (JSON5 §6): ending it only at LF
+# would let a lone CR hide the next line inside the comment.
 _JSONC_COMMENTS = re.compile(
-    _JSON_STRING + r"|(//[^\n]*|/\*.*?\*/)|(/\*)", re.DOTALL)
+    _JSON_STRING + r"|(//[^\r\n]*|/\*.*?\*/)|(/\*)", re.DOTALL)
 
+# A trailing comma follows a value; one right after "{", "[" or another
+# comma ({,} [,] [1,,]) is kept, so that it stays an error as in JSON5.
 _JSONC_TRAILING_COMMAS = re.compile(
-    _JSON_STRING + r"|(,)(?=\s*[\]}])", re.DOTALL)
+    _JSON_STRING + r"|[\[{,]\s*,|(,)(?=\s*[\]}])", re.DOTALL)
 
 _NOT_NEWLINE = re.compile(r"[^\r\n]")
 
@@ -813,6 +835,11 @@ class _ConfigChecker(object):
             raise self.error(path, "expected a %s %s" % (
                 "non-negative" if minimum == 0 else "positive",
                 "integer" if integer else "number of seconds"))
+        if not integer and not value <= MAX_TIMEOUT_SECONDS:
+            # 1e400 parses as infinity; 1e10 s overflows socket timeouts.
+            raise self.error(path, "expected at most %d seconds, the longest "
+                             "timeout this platform can represent"
+                             % MAX_TIMEOUT_SECONDS)
         return value if integer else float(value)
 
     def upstreams(self, raw):
@@ -3960,16 +3987,23 @@ def prometheus_label(value):
 
 
 def metrics_path(route):
-    """Return the bounded path label for a request: the relay's endpoints as
-    clients spell them (/health, /v1/models), other /v1 paths by their first
-    segment, else "other"."""
+    """Return the bounded path label for a request route: the relay's
+    endpoints as clients spell them (/health, /v1/models), a KNOWN_API_PATHS
+    path as /v1<path>, a path under one as /v1<path>/* (the longest), and
+    "other" for everything else, whatever clients send."""
     if route is None:
         return "other"
     endpoint = ROUTES.get(route)
     if endpoint is not None:
         return "/v1" + route if endpoint.under_v1 else route
-    first = route.split("/")[1] if route.count("/") else ""
-    return "/v1/" + first + ("/*" if route.count("/") > 1 else "") if first else "other"
+    if route in KNOWN_API_PATHS:
+        return "/v1" + route
+    parent = route
+    while parent.count("/") > 1:
+        parent = parent.rsplit("/", 1)[0]
+        if parent in KNOWN_API_PATHS:
+            return "/v1" + parent + "/*"
+    return "other"
 
 
 class Metrics(object):
@@ -5885,6 +5919,9 @@ class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.config_path = None  # the file reloads read; see watch_config_file
         self.config_overrides = None  # the command line's, kept over reloads
         self._config_signature = None
+        self._reload_lock = threading.Lock()
+        self._reloads_asked = 0  # reload tickets handed out
+        self._reload_applied = 0  # the newest ticket that took effect or failed
         self._next_config_poll = 0.0
         self.draining = False
         self._grace_deadline = 0.0
@@ -6083,6 +6120,23 @@ class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         http.server.HTTPServer.server_close(self)
         self.pool.close_all()
 
+    def reload_ticket(self):
+        """Return the number of a reload being asked for: 1, 2, ..."""
+        with self._reload_lock:
+            self._reloads_asked += 1
+            return self._reloads_asked
+
+    def finish_reload(self, ticket, config):
+        """Put config in force (None: that reload failed) unless a newer
+        reload has finished already; return False for an overtaken one."""
+        with self._reload_lock:
+            if ticket < self._reload_applied:
+                return False
+            self._reload_applied = ticket
+            if config is not None:
+                self.config = config
+            return True
+
     def active_connections(self):
         with self._lock:
             return self._active
@@ -6152,26 +6206,34 @@ def reload_config(server, path):
     """Load path again and swap it into server; keep the old config on error.
 
     The command line's overrides (--listen, --upstream, --demo) apply again.
-    Requests already running keep the config they started with.
+    Requests already running keep the config they started with.  Reloads
+    take effect in the order they were asked for (SIGHUP, a file change):
+    one that a newer reload overtook (a slow large file, then a small one)
+    is dropped with a log line, so the file's newest content stays in force.
     """
+    ticket = server.reload_ticket()
     try:
         config, warnings = load_config(path, overrides=server.config_overrides)
     except ConfigError as error:
+        server.finish_reload(ticket, None)
         logger.error("reload failed, keeping the running config: %s", error)
+        return False
+    old = server.config
+    if config.log_format != old.log_format:
+        warnings.append("log_format changed to %s; it takes effect only after "
+                        "a restart" % config.log_format)
+        config = config._replace(log_format=old.log_format)
+    if (config.listen_host, config.listen_port) != (old.listen_host, old.listen_port):
+        warnings.append("listen changed to %s:%d; it takes effect only after a "
+                        "restart" % (config.listen_host, config.listen_port))
+        config = config._replace(listen_host=old.listen_host,
+                                 listen_port=old.listen_port)
+    if not server.finish_reload(ticket, config):
+        logger.warning("dropped reload #%d of %s: a newer reload finished first",
+                       ticket, path)
         return False
     for warning in warnings:
         logger.warning("%s", warning)
-    old = server.config
-    if config.log_format != old.log_format:
-        logger.warning("log_format changed to %s; it takes effect only after a "
-                       "restart", config.log_format)
-        config = config._replace(log_format=old.log_format)
-    if (config.listen_host, config.listen_port) != (old.listen_host, old.listen_port):
-        logger.warning("listen changed to %s:%d; it takes effect only after a "
-                       "restart", config.listen_host, config.listen_port)
-        config = config._replace(listen_host=old.listen_host,
-                                 listen_port=old.listen_port)
-    server.config = config
     logger.info("reloaded %s: %s", path, plural(len(config.rules), "rule"))
     return True
 

@@ -7303,3 +7303,125 @@ class NoKeyInAnyLogLineTest(RelayTestCase):
         self.assertEqual(mask("Authorization: Bearer abc.def"),
                          "Authorization: Bearer ***")
         self.assertEqual(mask("model sk-proj-abc123, task-1"), "model sk-***, task-1")
+
+
+class BoundedMetricsLabelsTest(RelayTestCase):
+    """Label values come from fixed sets, whatever clients send."""
+
+    def test_made_up_paths_do_not_grow_the_path_label(self):
+        # ../shared/cases/metrics-path-label-growth.md, smaller.
+        self.start_relay(api_keys=["k"])
+        connection = self.connect()
+        for index in range(40):
+            self.assertEqual(self.request("GET", "/nope-%d" % index,
+                                          connection=connection)[0], 404)
+            self.assertEqual(self.request("GET", "/v1/probe-%d" % index,
+                                          connection=connection)[0], 401)
+            self.assertEqual(self.request("GET", "/v1/tenant-%d/items" % index,
+                                          headers={"Authorization": "Bearer k"},
+                                          connection=connection)[0], 200)
+        self.request("GET", "/v1/files/file-%d/content" % index,
+                     headers={"Authorization": "Bearer k"}, connection=connection)
+        status, _, text = self.request("GET", "/metrics", headers={
+            "Authorization": "Bearer k"}, connection=connection)
+        self.assertEqual(status, 200)
+        paths = set(re.findall(r'path="([^"]*)"', text.decode()))
+        self.assertEqual(paths, {"other", "/v1/files/*"})
+
+    def test_the_path_label_names_known_api_paths(self):
+        label = llm_relay.metrics_path
+        self.assertEqual([label(route) for route in (
+            "/messages", "/messages/count_tokens", "/responses/resp_1",
+            "/embeddings", "/audio/transcriptions", "/images/generations",
+            "/files/f/content", "/batches", "/moderations", "/rerank",
+            "/messages/batches/b/results", "/health", "/x/files", "//x/metrics")],
+            ["/v1/messages", "/v1/messages/count_tokens", "/v1/responses/*",
+             "/v1/embeddings", "/v1/audio/transcriptions", "/v1/images/generations",
+             "/v1/files/*", "/v1/batches", "/v1/moderations", "/v1/rerank",
+             "/v1/messages/batches/*", "/health", "other", "other"])
+
+
+class StrictConfigTest(RelayTestCase):
+    """JSONC as JSON5 reads it; timeouts the platform can hold; reloads in
+    the order asked."""
+
+    def test_a_line_comment_ends_at_a_lone_cr(self):
+        # ../shared/cases/jsonc-lone-cr.md
+        text = '{"upstream_tls_verify": false, // x\r"upstream_tls_verify": true\n}'
+        _, warnings = llm_relay.parse_config_text(text, "t.jsonc", {})
+        self.assertFalse(any("upstream_tls_verify is false" in w for w in warnings),
+                         warnings)
+        self.assertTrue(any("duplicate key 'upstream_tls_verify'" in w
+                            for w in warnings), warnings)
+        config, _ = llm_relay.parse_config_text(
+            '{"listen": "127.0.0.1:0", "upstream": "%s", "model_rules": [{'
+            '"match_model": "m", "set": {"model": "old"}, // x\r'
+            '"set": {"model": "new"}}]}' % self.upstream.url, "t.jsonc", {})
+        self.start_server(config)
+        self.assertEqual(self.chat({"model": "m"})[0], 200)
+        self.assertEqual(self.upstream.last().json()["model"], "new")
+        error = config_error('{\r// c\r"listen": 5}')
+        self.assertEqual(error.path, "listen")
+
+    def test_empty_objects_and_arrays_with_a_comma_are_errors(self):
+        for text, column in (('{,}', 2), ('{"api_keys": [,]}', 15),
+                             ('{"api_keys": ["a",,]}', 19),
+                             ('{"api_keys": [ /* c */ , ]}', 24)):
+            error = config_error(text)
+            self.assertEqual((error.line, error.column), (1, column), (text, str(error)))
+        config, _ = llm_relay.parse_config_text('{"api_keys": ["a",],}', "t", {})
+        self.assertEqual(config.api_keys, (b"a",))
+
+    def test_timeouts_beyond_the_platform_are_config_errors(self):
+        for text, path in (('{"read_timeout": 1e400}', "read_timeout"),
+                           ('{"connect_timeout": 1e10}', "connect_timeout"),
+                           ('{"client_timeout": 1e10}', "client_timeout"),
+                           ('{"shutdown_grace": 1e400}', "shutdown_grace"),
+                           ('{"upstreams": {"x": {"url": "http://h", '
+                            '"read_timeout": 1e10}}}', "upstreams.x.read_timeout")):
+            error = config_error(text)
+            self.assertEqual(error.path, path, str(error))
+            self.assertIn("at most", str(error))
+        config_from({"read_timeout": float(llm_relay.MAX_TIMEOUT_SECONDS)})
+
+    def test_two_quick_reloads_leave_the_newer_file_in_force(self):
+        # ../shared/cases/reload-order.md: the first reload is slow (a large
+        # file), the second one finishes first; the first is then dropped.
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "config.jsonc")
+
+        def write(alias):
+            with open(path, "w") as handle:
+                handle.write(config_text(self.upstream.url, model_rules=[
+                    {"match_model": alias}]))
+        write("a")
+        self.start_server(llm_relay.load_config(path)[0])
+        real_load_config = llm_relay.load_config
+        first_loaded, second_done = threading.Event(), threading.Event()
+        calls = []
+
+        def load_config(*args, **kwargs):
+            result = real_load_config(*args, **kwargs)
+            calls.append(result)
+            if len(calls) == 1:
+                first_loaded.set()
+                second_done.wait(WAIT_SECONDS)
+            return result
+        llm_relay.load_config = load_config
+        self.addCleanup(setattr, llm_relay, "load_config", real_load_config)
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            write("b")
+            slow = threading.Thread(target=llm_relay.reload_config, args=(self.relay, path))
+            slow.start()
+            self.assertTrue(first_loaded.wait(WAIT_SECONDS))
+            write("c")
+            self.assertTrue(llm_relay.reload_config(self.relay, path))
+            second_done.set()
+            slow.join(WAIT_SECONDS)
+        self.assertTrue(any("dropped reload #1" in line for line in logs.output),
+                        logs.output)
+        status, _, data = self.request("GET", "/v1/models")
+        ids = [entry["id"] for entry in json.loads(data.decode())["data"]]
+        self.assertIn("c", ids)
+        self.assertNotIn("b", ids)
