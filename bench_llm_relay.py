@@ -1610,6 +1610,7 @@ def measure_translation(report, relay, mode):
 def translator_seconds_per_event(api, events=2000):
     """Time the relay's stream translator alone on a bench stream's lines."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(RELAY_PATH[0])))
+    sys.dont_write_bytecode = True  # no __pycache__ beside the relay
     import llm_relay
     lines = [sse_event(0, index, b"%.6f" % index) for index in range(events)]
     lines = [line for event in lines for line in event.splitlines(True)]
