@@ -7425,3 +7425,42 @@ class StrictConfigTest(RelayTestCase):
         ids = [entry["id"] for entry in json.loads(data.decode())["data"]]
         self.assertIn("c", ids)
         self.assertNotIn("b", ids)
+
+
+class OneWriteRequestTest(unittest.TestCase):
+
+    class RecordingSocket(object):
+        def __init__(self):
+            self.sent = []
+
+        def sendall(self, data):
+            self.sent.append(bytes(data))
+
+    def sent_for(self, body, **options):
+        connection = llm_relay.UpstreamConnection("127.0.0.1", 9)
+        connection.sock = self.RecordingSocket()
+        connection.putrequest("POST", "/v1/chat/completions", skip_host=True,
+                              skip_accept_encoding=True)
+        connection.putheader("Host", "x")
+        connection.endheaders(body, **options)
+        return connection.sock.sent
+
+    def test_head_and_small_body_leave_in_one_send(self):
+        sent = self.sent_for(b'{"model": "m"}')
+        self.assertEqual(len(sent), 1)
+        self.assertTrue(sent[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n"))
+        self.assertTrue(sent[0].endswith(b'\r\n\r\n{"model": "m"}'))
+
+    def test_large_and_streamed_bodies_are_sent_as_before(self):
+        large = b"x" * (llm_relay.COPY_BLOCK_BYTES + 1)
+        sent = self.sent_for(large)
+        self.assertEqual((len(sent), sent[1]), (2, large))
+        sent = self.sent_for(iter([b"ab", b"c"]), encode_chunked=True)
+        self.assertEqual(sent[1:], [b"2\r\nab\r\n", b"1\r\nc\r\n", b"0\r\n\r\n"])
+        self.assertEqual(len(self.sent_for(None)), 1)
+
+    def test_request_ids_are_32_hex_digits_and_differ(self):
+        ids = set(llm_relay.new_request_id() for _ in range(100))
+        self.assertEqual(len(ids), 100)
+        for request_id in ids:
+            self.assertRegex(request_id, r"^[0-9a-f]{32}$")
