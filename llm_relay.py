@@ -1531,6 +1531,8 @@ def messages_to_chat_request(body):
     chat["model"] = body.get("model")
     messages = _ChatMessages()
     messages.add_system(text_of_blocks(body.get("system") or "", notes, "system"))
+    if not isinstance(body.get("messages") or [], list):
+        raise RelayError(400, "messages: must be an array of messages.", param="messages")
     for message in body.get("messages") or ():
         if not isinstance(message, dict):
             raise RelayError(400, "messages: each message must be an object.")
@@ -1539,8 +1541,12 @@ def messages_to_chat_request(body):
     for field in MESSAGES_SAMPLING_FIELDS:
         if body.get(field) is not None:
             chat[field] = body[field]
-    if body.get("stop_sequences"):
-        chat["stop"] = list(body["stop_sequences"])
+    stops = body.get("stop_sequences") or []
+    if not isinstance(stops, list) or not all(isinstance(stop, str) for stop in stops):
+        raise RelayError(400, "stop_sequences: must be an array of strings.",
+                         param="stop_sequences")
+    if stops:
+        chat["stop"] = list(stops)
     metadata = body.get("metadata")
     if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
         chat["user"] = metadata["user_id"]
@@ -1554,9 +1560,7 @@ def messages_to_chat_request(body):
     if body.get("stream") is True:
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}
-    stops = tuple(stop for stop in body.get("stop_sequences") or ()
-                  if isinstance(stop, str))
-    return TranslatedRequest(dict(chat), notes, frozenset(), stops)
+    return TranslatedRequest(dict(chat), notes, frozenset(), tuple(stops))
 
 
 def anthropic_reasoning_effort(body):
@@ -1642,6 +1646,8 @@ def _translate_tool_result(block, messages, notes):
     carried, which chat tool messages cannot hold, for a user message."""
     content = block.get("content")
     images, texts = [], []
+    if not isinstance(content, (str, list)) and content is not None:
+        content = [content]  # not a content shape: noted as dropped below
     for item in [content] if isinstance(content, str) else (content or ()):
         if isinstance(item, str):
             texts.append(item)
@@ -1745,7 +1751,7 @@ def responses_to_chat_request(body):
             chat[field] = body[field]
     reasoning = body.get("reasoning")
     effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
-    if effort in REASONING_EFFORTS:
+    if isinstance(effort, str) and effort in REASONING_EFFORTS:
         chat["reasoning_effort"] = REASONING_EFFORTS[effort]
     response_format = responses_text_format(body.get("text"))
     if response_format:
@@ -1825,10 +1831,10 @@ def _translate_responses_tools(tools, notes):
     translated, custom, dropped = [], [], []
     for tool in tools if isinstance(tools, list) else ():
         kind = tool.get("type") if isinstance(tool, dict) else None
-        if kind == "function" and tool.get("name"):
+        if kind == "function" and isinstance(tool.get("name"), str) and tool["name"]:
             translated.append(_function_tool(tool["name"], tool.get("description"),
                                              tool.get("parameters")))
-        elif kind == "custom" and tool.get("name"):
+        elif kind == "custom" and isinstance(tool.get("name"), str) and tool["name"]:
             custom.append(tool["name"])
             translated.append(_function_tool(tool["name"], tool.get("description"),
                                              custom_tool_parameters(tool)))
@@ -1958,12 +1964,15 @@ class ChatDeltaReader(object):
         if isinstance(chunk.get("model"), str):
             self.model = chunk["model"]
         pieces = []
-        for choice in chunk.get("choices") or ():
+        # An upstream's answer is untrusted: a field of the wrong type is
+        # ignored, never a crash that would cut the client's stream.
+        for choice in json_list(chunk.get("choices")):
             if not isinstance(choice, dict) or choice.get("index", 0) not in (0, None):
                 continue  # n > 1 has no counterpart in either protocol
-            delta = choice.get("delta") or choice.get("message") or {}
-            self._read_delta(delta, pieces)
-            if choice.get("finish_reason"):
+            delta = choice.get("delta") or choice.get("message")
+            if isinstance(delta, dict):
+                self._read_delta(delta, pieces)
+            if isinstance(choice.get("finish_reason"), str) and choice["finish_reason"]:
                 self.finish_reason = choice["finish_reason"]
             if isinstance(choice.get("stop_reason"), str):
                 self.matched_stop = choice["stop_reason"]
@@ -1976,14 +1985,18 @@ class ChatDeltaReader(object):
                 break
         if isinstance(delta.get("content"), str) and delta["content"]:
             pieces.extend(self.splitter.feed(delta["content"]))
-        for position, call in enumerate(delta.get("tool_calls") or ()):
+        for position, call in enumerate(json_list(delta.get("tool_calls"))):
             if isinstance(call, dict):
                 self._read_tool_call(call, position, pieces)
 
     def _read_tool_call(self, call, position, pieces):
         index = call.get("index")
+        if not isinstance(index, (int, type(None))):
+            index = str(index)  # hashable; still tells calls apart
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
         upstream_id, name = call.get("id"), function.get("name")
+        upstream_id = upstream_id if isinstance(upstream_id, str) else None
+        name = name if isinstance(name, str) else None
         arguments = function.get("arguments")
         if arguments is not None and not isinstance(arguments, str):
             arguments = serialize_json(arguments).decode("utf-8")
@@ -2027,15 +2040,22 @@ class ChatDeltaReader(object):
         return pieces
 
 
+def json_list(value):
+    """Return value when it is a list (a JSON array), else an empty list:
+    for fields of an upstream's answer, which may have any type."""
+    return value if isinstance(value, list) else []
+
+
 def chat_message_as_chunk(chat):
     """Return a whole chat completion as one chunk dict for ChatDeltaReader:
     the message becomes the delta and each tool call gets its position as
     index (a whole answer's calls need no index)."""
     choices = []
-    for choice in chat.get("choices") or ():
+    for choice in json_list(chat.get("choices")):
         if not isinstance(choice, dict):
             continue
-        message = dict(choice.get("message") or {})
+        message = choice.get("message")
+        message = dict(message) if isinstance(message, dict) else {}
         if isinstance(message.get("tool_calls"), list):
             message["tool_calls"] = [dict(call, index=position) for position, call in
                                      enumerate(message["tool_calls"])
@@ -3754,7 +3774,8 @@ def translated_stream_failure(upstream, error):
     if isinstance(error, UpstreamStreamError):
         return RelayError(502, "%s sent an error mid-stream: %s" % (
             where, printable(error)[:500]), code="upstream_error", kind="5xx")
-    if isinstance(error, ValueError):
+    if isinstance(error, (ValueError, TypeError, AttributeError, LookupError)):
+        # Not JSON, or JSON of a shape the translator could not read.
         return RelayError(502, "%s sent an invalid event mid-stream." % where,
                           code="upstream_error", kind="invalid")
     return upstream_failure(upstream, error, "stream")

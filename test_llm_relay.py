@@ -5788,6 +5788,106 @@ class TranslatedResponsesOverHttpTest(ChatOnlyUpstreamTestCase):
                          "apply_patch")
 
 
+# Chunks of a hostile or broken chat-only upstream: fields of the wrong type
+# around one good text delta each.
+WRONG_TYPED_CHUNKS = [
+    {"choices": 5}, {"choices": [{"index": 0, "delta": "str"}]},
+    {"choices": [{"index": 0, "delta": {"tool_calls": 7}}]},
+    {"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": [1], "id": 5, "function": {"name": {"x": 1}, "arguments": "{}"}}]}}]},
+    {"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": ["stop"]}]},
+]
+
+
+class HostileTranslationTest(ChatOnlyUpstreamTestCase):
+    """Wrong types from either side of a translation: a client's field is a
+    400 in its protocol's shape, an upstream's is ignored; never a 500, a
+    cut connection or a stream without its end."""
+
+    def assert_messages_error(self, status, data, field):
+        self.assertEqual(status, 400, data)
+        body = json.loads(data.decode("utf-8"))
+        self.assertEqual(body["type"], "error")
+        self.assertEqual(body["error"]["type"], "invalid_request_error")
+        self.assertIn(field, body["error"]["message"])
+
+    def test_wrong_typed_messages_fields_are_400(self):
+        self.start_chat_only_relay()
+        base = {"model": "claude-x", "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hi"}]}
+        for field, value in (("messages", 5), ("stop_sequences", 5),
+                             ("stop_sequences", "abc"), ("stop_sequences", [5])):
+            status, _, data = self.request("POST", "/v1/messages",
+                                           dict(base, **{field: value}))
+            self.assert_messages_error(status, data, field)
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_wrong_typed_parts_are_dropped(self):
+        self.start_chat_only_relay()
+        status, _, data = self.request("POST", "/v1/messages", {
+            "model": "claude-x", "max_tokens": 5, "messages": [
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "t", "content": 5}]}]})
+        self.assert_ok(status, data)
+        self.assertEqual(self.upstream.last().json()["messages"],
+                         [{"role": "tool", "tool_call_id": "t", "content": ""}])
+        status, _, data = self.request("POST", "/v1/responses", {
+            "model": "gpt-5", "input": "hi", "reasoning": {"effort": ["high"]},
+            "tools": [{"type": "custom", "name": ["apply_patch"]}]})
+        self.assert_ok(status, data)
+        sent = self.upstream.last().json()
+        self.assertNotIn("reasoning_effort", sent)
+        self.assertNotIn("tools", sent)
+
+    def wrong_typed_stream(self, handler, recorded):
+        chunks = []
+        for chunk in WRONG_TYPED_CHUNKS:
+            chunks += [chunk, chat_chunk({"content": "a"})]
+        reply_sse(handler, chat_sse(chunks + [chat_chunk({}, "stop")]))
+
+    def test_wrong_typed_stream_chunks_are_ignored(self):
+        self.upstream.behaviour = self.wrong_typed_stream
+        self.start_chat_only_relay()
+        for path, body, last in (
+                ("/v1/messages", {"model": "claude-x", "max_tokens": 5, "stream": True,
+                                  "messages": [{"role": "user", "content": "hi"}]},
+                 "message_stop"),
+                ("/v1/responses", {"model": "gpt-5", "input": "hi", "stream": True},
+                 "response.completed")):
+            connection = self.connect()
+            connection.request("POST", path, body=json.dumps(body),
+                               headers={"Content-Type": "application/json"})
+            events = parse_sse_events(b"".join(read_sse_lines(connection.getresponse())))
+            self.assertEqual(events[-1][0], last, events)
+            text = "".join(data.get("delta", {}).get("text", "") if path == "/v1/messages"
+                           else data.get("delta", "") for name, data in events
+                           if name in ("content_block_delta", "response.output_text.delta"))
+            self.assertEqual(text, "a" * (len(WRONG_TYPED_CHUNKS) - 1) + "oka")
+
+    def test_wrong_typed_whole_answer_is_not_a_500(self):
+        self.upstream.behaviour = lambda handler, recorded: reply_json(handler, {
+            "choices": [{"index": 0, "message": 5, "finish_reason": {"x": 1}}]})
+        self.start_chat_only_relay()
+        status, _, data = self.request("POST", "/v1/messages", {
+            "model": "claude-x", "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}]})
+        self.assert_ok(status, data)
+        self.assertEqual(json.loads(data.decode("utf-8"))["stop_reason"], "end_turn")
+        connection = self.connect()
+        connection.request("POST", "/v1/responses", body=json.dumps({
+            "model": "gpt-5", "input": "hi", "stream": True}),
+            headers={"Content-Type": "application/json"})
+        events = parse_sse_events(b"".join(read_sse_lines(connection.getresponse())))
+        self.assertEqual(events[-1][0], "response.completed")
+
+    def test_an_unreadable_event_shape_is_an_invalid_event(self):
+        upstream = llm_relay.validate_config({"upstream": "http://127.0.0.1:1/v1"},
+                                             "test", None, {})[0].upstreams["default"]
+        for error in (TypeError("x"), AttributeError("x"), KeyError("x")):
+            failure = llm_relay.translated_stream_failure(upstream, error)
+            self.assertEqual((failure.status, failure.kind), (502, "invalid"))
+
+
 @unittest.skipUnless(anthropic, ANTHROPIC_SDK_MISSING)
 class AnthropicClientOnChatOnlyUpstreamTest(ChatOnlyUpstreamTestCase):
     """The official anthropic package against a chat-only upstream."""
