@@ -1491,34 +1491,48 @@ def measure_event_rewrite(report, relay_path, events=50000):
                       max(0.0, on - off) / events, scale=1e6)
 
 
-def run_benchmark(relay_path, mode_name, with_nginx=True):
-    """Run every measurement; return (Report, event mismatches, nginx used)."""
+SECTIONS = ("startup", "idle", "big_body", "concurrency_1", "throughput",
+            "streams", "realistic_load", "open_streams", "translation",
+            "event_rewrite")
+
+
+def run_benchmark(relay_path, mode_name, with_nginx=True, only=SECTIONS):
+    """Run the measurements named in only (all by default); return (Report,
+    event mismatches, nginx used)."""
     mode = MODES[mode_name]
     report = Report()
     workdir = tempfile.mkdtemp(prefix="bench-llm-relay-")
     upstream, upstream_port = start_upstream(workdir)
     relay = None
+    mismatches = 0
+
+    def section(name, function, *args):
+        return report.section(name, function, *args) if name in only else 0
     try:
         nginx = start_nginx(upstream_port, workdir) if with_nginx else None
-        startup = report.section("startup", measure_startup, relay_path,
-                                 upstream_port, workdir, mode["startup_runs"] - 1)
+        startup = section("startup", measure_startup, relay_path, upstream_port,
+                          workdir, mode["startup_runs"] - 1) or []
         relay = Relay(relay_path, upstream_port, workdir)
         peers = [Peer("direct", upstream_port), relay] + ([nginx] if nginx else [])
-        report.section("idle", measure_idle, report, relay,
-                       startup + [relay.startup], peers)
-        report.section("big_body", measure_big_body, report, relay, upstream_port,
-                       mode["big_body_runs"])
-        report.section("concurrency_1", measure_concurrency_1, report, peers,
-                       mode["rounds"], mode["c1_requests"])
-        report.section("throughput", measure_throughput, report, peers,
-                       mode["rounds"], mode["throughput_seconds"], workdir)
-        mismatches = report.section("streams", measure_streams, report, peers, mode)
-        mismatches += report.section("realistic_load", measure_realistic, report,
-                                     peers, mode)
-        report.section("open_streams", measure_open_streams, report, relay,
-                       mode["open_streams"])
-        report.section("translation", measure_translation, report, relay, mode)
-        report.section("event_rewrite", measure_event_rewrite, report, relay_path)
+        if "idle" in only:
+            report.section("idle", measure_idle, report, relay,
+                           startup + [relay.startup], peers)
+        else:
+            for peer in peers:
+                warm_up(peer.port)
+        section("big_body", measure_big_body, report, relay, upstream_port,
+                mode["big_body_runs"])
+        section("concurrency_1", measure_concurrency_1, report, peers,
+                mode["rounds"], mode["c1_requests"])
+        section("throughput", measure_throughput, report, peers,
+                mode["rounds"], mode["throughput_seconds"], workdir)
+        mismatches += section("streams", measure_streams, report, peers, mode)
+        mismatches += section("realistic_load", measure_realistic, report, peers,
+                              mode)
+        section("open_streams", measure_open_streams, report, relay,
+                mode["open_streams"])
+        section("translation", measure_translation, report, relay, mode)
+        section("event_rewrite", measure_event_rewrite, report, relay_path)
         if relay.process.poll() is not None:
             raise BenchError("the relay exited; its log:\n" + relay.log_tail())
     finally:
@@ -1729,6 +1743,9 @@ def build_arg_parser():
                         default=os.path.join(HERE, "llm_relay.py"),
                         help="the relay script (default: llm_relay.py beside "
                              "this script)")
+    parser.add_argument("--only", metavar="SECTIONS",
+                        help="run only these comma-separated sections: "
+                             + ", ".join(SECTIONS))
     parser.add_argument("--no-nginx", action="store_true",
                         help="leave nginx out even when it is installed")
     parser.add_argument("--relay-cpus", metavar="CPUS",
@@ -1763,6 +1780,11 @@ def main(argv=None):
     if not os.path.isfile(args.relay):
         sys.stderr.write("bench_llm_relay: no relay at %s\n" % args.relay)
         return 2
+    unknown = set((args.only or "").split(",")) - set(SECTIONS) - set([""])
+    if unknown:
+        sys.stderr.write("bench_llm_relay: unknown section(s) %s; known: %s\n" % (
+            ", ".join(sorted(unknown)), ", ".join(SECTIONS)))
+        return 2
     raise_fd_limit()
     mode_name = "quick" if args.quick else "full"
     relay_path = os.path.abspath(args.relay)
@@ -1773,7 +1795,8 @@ def main(argv=None):
     started = time.perf_counter()
     try:
         report, mismatches, with_nginx = run_benchmark(
-            relay_path, mode_name, not args.no_nginx)
+            relay_path, mode_name, not args.no_nginx,
+            args.only.split(",") if args.only else SECTIONS)
     except (BenchError, OSError, asyncio.TimeoutError, ValueError,
             subprocess.SubprocessError) as error:
         sys.stderr.write("bench_llm_relay: benchmark failed: %s: %s\n" % (
