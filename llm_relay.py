@@ -2765,7 +2765,10 @@ def transfer_codings(values):
     Raises BadMessage: 400 when chunked is not the final coding (the length
     is then unknowable) or a coding is not a token, 501 for other codings.
     """
-    codings = list_elements(values)
+    # Every element must be a token: an empty one ("chunked,") too is
+    # refused, as h11 does, though RFC 9110 §5.6.1 lets recipients skip it.
+    codings = [element.strip(" \t").lower() for value in values
+               for element in value.split(",")]
     if not all(_STR_TOKEN.match(coding) for coding in codings):
         raise BadMessage("an invalid Transfer-Encoding")
     if not codings or codings[-1] != "chunked" or codings.count("chunked") > 1:

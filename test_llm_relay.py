@@ -7564,3 +7564,220 @@ class OneWriteRequestTest(unittest.TestCase):
         self.assertEqual(len(ids), 100)
         for request_id in ids:
             self.assertRegex(request_id, r"^[0-9a-f]{32}$")
+
+
+###############################################################################
+# Differential tests: the relay's parsers against reference parsers ##########
+###############################################################################
+
+try:
+    import h11
+except ImportError:  # pragma: no cover - depends on the environment
+    h11 = None
+try:
+    import json5
+except ImportError:  # pragma: no cover - depends on the environment
+    json5 = None
+# Hypothesis keeps caches in ./.hypothesis unless told otherwise; keep the
+# repository root clean.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(
+    tempfile.gettempdir(), "llm-relay-hypothesis"))
+try:
+    import hypothesis
+    from hypothesis import strategies
+except ImportError:  # pragma: no cover - depends on the environment
+    hypothesis = strategies = None
+
+DIFFERENTIAL_MISSING = "h11 and hypothesis are not installed (.ci/run installs them)"
+# Bounded in time for CI: a few hundred generated inputs, no example database
+# written into the repository, no per-example deadline on a shared machine.
+DIFFERENTIAL_EXAMPLES = 300
+
+
+def differential_settings():
+    return hypothesis.settings(max_examples=DIFFERENTIAL_EXAMPLES, deadline=None,
+                               database=None, derandomize=True)
+
+
+def relay_accepts_head(head):
+    """The relay's verdict on a request head: the readers parse_request uses."""
+    import io
+    source = io.BufferedReader(io.BytesIO(head))
+    try:
+        _, _, version = llm_relay.parse_request_line(source.readline(65537))
+        fields = llm_relay.FieldList(llm_relay.read_field_lines(source))
+        llm_relay.request_body_length(version, fields)
+    except (llm_relay.BadMessage, llm_relay.MessageCutShort):
+        return False
+    return True
+
+
+def h11_accepts_head(head):
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(head)
+    try:
+        event = connection.next_event()
+    except h11.RemoteProtocolError:
+        return False
+    return isinstance(event, h11.Request)
+
+
+_CONTROL_IN_VALUE = re.compile(b"[\x01-\x08\x0e-\x1f\x7f]")
+
+
+def stricter_than_h11(head):
+    """Return why the relay refuses a head h11 accepts, or None.
+
+    The deliberate differences, each a rule of RFC 9112 or 9110 that h11
+    relaxes: control characters in field values (RFC 9110 §5.5 allows only
+    visible characters, SP, HTAB and obs-text); obsolete line folding
+    (RFC 9112 §5.2: refused rather than unfolded); versions other than
+    HTTP/1.0 and HTTP/1.1; Transfer-Encoding with Content-Length, or in an
+    HTTP/1.0 request (RFC 9112 §6.1: faulty framing).
+    """
+    lines = head.split(b"\n")
+    request_line, fields = lines[0], []
+    for line in lines[1:]:
+        if not line.strip(b"\r"):
+            break
+        fields.append(line)
+    names = set(line.split(b":", 1)[0].lower() for line in fields)
+    if any(line[:1] in (b" ", b"\t") for line in fields):
+        return "obs-fold"
+    if any(_CONTROL_IN_VALUE.search(line.split(b":", 1)[-1]) for line in fields):
+        return "control character in a value"
+    if not re.search(b" HTTP/1\\.[01]\r?$", request_line):
+        return "version"
+    if b"transfer-encoding" in names and (
+            b"content-length" in names or b"HTTP/1.0" in request_line):
+        return "Transfer-Encoding with Content-Length or in HTTP/1.0"
+    return None
+
+
+def request_heads():
+    """Hypothesis strategy: request heads built from valid pieces and, about
+    one piece in seven, invalid ones."""
+    def mostly(valid, invalid):
+        return strategies.sampled_from(valid * (6 * len(invalid) // len(valid) + 1)
+                                       + invalid)
+    request_line = strategies.tuples(
+        mostly([b"GET", b"POST"], [b"G(T", b"", b"get"]),
+        mostly([b" "], [b"  ", b"\t"]),
+        mostly([b"/", b"/v1/x?a=b", b"//x/metrics", b"http://h/p"], [b"/a\x7f", b"*"]),
+        mostly([b" "], [b"  "]),
+        mostly([b"HTTP/1.1", b"HTTP/1.0"], [b"HTTP/2.0", b"HTTP/1.2", b"http/1.1",
+                                            b"HTTP/1.1 ", b"HTTP/11"])).map(b"".join)
+    name = mostly([b"Host", b"Content-Length", b"content-length", b"Transfer-Encoding",
+                   b"X-A"], [b"X A", b"X\x7fA", b"", b"X(A)"])
+    separator = mostly([b":", b": ", b":\t", b": \t"], [b" :", b"\t:"])
+    value = mostly([b"a", b"5", b"05", b"5, 5", b"chunked", b"Chunked", b"caf\xe9",
+                    b"a b", b"chunked \t", b"", b"identity", b"gzip, chunked"],
+                   [b"5, 6", b"5,", b"-5", b"+5", b"0x5", b"chunked, gzip", b"chunked,",
+                    b"a\x01b", b"a\x7f", b"\xa0", b"5\xa0", b"a\rb", b"a\x00b", b"\x0b5",
+                    b"x\x1c"])
+    ending = mostly([b"\r\n", b"\n"], [b"\r\n"])
+    fold = mostly([b""], [b" folded\r\n"])
+    field_line = strategies.tuples(name, separator, value, ending, fold).map(b"".join)
+    host = mostly([b"Host: h\r\n"], [b""])
+    return strategies.tuples(request_line, ending, host,
+                             strategies.lists(field_line, max_size=4), ending).map(
+        lambda parts: parts[0] + parts[1] + parts[2] + b"".join(parts[3]) + parts[4])
+
+
+@unittest.skipUnless(h11 is not None and hypothesis is not None, DIFFERENTIAL_MISSING)
+class RequestHeadDifferentialTest(unittest.TestCase):
+    """The relay never accepts a request head that h11 refuses, and refuses
+    one h11 accepts only for a documented reason (stricter_than_h11)."""
+
+    def test_generated_heads_agree_with_h11(self):
+        @differential_settings()
+        @hypothesis.given(request_heads())
+        def check(head):
+            relay, reference = relay_accepts_head(head), h11_accepts_head(head)
+            if relay:
+                self.assertTrue(reference, "the relay accepts what h11 refuses: %r"
+                                % head)
+            elif reference:
+                self.assertIsNotNone(stricter_than_h11(head),
+                                     "refused, h11 accepts, no documented reason: %r"
+                                     % head)
+        check()
+
+    def test_each_documented_difference(self):
+        for head, reason in (
+                (b"GET / HTTP/1.1\r\nHost: h\r\nX: a\x01b\r\n\r\n", "control"),
+                (b"GET / HTTP/1.1\r\nHost: h\r\nX: a\r\n b\r\n\r\n", "obs-fold"),
+                (b"GET / HTTP/2.0\r\nHost: h\r\n\r\n", "version"),
+                (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", "Transfer"),
+                (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n", "Transfer")):
+            self.assertTrue(h11_accepts_head(head), head)
+            self.assertFalse(relay_accepts_head(head), head)
+            self.assertIn(reason, stricter_than_h11(head))
+        # The one where the relay is more lenient: an empty line before the
+        # request line is skipped (RFC 9112 §2.2 says it SHOULD be).
+        self.assertFalse(h11_accepts_head(b"\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n"))
+
+
+def jsonc_documents():
+    """Hypothesis strategy: (JSONC text) with comments, odd line ends, and
+    valid and invalid commas, built around JSON values."""
+    scalar = strategies.sampled_from(['1', '-2.5', '0', 'true', 'false', 'null', '"s"',
+                                      '"a//b"', '"/*x*/"', '"q\\"//"', '"\\\\"', '""'])
+    gap = strategies.sampled_from(["", "", " ", "\n", "\r\n", "\r", "\t", " // c\n",
+                                   " // c\r", " // c\r\n", "// \"x\n", " /* c */ ",
+                                   "/* a\n b */", "/**/", "/* // */"])
+
+    def container(children):
+        items = strategies.lists(strategies.tuples(gap, children, gap), max_size=3)
+        comma = strategies.sampled_from(["", "", "trailing", "lead", "double"])
+
+        def render(parts, keyed):
+            (kind, entries), tail, opener_gap = parts
+            rendered = []
+            for position, (before, child, after) in enumerate(entries):
+                if keyed:
+                    child = '"k%d"%s:%s' % (position % 2, before, child)
+                rendered.append(before + child + after)
+            body = ",".join(rendered)
+            if kind == "trailing" and rendered:
+                body += ","
+            elif kind == "lead":
+                body = "," + body
+            elif kind == "double" and rendered:
+                body += ",,"
+            return ("{%s%s}" if keyed else "[%s%s]") % (opener_gap + body, tail)
+        shape = strategies.tuples(strategies.tuples(comma, items), gap, gap)
+        return strategies.one_of(shape.map(lambda parts: render(parts, False)),
+                                 shape.map(lambda parts: render(parts, True)))
+    value = strategies.recursive(scalar, container, max_leaves=8)
+    return strategies.tuples(gap, value, gap).map("".join)
+
+
+def relay_jsonc(text):
+    try:
+        return True, json.loads(llm_relay.strip_jsonc(text))
+    except (ValueError, llm_relay.ConfigError):
+        return False, None
+
+
+def json5_jsonc(text):
+    try:
+        return True, json5.loads(text)
+    except ValueError:
+        return False, None
+
+
+@unittest.skipUnless(json5 is not None and hypothesis is not None,
+                     "json5 and hypothesis are not installed (.ci/run installs them)")
+class JsoncDifferentialTest(unittest.TestCase):
+    """strip_jsonc + json.loads reads generated JSONC as json5 does: the same
+    value, or both refuse.  (Not compared: what JSON5 adds to JSON, such as
+    unquoted keys and single quotes, and U+2028/U+2029 as line ends.)"""
+
+    def test_generated_documents_agree_with_json5(self):
+        @differential_settings()
+        @hypothesis.given(jsonc_documents())
+        def check(text):
+            self.assertEqual(relay_jsonc(text), json5_jsonc(text), repr(text))
+        check()
