@@ -5692,6 +5692,23 @@ class TranslatedMessagesOverHttpTest(ChatOnlyUpstreamTestCase):
                              ("qwen3-coder", max_tokens))
 
 
+    def test_rules_shape_what_is_translated(self):
+        self.start_chat_only_relay(model_rules=[
+            {"match_model": "claude-*", "unset": ["thinking", "output_config"],
+             "set": {"model": "qwen3-coder", "max_tokens": 512}},
+            {"match_model": "gpt-5*", "unset": ["reasoning"],
+             "set": {"model": "qwen3-coder", "max_output_tokens": 256}}])
+        self.request("POST", "/v1/messages", {
+            "model": "claude-opus-4-1", "max_tokens": 128000,
+            "thinking": {"type": "adaptive"}, "output_config": {"effort": "high"},
+            "messages": [{"role": "user", "content": "hi"}]})
+        sent = self.upstream.last().json()
+        self.assertEqual((sent["max_tokens"], "reasoning_effort" in sent), (512, False))
+        self.request("POST", "/v1/responses", {
+            "model": "gpt-5.5", "input": "hi", "reasoning": {"effort": "high"}})
+        sent = self.upstream.last().json()
+        self.assertEqual((sent["max_tokens"], "reasoning_effort" in sent), (256, False))
+
     def test_response_model_asked_is_reported(self):
         self.start_chat_only_relay(response_model="asked")
         for stream in (False, True):
