@@ -4504,11 +4504,17 @@ class MetricsTest(RelayTestCase):
         self.chat(b"{bad", {"Content-Type": "application/json"})
         self.request("GET", "/health")
         self.request("GET", '/v1/odd"path\\x')
-        # Each request is counted just after its answer went out: wait until
-        # only the scrape itself is in flight.
-        wait_until(lambda: 'path="/health"' in self.metrics() and
-                   "llm_relay_requests_in_flight 1\n" in self.metrics())
-        found = self.samples(self.metrics())
+        # Each request (a scrape too) is counted just after its answer went
+        # out: use the first scrape in which only itself is in flight.
+        settled = []
+
+        def scrape_settled():
+            text = self.metrics()
+            if 'path="/health"' in text and "llm_relay_requests_in_flight 1\n" in text:
+                settled.append(text)
+            return bool(settled)
+        self.assertTrue(wait_until(scrape_settled))
+        found = self.samples(settled[0])
 
         def value(name, **labels):
             return found.get((name, frozenset(labels.items())))
