@@ -4284,6 +4284,7 @@ def check_upstream_ready(upstream, timeout_seconds=READY_TIMEOUT_SECONDS):
     options = {"context": upstream.ssl_context} if upstream.ssl_context else {}
     connection = connection_class(upstream.host, upstream.port,
                                   timeout=timeout_seconds, **options)
+    connection.response_class = UpstreamResponse  # a malformed head: invalid
     headers = {"Host": host_header(upstream), "Accept-Encoding": "identity"}
     if upstream.api_key:
         headers.update(upstream_credential_headers(upstream))
@@ -4768,9 +4769,13 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if self.path is None and len(words) > 1:
             self.path = words[1].decode("latin-1")
         self._protocol = target_protocol(self.path or "")
+        self.server.metrics.request_started()
         self.send_error(error.status, "Bad request: %s." % error.reason
                         if error.status == 400 else error.reason[:1].upper() +
                         error.reason[1:] + ".")
+        # Counted under "other": a refused head has no trustworthy route.
+        self.server.metrics.request_finished("other", self._status or 0, None,
+                                             time.monotonic() - self._started)
 
     def _header_list(self):
         """Return the request headers as (name, value) pairs, read once: each

@@ -7359,6 +7359,21 @@ class StrictRequestHeadTest(RelayTestCase):
         self.assert_refused(b"POST /v1/messages/count_tokens HTTP/1.1 x\r\n\r\n",
                             shape="anthropic")
 
+    def test_refused_heads_are_counted_and_malformed_upstreams_are_not_ready(self):
+        self.start_relay()
+        self.assert_refused(b"GET /v1/models HTTP/1.1\r\nHost: r\r\nX : 1\r\n\r\n")
+        status, _, text = self.request("GET", "/metrics")
+        self.assertIn(b'llm_relay_requests_total{path="other",status="400",model=""} 1',
+                      text)
+
+        def malformed(handler, recorded):
+            handler.wfile.write(b"HTTP/1.1 200 OK\r\nX : y\r\nContent-Length: 0\r\n\r\n")
+            handler.close_connection = True
+        self.upstream.behaviour = malformed
+        status, _, data = self.request("GET", "/health/ready")
+        self.assertEqual((status, json.loads(data.decode())["upstreams"]),
+                         (503, {"default": "invalid"}))
+
     def test_a_target_starting_with_two_slashes_is_a_path(self):
         self.start_relay(api_keys=["k"])
         for target in (b"//x/metrics", b"//x/health", b"//127.0.0.1/v1/models"):
