@@ -18,6 +18,7 @@ import collections
 import copy
 import difflib
 import fnmatch
+import hashlib
 import hmac
 import http.client
 import http.server
@@ -88,6 +89,15 @@ READY_TIMEOUT_SECONDS = 2.0  # each upstream's /models, for /health/ready
 DURATION_BUCKETS_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                             5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 MAX_MODEL_LABELS = 200  # distinct model label values; then "other"
+DEFAULT_MAX_QUEUE = 32  # requests waiting for an upstream's max_concurrent
+DEFAULT_QUEUE_TIMEOUT_SECONDS = 30.0  # longest wait in that queue
+DEFAULT_EJECT_AFTER = 3  # failures in a row that take a replica out
+DEFAULT_COOLDOWN_SECONDS = 10.0  # first time out; doubles while it keeps failing
+MAX_COOLDOWN_DOUBLINGS = 5  # so at most 32 x cooldown
+RATE_WINDOW_SECONDS = 60.0  # requests_per_minute counts over this window
+MAX_AFFINITY_PROMPT_CHARS = 4096  # of a plain prompt, for prompt affinity
+AFFINITY_MODES = ("user", "prompt", "header:<name>")
+KEY_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")
 LOG_FORMATS = ("text", "json")
 
 # The APIs an upstream may speak natively ("apis" of a named upstream): chat
@@ -442,6 +452,25 @@ Upstream = collections.namedtuple("Upstream", [
     "read_timeout",     # float seconds of upstream silence
     "ssl_context",      # ssl.SSLContext for https, else None
     "apis",             # frozenset of UPSTREAM_APIS names it speaks natively
+    "max_concurrent",   # int or None: requests sent at once; more wait
+    "max_queue",        # int: requests that may wait for a slot
+    "queue_timeout",    # float seconds a request waits for a slot
+])
+
+ReplicaGroup = collections.namedtuple("ReplicaGroup", [
+    "name",         # str: the name rules refer to
+    "members",      # tuple of str: names of upstreams serving the same models
+    "affinity",     # None, "user", "prompt" or ("header", lowercase name)
+    "eject_after",  # int: failures in a row that take a member out
+    "cooldown",     # float seconds out after the first ejection (doubles)
+])
+
+ApiKey = collections.namedtuple("ApiKey", [
+    "name",                 # str: shown in logs and metrics, never the key
+    "secret",               # bytes: what the client sends
+    "models",               # tuple of str: allowed names or patterns; () any
+    "max_concurrent",       # int or None: requests in flight at once
+    "requests_per_minute",  # int or None: requests started per 60 s
 ])
 
 Rule = collections.namedtuple("Rule", [
@@ -493,8 +522,8 @@ def _read_upstreams(checker, raw, key):
 
 
 def _read_rules(checker, raw, key):
-    upstreams = checker.upstreams(raw)
-    rules = tuple(checker.rule(rule, (key.name, position), upstreams)
+    upstreams, groups = checker.upstreams(raw)
+    rules = tuple(checker.rule(rule, (key.name, position), upstreams, groups)
                   for position, rule in enumerate(
                       checker.typed(raw, (key.name,), list, "a list", key.default)))
     checker.warn_shadowed_rules(rules)
@@ -506,10 +535,7 @@ def _read_bool(checker, raw, key):
 
 
 def _read_api_keys(checker, raw, key):
-    api_keys = checker.string_list(raw, (key.name,), key.default)
-    for position, api_key in enumerate(api_keys):
-        checker.check_key((key.name, position), api_key)
-    return tuple(api_key.encode("utf-8") for api_key in api_keys)
+    return checker.api_keys(raw)
 
 
 def _read_positive_integer(checker, raw, key):
@@ -551,13 +577,14 @@ CONFIG_KEYS = (
               DEFAULT_CONNECT_TIMEOUT_SECONDS, None, None),
     ConfigKey("read_timeout", None, "seconds", DEFAULT_READ_TIMEOUT_SECONDS,
               None, None),
-    ConfigKey("upstreams", "upstreams", "object", {}, _read_upstreams, None),
+    ConfigKey("upstreams", ("upstreams", "groups"), "object", {}, _read_upstreams,
+              None),
     ConfigKey("model_rules", "rules", "list of rules", [], _read_rules, None),
     ConfigKey("forward_auth", "forward_auth", "bool", False, _read_bool,
               lambda value: str(value).lower()),
-    ConfigKey("api_keys", "api_keys", "list of strings", [], _read_api_keys,
-              lambda keys: ", ".join(mask_secret(key.decode("utf-8"))
-                                     for key in keys) or "none (open)"),
+    ConfigKey("api_keys", "api_keys", "list of strings or objects", [],
+              _read_api_keys, lambda keys: ", ".join(
+                  describe_api_key(key) for key in keys) or "none (open)"),
     ConfigKey("max_body_bytes", "max_body_bytes", "integer",
               DEFAULT_MAX_BODY_BYTES, _read_positive_integer, str),
     ConfigKey("max_connections", "max_connections", "integer",
@@ -597,8 +624,9 @@ def _config_fields():
 
 # The validated config: source (the file it came from, or "<defaults>"), one
 # field per CONFIG_KEYS entry (listen as listen_host str and listen_port int;
-# upstreams an OrderedDict name -> Upstream, "default" first; rules a tuple of
-# Rule; api_keys a tuple of bytes; cors_origins a frozenset, "*" allows any;
+# upstreams an OrderedDict name -> Upstream, "default" first, and groups a
+# dict name -> ReplicaGroup; rules a tuple of Rule; api_keys a tuple of
+# ApiKey; cors_origins a frozenset, "*" allows any;
 # timeouts float seconds), rule_index (RuleIndex) and created (int Unix
 # seconds: load time, for alias model entries).
 Config = collections.namedtuple("Config", _config_fields())
@@ -607,7 +635,12 @@ RULE_KEYS = ("match_model", "unset", "defaults", "set", "extra", "upstream",
              "response_model")
 
 UPSTREAM_KEYS = ("url", "api_key", "api_key_header", "connect_timeout",
-                 "read_timeout", "apis")
+                 "read_timeout", "apis", "max_concurrent", "max_queue",
+                 "queue_timeout")
+
+GROUP_KEYS = ("replicas", "affinity", "eject_after", "cooldown")
+
+API_KEY_KEYS = ("key", "name", "models", "max_concurrent", "requests_per_minute")
 
 _ENV_REFERENCE = re.compile(
     r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -859,22 +892,113 @@ class _ConfigChecker(object):
         }
         if raw.get("upstream_ca_file") is not None:
             self.ssl_context(raw)  # a CA file that cannot be loaded is an error now
-        upstreams = collections.OrderedDict()
+        upstreams, group_specs = collections.OrderedDict(), []
         if DEFAULT_UPSTREAM_NAME not in named or "upstream" in raw:
             upstreams[DEFAULT_UPSTREAM_NAME] = self.upstream(
                 DEFAULT_UPSTREAM_NAME, default, (), raw, top_level=True)
         for name, spec in named.items():
             path = ("upstreams", name)
             if not isinstance(spec, dict):
-                raise self.error(path, "expected an object with a \"url\"")
+                raise self.error(path, "expected an object with a \"url\" (an "
+                                       "upstream) or \"replicas\" (a group)")
+            if "replicas" in spec:
+                group_specs.append((name, spec, path))
+                continue
             self.warn_unknown_keys(spec, path, UPSTREAM_KEYS)
             merged = dict(default, api_key=None)  # never lend the main key
             merged.update(spec)
             if "url" not in spec:
-                raise self.error(path, "missing \"url\"")
+                raise self.error(path, "missing \"url\" (or \"replicas\" for a "
+                                       "group of upstreams)")
             upstreams[name] = self.upstream(name, merged, path, raw)
-        self._upstreams = upstreams
-        return upstreams
+        groups = dict((name, self.group(name, spec, path, upstreams))
+                      for name, spec, path in group_specs)
+        self._upstreams = upstreams, groups
+        return self._upstreams
+
+    def group(self, name, spec, path, upstreams):
+        """Check a replica group: {"replicas": [upstream names], ...}."""
+        self.warn_unknown_keys(spec, path, GROUP_KEYS)
+        if name in upstreams:
+            raise self.error(path, "a group cannot be called %r while \"upstream\" "
+                             "also defines that upstream" % name, at_key=True)
+        members = spec["replicas"]
+        if not isinstance(members, list) or not members or not all(
+                isinstance(member, str) for member in members):
+            raise self.error(path + ("replicas",), "expected a non-empty list of "
+                             "upstream names")
+        for position, member in enumerate(members):
+            if member not in upstreams:
+                raise self.error(path + ("replicas", position), "unknown upstream "
+                                 "%r (known: %s; a group cannot hold a group)" % (
+                                     member, ", ".join(sorted(upstreams))))
+            if members.index(member) != position:
+                raise self.error(path + ("replicas", position),
+                                 "%r is listed twice" % member)
+        return ReplicaGroup(name, tuple(members), self.affinity(spec, path),
+                            self.number(spec, path + ("eject_after",),
+                                        DEFAULT_EJECT_AFTER, integer=True),
+                            self.number(spec, path + ("cooldown",),
+                                        DEFAULT_COOLDOWN_SECONDS))
+
+    def affinity(self, spec, path):
+        value = spec.get("affinity")
+        if value is None or value in ("user", "prompt"):
+            return value
+        if isinstance(value, str) and value.startswith("header:") and re.match(
+                r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", value[len("header:"):]):
+            return ("header", value[len("header:"):].lower())
+        raise self.error(path + ("affinity",), "expected \"user\", \"prompt\" or "
+                         "\"header:<name>\" such as \"header:X-Session-Id\"")
+
+    def api_keys(self, raw):
+        """Check api_keys: strings, or objects with a key, a name and limits."""
+        entries = self.typed(raw, ("api_keys",), list, "a list of strings or "
+                             "objects", [])
+        keys, names, secrets = [], {}, {}
+        for position, entry in enumerate(entries):
+            path = ("api_keys", position)
+            key = self.api_key(entry, path)
+            if key.name in names:
+                raise self.error(path, "the name %r is used twice (also at "
+                                 "api_keys[%d])" % (key.name, names[key.name]))
+            if key.secret in secrets:
+                raise self.error(path, "the same key is listed twice (also at "
+                                 "api_keys[%d])" % secrets[key.secret])
+            names[key.name], secrets[key.secret] = position, position
+            keys.append(key)
+        return tuple(keys)
+
+    def api_key(self, entry, path):
+        if isinstance(entry, str):
+            self.check_key(path, entry)
+            secret = entry.encode("utf-8")
+            return ApiKey(key_fingerprint(secret), secret, (), None, None)
+        if not isinstance(entry, dict):
+            raise self.error(path, "expected a key (a string) or an object with "
+                             "\"key\" and \"name\"")
+        self.warn_unknown_keys(entry, path, API_KEY_KEYS)
+        if not isinstance(entry.get("key"), str):
+            raise self.error(path + ("key",) if "key" in entry else path,
+                             "expected \"key\": the secret as a string")
+        self.check_key(path + ("key",), entry["key"])
+        secret = entry["key"].encode("utf-8")
+        name = self.typed(entry, path + ("name",), str, "a string",
+                          key_fingerprint(secret))
+        if not KEY_NAME_PATTERN.match(name):
+            raise self.error(path + ("name",), "expected 1 to 64 letters, digits "
+                             "or . _ @ + - (it is a log field and a metrics label)")
+        models = self.string_list(entry, path + ("models",), [])
+        if not all(models):
+            raise self.error(path + ("models",), "expected non-empty model names "
+                             "or patterns")
+
+        def limit(field):
+            if field not in entry:
+                return None
+            return self.number(entry, path + (field,), None, integer=True)
+        return ApiKey(name, secret, tuple(models), limit("max_concurrent"),
+                      limit("requests_per_minute"))
 
     def upstream(self, name, spec, path, raw, top_level=False):
         url_path = ("upstream",) if top_level else path + ("url",)
@@ -896,11 +1020,19 @@ class _ConfigChecker(object):
 
         def timeout(key):
             return self.number(spec, (key,) if top_level else path + (key,), None)
+        max_concurrent = None
+        if spec.get("max_concurrent") is not None:
+            max_concurrent = self.number(spec, path + ("max_concurrent",), None,
+                                         integer=True)
         return Upstream(name, url, scheme, host, port, base_path, api_key or None,
                         key_header,
                         timeout("connect_timeout"), timeout("read_timeout"),
                         self.ssl_context(raw) if scheme == "https" else None,
-                        self.apis(spec, path + ("apis",)))
+                        self.apis(spec, path + ("apis",)), max_concurrent,
+                        self.number(spec, path + ("max_queue",), DEFAULT_MAX_QUEUE,
+                                    integer=True, minimum=0),
+                        self.number(spec, path + ("queue_timeout",),
+                                    DEFAULT_QUEUE_TIMEOUT_SECONDS))
 
     def apis(self, spec, path):
         """Return the set of APIs an upstream speaks natively ("apis")."""
@@ -933,7 +1065,7 @@ class _ConfigChecker(object):
             context.verify_mode = ssl.CERT_NONE
         return context
 
-    def rule(self, raw_rule, path, upstreams):
+    def rule(self, raw_rule, path, upstreams, groups):
         if not isinstance(raw_rule, dict):
             raise self.error(path, "expected an object")
         self.warn_unknown_keys(raw_rule, path, RULE_KEYS)
@@ -958,11 +1090,11 @@ class _ConfigChecker(object):
             raise self.error(path + ("upstream",), "expected an upstream name "
                              "or a list of names")
         for position, name in enumerate(chain):
-            if name not in upstreams:
+            if name not in upstreams and name not in groups:
                 raise self.error(path + ("upstream",) if isinstance(
                     raw_rule.get("upstream"), str) else path + ("upstream", position),
                     "unknown upstream %r (known: %s)" % (
-                        name, ", ".join(sorted(upstreams))))
+                        name, ", ".join(sorted(list(upstreams) + list(groups)))))
         response_model = raw_rule.get("response_model")
         if response_model is not None:
             response_model = self.choice(raw_rule, path + ("response_model",),
@@ -1260,20 +1392,45 @@ def client_credential(authorization, x_api_key):
     return None
 
 
-def check_api_key(credential, api_keys):
-    """Return True when credential (str or None; see client_credential) is
-    one of api_keys (bytes).
+def find_api_key(credential, api_keys):
+    """Return the ApiKey whose secret is credential (str or None; see
+    client_credential), or None.
 
-    Every key is compared in constant time (hmac.compare_digest), so the
-    answer's timing does not tell how much of a key matched.
+    Every key is compared in constant time (hmac.compare_digest), and all of
+    them always, so the answer's timing tells neither how much of a key
+    matched nor which entry did.
     """
     if credential is None:
-        return False
+        return None
     token = credential.encode("utf-8", "surrogateescape")
-    matched = False
-    for key in api_keys:
-        matched |= hmac.compare_digest(token, key)
-    return matched
+    found = None
+    for api_key in api_keys:
+        if hmac.compare_digest(token, api_key.secret):
+            found = api_key
+    return found
+
+
+def check_api_key(credential, api_keys):
+    """Return True when credential (str or None) is one of api_keys (ApiKey)."""
+    return find_api_key(credential, api_keys) is not None
+
+
+def key_fingerprint(secret):
+    """Return the name of a key given as a plain string: "key-" and 8 hex
+    digits of its SHA-256, which tell keys apart without revealing them."""
+    return "key-" + hashlib.sha256(secret).hexdigest()[:8]
+
+
+def key_allows_model(api_key, model):
+    """Return True when an ApiKey may use model (a str, or None when the
+    request names none): any model without a "models" list, else only names
+    equal to an entry or matching it as a case-sensitive shell pattern."""
+    if not api_key.models:
+        return True
+    if not isinstance(model, str):
+        return False
+    return any(fnmatch.fnmatchcase(model, pattern) if is_pattern(pattern)
+               else model == pattern for pattern in api_key.models)
 
 
 def request_protocol(route, anthropic_version=None):
@@ -3317,6 +3474,290 @@ def last_line_of(run):
 
 
 ###############################################################################
+# Traffic: key limits, replica groups, upstream health ########################
+###############################################################################
+
+def affinity_key(affinity, body, header):
+    """Return the hex digest that ties a request to one replica, or None.
+
+    affinity is a ReplicaGroup.affinity; body the parsed JSON body (dict) or
+    None; header(lowercase name) returns a request header or None.  "user" is
+    the body's "user" (OpenAI) or "metadata.user_id" (Anthropic); "prompt" is
+    the leading part of the conversation (see prompt_prefix), the part an
+    upstream prefix cache (vLLM, llama.cpp) keeps between requests.
+    """
+    if isinstance(affinity, tuple):
+        text = header(affinity[1])
+    elif not isinstance(body, dict):
+        text = None
+    elif affinity == "user":
+        text = body.get("user")
+        metadata = body.get("metadata")
+        if not isinstance(text, str) and isinstance(metadata, dict):
+            text = metadata.get("user_id")
+        text = text if isinstance(text, str) else None
+    else:
+        text = prompt_prefix(body)
+    if not text:
+        return None
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def prompt_prefix(body):
+    """Return a JSON text of a body's leading prompt part, or None.
+
+    For "messages": the "system" field (Anthropic), the leading system and
+    developer messages and the first other message (the first turn).  Else
+    the first MAX_AFFINITY_PROMPT_CHARS of "prompt" or "input" (or of their
+    first item when they are lists).
+    """
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages:
+        leading = []
+        for message in messages:
+            leading.append(message)
+            role = message.get("role") if isinstance(message, dict) else None
+            if role not in ("system", "developer"):
+                break
+        return json.dumps([body.get("system"), leading], sort_keys=True)
+    for field in ("prompt", "input"):
+        value = body.get(field)
+        if isinstance(value, list) and value:
+            value = value[0]
+        if value is not None:
+            return json.dumps(value, sort_keys=True)[:MAX_AFFINITY_PROMPT_CHARS]
+    return None
+
+
+def rendezvous_member(key, members):
+    """Return the member a key maps to by highest random weight (rendezvous
+    hashing, Thaler and Ravishankar 1998): a key keeps its member while that
+    member is in the list, and only the keys of a member that leaves move."""
+    best, best_weight = None, None
+    for member in members:
+        weight = hashlib.sha256((member + "\0" + key).encode(
+            "utf-8", "surrogateescape")).digest()
+        if best_weight is None or weight > best_weight:
+            best, best_weight = member, weight
+    return best
+
+
+def key_limit_error(api_key, reason, retry_after_seconds):
+    """Return the 429 RelayError for a key over its limit (never the key)."""
+    return RelayError(
+        429, "Rate limit reached for key %s: %s. Retry after %d s." % (
+            api_key.name, reason, max(1, int(math.ceil(retry_after_seconds)))),
+        error_type="rate_limit_error", code="rate_limit_exceeded",
+        headers=[("Retry-After", str(max(1, int(math.ceil(retry_after_seconds)))))])
+
+
+def upstream_busy_error(upstream):
+    """Return the 429 RelayError for an upstream at max_concurrent whose
+    queue is full or whose queue_timeout ran out; a chain moves on."""
+    return RelayError(
+        429, "Upstream %s is busy: %d requests at once (max_concurrent) and "
+        "the queue is full or the wait of %g s (queue_timeout) ran out." % (
+            upstream.name, upstream.max_concurrent, upstream.queue_timeout),
+        error_type="rate_limit_error", code="upstream_busy",
+        headers=[("Retry-After", str(max(1, int(math.ceil(
+            upstream.queue_timeout)))))], retryable=True, kind="busy")
+
+
+class _UpstreamState(object):
+    """What Traffic knows of one upstream; guarded by Traffic's lock."""
+
+    def __init__(self, lock):
+        self.in_flight = 0   # requests holding a slot
+        self.queued = 0      # requests waiting for one (max_concurrent)
+        self.sent = 0        # requests that got a slot, ever
+        self.failures = 0    # failures in a row
+        self.out_until = 0.0  # monotonic seconds: ejected until then
+        self.ejected_in_a_row = 0  # ejections since the last success
+        self.ejections = 0
+        self.last_failure = 0.0
+        self.slot_free = threading.Condition(lock)
+
+
+class Traffic(object):
+    """The relay process's traffic state, thread-safe: each upstream's
+    requests in flight and queued, its health, each replica group's turn, and
+    each key's requests in flight and start times.
+
+    State is kept by name, so it carries over a config reload.  Limits are
+    per relay process: N relays behind a load balancer each enforce them.
+    clock gives the monotonic seconds that cool-downs are measured in.
+    """
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._upstreams = {}  # upstream name -> _UpstreamState
+        self._turns = {}      # group name -> index of the member next in turn
+        self._keys = {}       # key name -> [in flight, deque of start times]
+
+    def _state(self, name):
+        state = self._upstreams.get(name)
+        if state is None:
+            state = self._upstreams[name] = _UpstreamState(self._lock)
+        return state
+
+    # -- keys ----------------------------------------------------------------
+
+    def admit_key(self, api_key, now=None):
+        """Count a request of api_key against its max_concurrent and
+        requests_per_minute; raise RelayError 429 (with Retry-After) beyond
+        them.  The caller calls release_key when the request ends."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            usage = self._keys.get(api_key.name)
+            if usage is None:
+                usage = self._keys[api_key.name] = [0, collections.deque()]
+            if api_key.max_concurrent is not None and (
+                    usage[0] >= api_key.max_concurrent):
+                raise key_limit_error(api_key, "%d requests at once "
+                                      "(max_concurrent)" % api_key.max_concurrent, 1)
+            starts = usage[1]
+            if api_key.requests_per_minute is not None:
+                while starts and starts[0] <= now - RATE_WINDOW_SECONDS:
+                    starts.popleft()
+                if len(starts) >= api_key.requests_per_minute:
+                    raise key_limit_error(api_key, "%d requests per minute" % (
+                        api_key.requests_per_minute),
+                        starts[0] + RATE_WINDOW_SECONDS - now)
+                starts.append(now)
+            usage[0] += 1
+
+    def release_key(self, api_key):
+        with self._lock:
+            self._keys[api_key.name][0] -= 1
+
+    # -- upstream slots --------------------------------------------------------
+
+    def acquire(self, upstream):
+        """Take a slot on upstream; with max_concurrent, wait in its queue
+        (at most max_queue waiting, each up to queue_timeout).  Returns True,
+        or False when the queue is full or the wait ran out."""
+        with self._lock:
+            return self._acquire_locked(self._state(upstream.name), upstream)
+
+    def _acquire_locked(self, state, upstream):
+        limit = upstream.max_concurrent
+        if limit is not None and state.in_flight >= limit:
+            if state.queued >= upstream.max_queue:
+                return False
+            deadline = time.monotonic() + upstream.queue_timeout
+            state.queued += 1
+            try:
+                while state.in_flight >= limit:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    state.slot_free.wait(remaining)
+            finally:
+                state.queued -= 1
+        state.in_flight += 1
+        state.sent += 1
+        return True
+
+    def release(self, name):
+        """Give back a slot taken by acquire or choose."""
+        with self._lock:
+            state = self._upstreams[name]
+            state.in_flight -= 1
+            state.slot_free.notify()
+
+    # -- replica groups ----------------------------------------------------------
+
+    def choose(self, group, upstreams, key, tried):
+        """Pick the member of a group for a request and take a slot on it.
+
+        Members out for a cool-down and those in tried are skipped.  With an
+        affinity key the member is the key's rendezvous member among those
+        up; without, the one with the fewest requests in flight and queued,
+        ties taken in turn (round robin).  When every member is out and none
+        was tried, the least recently failed one is tried.  upstreams maps
+        names to Upstream.  Returns (name, True), (name, False) when its queue
+        was full or the wait ran out, or (None, False) when none is left.
+        """
+        with self._lock:
+            now = self.clock()
+            candidates = [name for name in group.members if name not in tried]
+            up = [name for name in candidates if self._state(name).out_until <= now]
+            if not up and candidates and not tried:
+                up = [min(candidates, key=lambda name: self._upstreams[name].last_failure)]
+            if not up:
+                return None, False
+            member = (rendezvous_member(key, up) if key is not None
+                      else self._least_busy(group, up))
+            return member, self._acquire_locked(self._state(member),
+                                                upstreams[member])
+
+    def _least_busy(self, group, up):
+        count = len(group.members)
+        turn = self._turns.get(group.name, 0)
+        best, best_load = None, None
+        for offset in range(count):
+            name = group.members[(turn + offset) % count]
+            if name in up:
+                state = self._upstreams[name]
+                load = state.in_flight + state.queued
+                if best_load is None or load < best_load:
+                    best, best_load = name, load
+        self._turns[group.name] = group.members.index(best) + 1
+        return best
+
+    def has_candidate(self, group, tried):
+        """Return True when a member not in tried is up now."""
+        now = self.clock()
+        with self._lock:
+            return any(self._state(name).out_until <= now
+                       for name in group.members if name not in tried)
+
+    def is_up(self, name):
+        with self._lock:
+            return self._state(name).out_until <= self.clock()
+
+    # -- passive health ------------------------------------------------------------
+
+    def succeeded(self, name):
+        """Note an answer below 500 from a member: its failures start over."""
+        with self._lock:
+            state = self._state(name)
+            state.failures = state.ejected_in_a_row = 0
+
+    def failed(self, group, name):
+        """Note a failure (refused, timed out before its answer, 5xx) of a
+        member.  After group.eject_after in a row (or after one, right after
+        a cool-down) it is out for group.cooldown seconds, doubled for each
+        ejection since its last success (at most 2**MAX_COOLDOWN_DOUBLINGS
+        times).  Returns the cool-down in seconds when it was ejected now."""
+        with self._lock:
+            now = self.clock()
+            state = self._state(name)
+            state.failures += 1
+            state.last_failure = now
+            if state.out_until > now or (state.failures < group.eject_after and
+                                         not state.ejected_in_a_row):
+                return None
+            cooldown = group.cooldown * 2 ** min(state.ejected_in_a_row,
+                                                 MAX_COOLDOWN_DOUBLINGS)
+            state.out_until = now + cooldown
+            state.ejected_in_a_row += 1
+            state.ejections += 1
+            state.failures = 0
+            return cooldown
+
+    def upstream_samples(self):
+        """Return [(name, in flight, queued, sent, ejections, up)] by name,
+        for the upstreams that are group members or have max_concurrent."""
+        now = self.clock()
+        with self._lock:
+            return [(name, state.in_flight, state.queued, state.sent,
+                     state.ejections, 1 if state.out_until <= now else 0)
+                    for name, state in sorted(self._upstreams.items())]
+
+
+###############################################################################
 # Upstream exchange ###########################################################
 ###############################################################################
 
@@ -3954,13 +4395,34 @@ def fetch_model_lists(pool, upstreams, headers_for):
     return results
 
 
-def routed_upstream_names(config):
-    """Return the upstream names rules route to, "default" first, each once."""
-    names = [DEFAULT_UPSTREAM_NAME] if DEFAULT_UPSTREAM_NAME in config.upstreams else []
-    for rule in config.rules:
-        for name in rule.upstreams:
-            if name not in names:
-                names.append(name)
+def chain_upstreams(config, chain):
+    """Return the Upstreams a chain of upstream and group names may use, in
+    order: a replica group stands for its members."""
+    upstreams = []
+    for name in chain:
+        group = config.groups.get(name)
+        if group is None:
+            upstreams.append(config.upstreams[name])
+        else:
+            upstreams.extend(config.upstreams[member] for member in group.members)
+    return upstreams
+
+
+def routed_upstream_names(config, is_up=None):
+    """Return the upstream names rules route to, "default" first, each once.
+
+    A replica group stands for one member, since all serve the same models:
+    the first for which is_up(name) is true (default: the first member).
+    """
+    names = []
+    for step in [DEFAULT_UPSTREAM_NAME] + [name for rule in config.rules
+                                           for name in rule.upstreams]:
+        group = config.groups.get(step)
+        if group is not None:
+            up = [name for name in group.members if is_up is None or is_up(name)]
+            step = (up or group.members)[0]
+        if step in config.upstreams and step not in names:
+            names.append(step)
     return names
 
 
@@ -4081,11 +4543,11 @@ class Metrics(object):
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._requests = collections.Counter()  # (path, status, model) -> count
+        self._requests = collections.Counter()  # (path, status, model, key) -> count
         self._durations = {}  # path -> [count per bucket..., sum, count]
         self._in_flight = 0
         self._upstream_errors = collections.Counter()  # (upstream, kind) -> count
-        self._tokens = collections.Counter()  # (model, kind) -> tokens
+        self._tokens = collections.Counter()  # (model, kind, key) -> tokens
         self._models = set()
 
     def _model_label(self, model):
@@ -4102,10 +4564,13 @@ class Metrics(object):
         with self._lock:
             self._in_flight += 1
 
-    def request_finished(self, path, status, model, seconds):
+    def request_finished(self, path, status, model, seconds, key_name=None):
+        """Count a finished request; key_name is the ApiKey's name or None
+        (a config key, so the label stays bounded)."""
         with self._lock:
             self._in_flight -= 1
-            self._requests[(path, str(status), self._model_label(model))] += 1
+            self._requests[(path, str(status), self._model_label(model),
+                            key_name or "")] += 1
             # One count per bucket (the first bound >= seconds; the last slot
             # before sum and count is +Inf); render() makes them cumulative.
             buckets = self._durations.setdefault(
@@ -4119,9 +4584,9 @@ class Metrics(object):
         with self._lock:
             self._upstream_errors[(upstream_name, kind)] += 1
 
-    def add_usage(self, model, usage, protocol=PROTOCOL_CHAT):
+    def add_usage(self, model, usage, protocol=PROTOCOL_CHAT, key_name=None):
         """Add the tokens of a usage object in the protocol's own shape,
-        each field as its kind (see USAGE_KINDS)."""
+        each field as its kind (see USAGE_KINDS); key_name labels them."""
         if not isinstance(usage, dict):
             return
         with self._lock:
@@ -4129,10 +4594,14 @@ class Metrics(object):
             for field, kind in USAGE_KINDS.get(protocol, OPENAI_USAGE_KINDS):
                 tokens = usage.get(field)
                 if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0:
-                    self._tokens[(label, kind)] += tokens
+                    self._tokens[(label, kind, key_name or "")] += tokens
 
-    def render(self):
-        """Return the metrics as Prometheus text format 0.0.4 bytes."""
+    def render(self, upstream_samples=()):
+        """Return the metrics as Prometheus text format 0.0.4 bytes.
+
+        upstream_samples come from Traffic.upstream_samples.  The key label
+        appears only on requests made with a key (api_keys set).
+        """
         with self._lock:
             requests = sorted(self._requests.items())
             durations = sorted((path, list(values))
@@ -4153,8 +4622,9 @@ class Metrics(object):
                                           if isinstance(value, float) else value))
         family("llm_relay_requests_total", "counter",
                "Requests answered, by path, status and model alias.",
-               [((("path", path), ("status", status), ("model", model)), count)
-                for (path, status, model), count in requests])
+               [((("path", path), ("status", status), ("model", model)) + (
+                   (("key", key),) if key else ()), count)
+                for (path, status, model, key), count in requests])
         lines.append("# HELP llm_relay_request_duration_seconds Time from request "
                      "to the end of the response, by path.")
         lines.append("# TYPE llm_relay_request_duration_seconds histogram")
@@ -4180,9 +4650,30 @@ class Metrics(object):
                 for (name, kind), count in errors])
         family("llm_relay_tokens_total", "counter",
                "Tokens reported in upstream usage, by model alias and kind.",
-               [((("model", model), ("kind", kind)), count)
-                for (model, kind), count in tokens])
+               [((("model", model), ("kind", kind)) + (
+                   (("key", key),) if key else ()), count)
+                for (model, kind, key), count in tokens])
+        if upstream_samples:
+            self._render_upstreams(family, upstream_samples)
         return ("\n".join(lines) + "\n").encode("utf-8")
+
+    @staticmethod
+    def _render_upstreams(family, samples):
+        for column, name, kind, help_text in (
+                (1, "llm_relay_upstream_in_flight", "gauge",
+                 "Requests holding a slot on an upstream now."),
+                (2, "llm_relay_upstream_queued", "gauge",
+                 "Requests waiting for a slot (max_concurrent) now."),
+                (3, "llm_relay_upstream_requests_total", "counter",
+                 "Requests sent to an upstream (the replica each went to)."),
+                (4, "llm_relay_upstream_ejections_total", "counter",
+                 "Times a replica was taken out for a cool-down."),
+                (5, "llm_relay_upstream_up", "gauge",
+                 "1 while a replica takes requests, 0 during its cool-down.")):
+            family(name, kind, help_text + " Group members and upstreams with "
+                   "max_concurrent only.",
+                   [((("upstream", sample[0]),), sample[column])
+                    for sample in samples])
 
 
 # Usage fields counted per protocol -> the "kind" label of
@@ -4311,14 +4802,22 @@ def route_chains(config):
     return chains
 
 
-def routes_down(chains, reasons):
+def routes_down(chains, reasons, groups=None):
     """Return the route names (a list) none of whose upstreams is up.
 
     chains is route_chains' dict; reasons maps upstream name -> None (up)
-    or the reason it is down.
+    or the reason it is down; groups maps replica group names to
+    ReplicaGroup, a group being down when all its members are.
     """
+    groups = groups or {}
+
+    def down(name):
+        group = groups.get(name)
+        if group is None:
+            return reasons.get(name)
+        return all(reasons.get(member) for member in group.members)
     return [route for route, chain in chains.items()
-            if all(reasons.get(name) for name in chain)]
+            if all(down(name) for name in chain)]
 
 
 def check_readiness(config, timeout_seconds=READY_TIMEOUT_SECONDS):
@@ -4704,6 +5203,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._rename_model = None  # the model name answers report, if not theirs
         self._stream_watch = None
         self._model_asked = None
+        self._api_key = None  # the ApiKey the request came with
+        self._key_admitted = False  # counted against the key's limits
+        self._slot = None  # name of the upstream whose slot the request holds
+        self._affinity = None  # {replica group name: affinity key}
         self.headers = None  # not the previous request's on keep-alive
         self._header_items = None
         self._headers_by_name = None
@@ -4853,11 +5356,12 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         finally:
             self._in_dispatch = False
             self.tracked.watch(None)
+            self._release_holds()
             self._log_access()
             self.server.metrics.request_finished(
                 metrics_path(self._route),
                 self._status or 0, self._model_asked,
-                time.monotonic() - self._started)
+                time.monotonic() - self._started, self._key_name())
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = (
         _serve_request)
@@ -4869,6 +5373,11 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._request_id = sanitize_request_id(
             self._header("x-request-id")) or new_request_id()
         route, query = self._precheck(config)
+        api_key = self._api_key
+        if api_key is not None and (api_key.max_concurrent or
+                                    api_key.requests_per_minute):
+            self.server.traffic.admit_key(api_key)
+            self._key_admitted = True
         if not self._declares_body():
             self.tracked.request_read()
         if self.command == "OPTIONS":
@@ -4903,16 +5412,67 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 self.command, printable(target_path(self.path)[0])[:200],
                 ", ".join(allowed)),
                 code="method_not_allowed", headers=[("Allow", ", ".join(allowed))])
-        if config.api_keys and route not in UNAUTHENTICATED_PATHS and not check_api_key(
-                client_credential(self._header("authorization"),
-                                  self._header("x-api-key")), config.api_keys):
+        if config.api_keys and route not in UNAUTHENTICATED_PATHS:
+            self._authenticate(config)
+        self._request_body(config)
+        return route, query
+
+    def _authenticate(self, config):
+        """Find the client's key among api_keys; raise RelayError 401 when
+        there is none.  The access log gets the key's name, never the key."""
+        api_key = find_api_key(self._client_credential(), config.api_keys)
+        if api_key is None:
             raise RelayError(401, "Incorrect or missing API key. Send "
                              "'Authorization: Bearer <key>' or 'x-api-key: <key>' "
                              "with one of the relay's api_keys.",
                              code="invalid_api_key",
                              headers=[("WWW-Authenticate", "Bearer")])
-        self._request_body(config)
-        return route, query
+        self._api_key = api_key
+        self.log_fields["key"] = api_key.name
+
+    def _client_credential(self):
+        """Return the key the client sent (str), or None."""
+        return client_credential(self._header("authorization"),
+                                 self._header("x-api-key"))
+
+    def _key_name(self):
+        return self._api_key.name if self._api_key is not None else None
+
+    def _check_model_allowed(self, request):
+        """Raise RelayError 403 when the client's key may not use the model
+        of request (a ClientRequest).
+
+        A key with a models list must name an allowed model in every request
+        with a body; a body whose model the relay does not read (an upload)
+        is refused.  The message names the model, never the key.
+        """
+        api_key = self._api_key
+        if not api_key.models:
+            return
+        if not request.is_json and (request.body.length or request.body.chunked):
+            raise RelayError(403, "This API key may use only some models, and "
+                             "the relay cannot read the model of this request "
+                             "(not a JSON body).", error_type="permission_error",
+                             code="model_not_allowed")
+        if request.is_json and not key_allows_model(api_key, request.model):
+            raise self._model_not_allowed(request.model)
+
+    def _affinity_keys(self, config, chain, body):
+        """Return {group name: affinity key or None} for the chain's groups
+        with an affinity (see affinity_key), from the body as the client
+        sent it (a dict, or None)."""
+        keys = {}
+        for name in chain:
+            group = config.groups.get(name)
+            if group is not None and group.affinity is not None:
+                keys[name] = affinity_key(group.affinity, body, self._header)
+        return keys
+
+    @staticmethod
+    def _model_not_allowed(model):
+        return RelayError(403, "This API key may not use the model %s." % (
+            printable(json.dumps(model, ensure_ascii=False))[:MAX_LOGGED_MODEL_CHARS]),
+            error_type="permission_error", code="model_not_allowed", param="model")
 
     def _path_is_under_v1(self):
         path = target_path(self.path)[0]
@@ -4989,7 +5549,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         one; both name every upstream that is down."""
         results = check_readiness(config, self.server.ready_timeout)
         failing = sorted(name for name, reason in results.items() if reason)
-        down = routes_down(route_chains(config), results)
+        down = routes_down(route_chains(config), results, config.groups)
         self._send_json(503 if down else 200, {
             "status": "not ready" if down else "ready",
             "upstreams": dict((name, reason or "ok") for name, reason in results.items()),
@@ -5001,7 +5561,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             raise RelayError(404, "Metrics are turned off (\"metrics\": false).",
                              code="unknown_url")
         self._send_buffered(200, [("Content-Type", "text/plain; version=0.0.4; "
-                                   "charset=utf-8")], self.server.metrics.render())
+                                   "charset=utf-8")], self.server.metrics.render(
+                                       self.server.traffic.upstream_samples()))
 
     def _serve_models(self, config, route, query):
         """Answer GET /v1/models: the upstreams' lists plus rule aliases, in
@@ -5017,7 +5578,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         """Return the merged model list (see merge_model_lists) of every
         upstream a rule routes to.  Raises RelayError: the only upstream's
         own answer, or 502 when none answered."""
-        upstreams = [config.upstreams[name] for name in routed_upstream_names(config)]
+        upstreams = [config.upstreams[name] for name in routed_upstream_names(
+            config, self.server.traffic.is_up)]
         results = fetch_model_lists(self.server.pool, upstreams, lambda upstream:
                                     upstream_headers(self._request_headers(False),
                                                      upstream, config.forward_auth,
@@ -5032,14 +5594,20 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             if not isinstance(result, dict):
                 logger.warning("%s models: left out %s", self._request_id,
                                result.message)
-        return merge_model_lists(
+        merged = merge_model_lists(
             [result for result in results if isinstance(result, dict)], config)
+        if self._api_key is not None and self._api_key.models:
+            merged["data"] = [entry for entry in merged["data"] if key_allows_model(
+                self._api_key, entry.get("id") if isinstance(entry, dict) else None)]
+        return merged
 
     def _serve_one_model(self, config, route, query):
         """Answer GET /v1/models/{id}: an alias here, other ids upstream.  An
         Anthropic client (anthropic-version) gets the entry of the merged
         list (see _serve_models) in Anthropic's shape, or a 404."""
         model = urllib.parse.unquote(route[len("/models/"):])
+        if self._api_key is not None and not key_allows_model(self._api_key, model):
+            raise self._model_not_allowed(model)
         if self._protocol == PROTOCOL_MESSAGES:
             return self._serve_one_anthropic_model(config, model)
         if model in config.rule_index.exact and model != "default":
@@ -5062,9 +5630,13 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         read the body, select the rule, rewrite, open the upstream (along
         the rule's fallback chain), relay its answer."""
         request = self._read_request_body(config)
+        if self._api_key is not None:
+            self._check_model_allowed(request)
         rule = select_rule(config.rule_index, request.model)
-        body = self._rewritten(request, rule)
         chain = rule.upstreams if rule else (DEFAULT_UPSTREAM_NAME,)
+        if config.groups:
+            self._affinity = self._affinity_keys(config, chain, request.parsed)
+        body = self._rewritten(request, rule)
         if isinstance(request.model, str) and self._protocol in MODEL_NAMING_PROTOCOLS and (
                 (rule and rule.response_model) or config.response_model) == "asked":
             self._rename_model = request.model
@@ -5152,53 +5724,158 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     def _open_upstream(self, config, chain, target_suffix, body, is_json,
                        variant=None):
-        """Send the request along a fallback chain of upstream names.
+        """Send the request along a fallback chain of upstream and replica
+        group names.
 
-        The next upstream is tried when one refuses, times out before its
-        response headers, or answers 5xx/429, and only while the request body
-        can be sent again.  is_json: the body was parsed as JSON.
-        variant(upstream), if given, returns the (target suffix, RequestBody)
-        for that upstream.  Returns the UpstreamExchange of the answer.
+        The next step is tried when an upstream refuses, times out before its
+        response headers, answers 5xx/429 or is busy (max_concurrent), and
+        only while the request body can be sent again.  A group is one step:
+        the chain moves on when every member tried for this request failed
+        (members are chosen with the keys of _affinity).  is_json: the body
+        was parsed as JSON.  variant(upstream), if given, returns the (target
+        suffix, RequestBody) for that upstream.  Returns the UpstreamExchange
+        of the answer.
         """
         tried = []
-        requested = target_suffix, body
+        request = (target_suffix, body, is_json, variant)
         for position, name in enumerate(chain):
-            upstream = config.upstreams[name]
-            target_suffix, body = variant(upstream) if variant else requested
-            tried.append(name)
-            self.log_fields["upstream"] = ">".join(tried)
             last = position == len(chain) - 1
-            declared_length = body.length if (
-                body.length or self.command in ("POST", "PUT", "PATCH")) else None
-            headers = upstream_headers(self._request_headers(is_json), upstream,
-                                       config.forward_auth, declared_length,
-                                       self._request_id, chunked=body.chunked)
-            try:
-                response, connection, sock = self._send_watched(
-                    upstream, target_suffix, headers, body)
-            except RelayError as error:
-                self._count_upstream_failure(upstream, error.kind)
-                if last or not error.retryable or not body.replayable:
-                    raise
-                logger.warning("%s upstream %s failed, trying %s: %s",
-                               self._request_id, name, chain[position + 1],
-                               error.message)
-                continue
-            logger.debug("%s upstream %s answered %d", self._request_id, name,
-                         response.status)
-            if response.status >= 500:
-                self._count_upstream_failure(upstream, "5xx")
-            if not last and body.replayable and (
-                    response.status >= 500 or response.status == 429):
-                logger.warning("%s upstream %s answered %d, trying %s",
-                               self._request_id, name, response.status,
-                               chain[position + 1])
-                connection.close()
-                response.close()
-                continue
-            return UpstreamExchange(self.server.pool, upstream, response,
-                                    connection, sock, self.tracked.watch)
+            group = config.groups.get(name) if config.groups else None
+            if group is None:
+                exchange = self._open_one(config, config.upstreams[name], tried,
+                                          request, last)
+            else:
+                exchange = self._open_group(config, group, tried, request, last)
+            if exchange is not None:
+                return exchange
         raise AssertionError("empty upstream chain")  # validate_config forbids
+
+    def _open_one(self, config, upstream, tried, request, last):
+        """One upstream as a step of the chain; see _try_upstream."""
+        if upstream.max_concurrent is not None:
+            if not self.server.traffic.acquire(upstream):
+                return self._upstream_busy(upstream, upstream.name, tried, not last)
+            self._slot = upstream.name
+        return self._try_upstream(config, upstream, upstream.name, tried,
+                                  request, not last)
+
+    def _open_group(self, config, group, tried, request, last):
+        """A replica group as a step of the chain: members chosen by
+        Traffic.choose, one after another, until one answers."""
+        traffic, members_tried = self.server.traffic, []
+        key = (self._affinity or {}).get(group.name)
+        while True:
+            member, took_slot = traffic.choose(group, config.upstreams, key,
+                                               members_tried)
+            if member is None:
+                break
+            members_tried.append(member)
+            upstream, label = config.upstreams[member], group.name + "/" + member
+            may_move_on = not last or traffic.has_candidate(group, members_tried)
+            if not took_slot:
+                self._upstream_busy(upstream, label, tried, may_move_on)
+                continue
+            self._slot = member
+            exchange = self._try_upstream(config, upstream, label, tried,
+                                          request, may_move_on, group)
+            if exchange is not None:
+                return exchange
+        if last:
+            raise RelayError(502, "Every replica of %s failed or is out for a "
+                             "cool-down." % group.name, code="upstream_unreachable")
+        return None
+
+    def _upstream_busy(self, upstream, label, tried, may_move_on):
+        """A step whose upstream had no free slot: raise 429, or return None
+        to move on."""
+        tried.append(label + "(busy)")
+        self.log_fields["upstream"] = ">".join(tried)
+        self._count_upstream_failure(upstream, "busy")
+        error = upstream_busy_error(upstream)
+        if not may_move_on:
+            raise error
+        logger.warning("%s %s", self._request_id, error.message)
+        return None
+
+    def _try_upstream(self, config, upstream, label, tried, request, may_move_on,
+                      group=None):
+        """Send the request to one upstream (a slot is held if needed).
+
+        request is (target suffix, RequestBody, is_json, variant); see
+        _open_upstream.  Returns the UpstreamExchange, or None when it failed
+        and the request may move on (may_move_on, and the body can be sent
+        again); else raises the failure or returns the failed answer.
+        """
+        target_suffix, body, is_json, variant = request
+        if variant is not None:
+            target_suffix, body = variant(upstream)
+        tried.append(label)
+        self.log_fields["upstream"] = ">".join(tried)
+        declared_length = body.length if (
+            body.length or self.command in ("POST", "PUT", "PATCH")) else None
+        headers = upstream_headers(self._request_headers(is_json), upstream,
+                                   config.forward_auth, declared_length,
+                                   self._request_id, chunked=body.chunked)
+        try:
+            response, connection, sock = self._send_watched(
+                upstream, target_suffix, headers, body)
+        except RelayError as error:
+            self._count_upstream_failure(upstream, error.kind)
+            self._release_slot()
+            if group is not None:
+                self._note_health(group, upstream, False)
+            if not may_move_on or not error.retryable or not body.replayable:
+                raise
+            logger.warning("%s upstream %s failed, trying the next: %s",
+                           self._request_id, label, error.message)
+            return None
+        logger.debug("%s upstream %s answered %d", self._request_id, label,
+                     response.status)
+        if response.status >= 500:
+            self._count_upstream_failure(upstream, "5xx")
+        if group is not None:
+            self._note_health(group, upstream, response.status < 500)
+        if may_move_on and body.replayable and (
+                response.status >= 500 or response.status == 429):
+            logger.warning("%s upstream %s answered %d, trying the next",
+                           self._request_id, label, response.status)
+            connection.close()
+            response.close()
+            self._release_slot()
+            return None
+        return UpstreamExchange(self.server.pool, upstream, response,
+                                connection, sock, self._upstream_released)
+
+    def _upstream_released(self, sock):
+        """UpstreamExchange's on_release: stop watching the upstream socket
+        and give back the slot and the key's count (the last bytes to the
+        client are about to leave)."""
+        self.tracked.watch(sock)
+        self._release_holds()
+
+    def _note_health(self, group, upstream, answered):
+        """Tell Traffic how a group member did; log an ejection."""
+        if answered:
+            return self.server.traffic.succeeded(upstream.name)
+        cooldown = self.server.traffic.failed(group, upstream.name)
+        if cooldown is not None:
+            logger.warning("replica %s of %s is out for %g s after failing",
+                           upstream.name, group.name, cooldown)
+
+    def _release_slot(self):
+        if self._slot is not None:
+            self.server.traffic.release(self._slot)
+            self._slot = None
+
+    def _release_holds(self):
+        """Give back the upstream slot and the key's in-flight count before
+        the last bytes of the response leave: a client that sends its next
+        request at once must not find its own previous one still counted."""
+        if self._slot is not None:
+            self._release_slot()
+        if self._key_admitted:
+            self._key_admitted = False
+            self.server.traffic.release_key(self._api_key)
 
     def _request_headers(self, is_json):
         """Return the client's headers as (name, value) pairs; a body parsed
@@ -5241,8 +5918,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             return None
         if route == "/messages/count_tokens":
             # Answered here when the first upstream has no counter.
-            return api if translates_to_chat(config.upstreams[chain[0]], api) else None
-        if any(translates_to_chat(config.upstreams[name], api) for name in chain):
+            first = chain_upstreams(config, chain[:1])[0]
+            return api if translates_to_chat(first, api) else None
+        if any(translates_to_chat(upstream, api)
+               for upstream in chain_upstreams(config, chain)):
             return api
         return None
 
@@ -5491,10 +6170,10 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if self.server.config.metrics and isinstance(chat_usage, dict):
             if api == "messages":
                 self.server.metrics.add_usage(self._model_asked, anthropic_usage(
-                    chat_usage), PROTOCOL_MESSAGES)
+                    chat_usage), PROTOCOL_MESSAGES, self._key_name())
             else:
                 self.server.metrics.add_usage(self._model_asked, responses_usage(
-                    chat_usage), PROTOCOL_RESPONSES)
+                    chat_usage), PROTOCOL_RESPONSES, self._key_name())
 
     @staticmethod
     def _wait_for_body_end(lines):
@@ -5583,7 +6262,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._send_buffered(status, headers, data)
         if status == 200 and self.server.config.metrics:
             self.server.metrics.add_usage(self._model_asked, usage_from_json(
-                data, self._protocol), self._protocol)
+                data, self._protocol), self._protocol, self._key_name())
 
     def _read_upstream_body(self, upstream, response):
         """Read an upstream body for a buffered answer, counting a failure
@@ -5666,7 +6345,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         finally:
             if watch is not None and watch.usage and self.server.config.metrics:
                 self.server.metrics.add_usage(self._model_asked, watch.usage,
-                                              self._protocol)
+                                              self._protocol, self._key_name())
         exchange.release(complete=True)
         writer.finish()
 
@@ -5783,6 +6462,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     def _send_buffered(self, status, headers, body):
         """Send a complete response with Content-Length (RFC 9112 §6.3)."""
+        self._release_holds()
         if status in (204, 304) or 100 <= status < 200:
             body = b""
         else:
@@ -5993,6 +6673,7 @@ class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self._reloads_asked = 0  # reload tickets handed out
         self._reload_applied = 0  # the newest ticket that took effect or failed
         self._next_config_poll = 0.0
+        self.traffic = Traffic()
         self.draining = False
         self._grace_deadline = 0.0
         self._grace_ended = False
@@ -6514,6 +7195,16 @@ def describe_config(config, warnings):
                                              mask_secret(upstream.api_key),
                                              upstream.connect_timeout,
                                              upstream.read_timeout))
+        if upstream.max_concurrent:
+            lines[-1] = lines[-1][:-1] + (", max_concurrent %d, max_queue %d, "
+                                          "queue_timeout %g s)" % (
+                                              upstream.max_concurrent,
+                                              upstream.max_queue,
+                                              upstream.queue_timeout))
+    for name, group in sorted(config.groups.items()):
+        lines.append("group %s: %s (affinity %s, eject_after %d, cooldown %g s)"
+                     % (name, ", ".join(group.members), describe_affinity(
+                         group.affinity), group.eject_after, group.cooldown))
     lines += ["%s: %s" % (key.name, key.show(getattr(config, key.field)))
               for key in CONFIG_KEYS if key.show is not None]
     lines.append("rules: %d" % len(config.rules))
@@ -6530,6 +7221,21 @@ def describe_config(config, warnings):
                                    in zip(row, widths)).rstrip() for row in rows]
     lines += ["warning: %s" % warning for warning in warnings]
     return "\n".join(lines) + "\n"
+
+
+def describe_api_key(api_key):
+    """Return a key for --check-config: its name and limits, masked secret."""
+    limits = [("models", ", ".join(api_key.models)),
+              ("max_concurrent", api_key.max_concurrent),
+              ("requests_per_minute", api_key.requests_per_minute)]
+    return "%s (%s%s)" % (api_key.name, mask_secret(api_key.secret.decode("utf-8")),
+                          "".join("; %s %s" % item for item in limits if item[1]))
+
+
+def describe_affinity(affinity):
+    if isinstance(affinity, tuple):
+        return "header:" + affinity[1]
+    return affinity or "none"
 
 
 def describe_assignments(values):

@@ -264,7 +264,7 @@ class ConfigValidationTest(unittest.TestCase):
             "upstream_api_key": "${KEY}", "api_keys": ["${A:-fallback}", "$${LIT}"],
             "upstream": "http://${HOST:-localhost}:1/v1"}, {"KEY": "sk-env"})
         self.assertEqual(config.upstreams["default"].api_key, "sk-env")
-        self.assertEqual(config.api_keys, (b"fallback", b"${LIT}"))
+        self.assertEqual([key.secret for key in config.api_keys], [b"fallback", b"${LIT}"])
         self.assertEqual(config.upstreams["default"].host, "localhost")
 
     def test_unset_environment_variable_is_an_error_naming_it(self):
@@ -569,7 +569,7 @@ class SmallHelpersTest(unittest.TestCase):
             "gone", "server_error", "upstream_error"))
 
     def test_check_api_key(self):
-        keys = (b"k1", b"k2")
+        keys = config_from({"api_keys": ["k1", "k2"]}).api_keys
 
         def check(authorization, x_api_key=None):
             return llm_relay.check_api_key(llm_relay.client_credential(
@@ -4442,6 +4442,14 @@ class ReadmeTest(unittest.TestCase):
                         self.assertIn("`%s`" % key, section, "%s: upstreams' %s" % (
                             name, key))
 
+    def test_both_readmes_document_exactly_the_group_and_key_fields(self):
+        for name in README_NAMES:
+            with self.subTest(readme=name):
+                self.assertEqual(sorted(readme_table(name, "Several GPU boxes")),
+                                 sorted(llm_relay.GROUP_KEYS))
+                self.assertEqual(sorted(readme_table(name, "Sharing the relay")),
+                                 sorted(llm_relay.API_KEY_KEYS))
+
     def test_the_readmes_link_each_other(self):
         self.assertIn("README.zh-CN.md", readme_section("README.md", ""))
         self.assertIn("README.md", readme_section("README.zh-CN.md", ""))
@@ -4452,6 +4460,727 @@ class ReadmeTest(unittest.TestCase):
             example, "README.md", {"OPENAI_API_KEY": "sk-x", "RELAY_KEY": "k"})
         self.assertEqual(warnings, [])
         self.assertEqual(config.rules[1].upstreams, ("vllm", "openai"))
+
+    def test_several_gpu_boxes_and_sharing_examples_are_valid_configs(self):
+        environ = {"OPENAI_API_KEY": "sk-x", "RELAY_KEY": "k", "ALICE_KEY": "a",
+                   "NIGHTLY_KEY": "n", "ADMIN_KEY": "admin"}
+        cpu_box = readme_code_blocks("A CPU box that serves")[0]
+        config, warnings = llm_relay.parse_config_text(cpu_box, "README.md", environ)
+        self.assertEqual((warnings, config.upstreams["default"].max_concurrent), ([], 2))
+        boxes = readme_code_blocks("## Several GPU boxes")[0]
+        config, warnings = llm_relay.parse_config_text(boxes, "README.md", environ)
+        self.assertEqual(warnings, [])
+        self.assertEqual(config.groups["qwen"].members, ("gpu1", "gpu2", "gpu3"))
+        self.assertEqual(config.groups["default"].members, ("gpu1", "gpu2"))
+        self.assertEqual(config.rules[1].upstreams, ("qwen", "openai"))
+        sharing = readme_code_blocks("## Sharing the relay")[0]
+        config, warnings = llm_relay.parse_config_text(sharing, "README.md", environ)
+        self.assertEqual(warnings, [])
+        self.assertEqual([key.name for key in config.api_keys], [
+            "alice", "nightly-eval", llm_relay.key_fingerprint(b"admin")])
+        self.assertEqual(config.api_keys[0].requests_per_minute, 60)
+
+
+###############################################################################
+# Several GPU boxes and several people: replica groups, named keys ############
+###############################################################################
+
+def metric_value(text, name, labels=""):
+    """Return the value of the sample "name{labels}" in /metrics text, or
+    None; labels is the rendered label text such as 'upstream="a"'."""
+    sample = name + ("{%s}" % labels if labels else "")
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+class FakeClock(object):
+    """A monotonic clock that moves only when a test says so."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def group_config(**fields):
+    """Return a config dict with upstreams a, b (and c, d) in group "pool"."""
+    members = fields.pop("members", ("a", "b"))
+    upstreams = dict((name, {"url": "http://127.0.0.1:%d/v1" % (9000 + position)})
+                     for position, name in enumerate(members))
+    upstreams["pool"] = dict({"replicas": list(members)}, **fields)
+    return {"upstreams": upstreams, "model_rules": [
+        {"match_model": "default", "upstream": "pool"}]}
+
+
+class ReplicaConfigTest(unittest.TestCase):
+
+    def assert_error(self, raw, path, message_part):
+        with self.assertRaises(llm_relay.ConfigError) as caught:
+            config_from(raw)
+        self.assertEqual(caught.exception.path, path, str(caught.exception))
+        self.assertIn(message_part, str(caught.exception))
+
+    def test_groups_are_built_and_rules_may_name_them(self):
+        config = config_from(group_config(affinity="header:X-Session-Id",
+                                          eject_after=2, cooldown=5))
+        group = config.groups["pool"]
+        self.assertEqual(group.members, ("a", "b"))
+        self.assertEqual(group.affinity, ("header", "x-session-id"))
+        self.assertEqual((group.eject_after, group.cooldown), (2, 5.0))
+        self.assertNotIn("pool", config.upstreams)
+        self.assertEqual(config.rules[0].upstreams, ("pool",))
+        self.assertEqual(config_from(group_config()).groups["pool"].affinity, None)
+
+    def test_group_errors_name_the_field(self):
+        raw = group_config()
+        raw["upstreams"]["pool"]["replicas"] = ["a", "nope"]
+        self.assert_error(raw, "upstreams.pool.replicas[1]", "unknown upstream 'nope'")
+        raw["upstreams"]["pool"]["replicas"] = ["a", "a"]
+        self.assert_error(raw, "upstreams.pool.replicas[1]", "listed twice")
+        raw["upstreams"]["pool"]["replicas"] = []
+        self.assert_error(raw, "upstreams.pool.replicas", "non-empty list")
+        raw["upstreams"]["pool"] = {"replicas": ["a"], "affinity": "cookie"}
+        self.assert_error(raw, "upstreams.pool.affinity", "header:<name>")
+        raw["upstreams"]["pool"] = {"replicas": ["a"], "eject_after": 0}
+        self.assert_error(raw, "upstreams.pool.eject_after", "positive integer")
+        raw["upstreams"]["pool"] = {"replicas": ["a"], "cooldown": -1}
+        self.assert_error(raw, "upstreams.pool.cooldown", "positive number")
+        raw["upstreams"]["a"]["max_concurrent"] = 0
+        self.assert_error(raw, "upstreams.a.max_concurrent", "positive integer")
+        raw["upstreams"]["a"] = {"url": "http://h/v1", "max_queue": -1}
+        self.assert_error(raw, "upstreams.a.max_queue", "non-negative integer")
+        raw = group_config()
+        raw["upstreams"]["pool2"] = {"replicas": ["pool"]}
+        self.assert_error(raw, "upstreams.pool2.replicas[0]", "cannot hold a group")
+        raw = group_config()
+        raw["model_rules"][0]["upstream"] = ["pool", "elsewhere"]
+        self.assert_error(raw, "model_rules[0].upstream[1]", "known: a, b, default, pool")
+
+    def test_error_carries_line_and_column(self):
+        error = config_error('{"upstreams": {"a": {"url": "http://h/v1"},\n'
+                             ' "pool": {"replicas": ["a",\n   "zz"]}}}')
+        self.assertEqual((error.line, error.column, error.path),
+                         (3, 4, "upstreams.pool.replicas[1]"))
+
+    def test_default_route_may_be_a_group(self):
+        raw = group_config()
+        raw["upstreams"]["default"] = raw["upstreams"].pop("pool")
+        del raw["model_rules"]
+        config = config_from(raw)
+        self.assertIn("default", config.groups)
+        self.assertNotIn("default", config.upstreams)
+        raw["upstream"] = "http://h/v1"
+        self.assert_error(raw, "upstreams.default", "cannot be called 'default'")
+
+    def test_api_key_objects_and_plain_strings(self):
+        config = config_from({"api_keys": [
+            "plain-key", {"key": "${ALICE_KEY}", "name": "alice",
+                          "models": ["qwen*", "gpt-3.5-turbo"], "max_concurrent": 4,
+                          "requests_per_minute": 60}]}, {"ALICE_KEY": "sk-alice"})
+        plain, alice = config.api_keys
+        self.assertRegex(plain.name, r"^key-[0-9a-f]{8}$")
+        self.assertNotIn("plain", plain.name)
+        self.assertEqual(alice, llm_relay.ApiKey("alice", b"sk-alice", (
+            "qwen*", "gpt-3.5-turbo"), 4, 60))
+        self.assertEqual(config_from({"api_keys": [{"key": "k"}]}).api_keys[0].name,
+                         llm_relay.key_fingerprint(b"k"))
+
+    def test_api_key_errors_never_show_the_key(self):
+        cases = [
+            ([{"name": "x"}], "api_keys[0]", "expected \"key\""),
+            ([{"key": "secret-1", "name": "a b"}], "api_keys[0].name", "letters"),
+            ([{"key": "secret-1", "models": "qwen"}], "api_keys[0].models",
+             "list of strings"),
+            ([{"key": "secret-1", "max_concurrent": 0}], "api_keys[0].max_concurrent",
+             "positive integer"),
+            ([{"key": "secret-1", "requests_per_minute": 1.5}],
+             "api_keys[0].requests_per_minute", "positive integer"),
+            ([{"key": "secret-1", "name": "x"}, {"key": "secret-2", "name": "x"}],
+             "api_keys[1]", "used twice"),
+            (["secret-1", {"key": "secret-1", "name": "x"}], "api_keys[1]",
+             "listed twice"),
+            ([3], "api_keys[0]", "expected a key"),
+        ]
+        for keys, path, message in cases:
+            with self.assertRaises(llm_relay.ConfigError) as caught:
+                config_from({"api_keys": keys})
+            self.assertEqual(caught.exception.path, path, keys)
+            self.assertIn(message, str(caught.exception))
+            self.assertNotIn("secret-", str(caught.exception))
+
+    def test_unknown_keys_in_new_objects_are_warnings(self):
+        raw = group_config(affinty="user")
+        raw["api_keys"] = [{"key": "k", "modles": []}]
+        _, warnings = llm_relay.validate_config(raw, "c", None, {})
+        self.assertTrue(any("'affinty'" in w and "affinity" in w for w in warnings),
+                        warnings)
+        self.assertTrue(any("'modles'" in w and "models" in w for w in warnings),
+                        warnings)
+
+
+class KeyAndAffinityUnitsTest(unittest.TestCase):
+
+    def test_find_api_key_and_model_allowlist(self):
+        keys = config_from({"api_keys": ["k1", {"key": "k2", "name": "bob",
+                                                "models": ["qwen*", "gpt-4o"]}]}).api_keys
+        self.assertEqual(llm_relay.find_api_key("k2", keys).name, "bob")
+        self.assertIsNone(llm_relay.find_api_key("k3", keys))
+        self.assertIsNone(llm_relay.find_api_key(None, keys))
+        bob = keys[1]
+        for model, allowed in (("qwen2.5", True), ("gpt-4o", True), ("gpt-4o-mini", False),
+                               ("Qwen", False), (None, False), (3, False)):
+            self.assertEqual(llm_relay.key_allows_model(bob, model), allowed, model)
+        self.assertTrue(llm_relay.key_allows_model(keys[0], None))
+
+    def test_affinity_keys(self):
+        def header(name):
+            return {"x-session-id": "s1"}.get(name)
+        conversation = {"model": "m", "user": "u1", "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"}]}
+        later = dict(conversation, messages=conversation["messages"] + [
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}])
+        other = dict(conversation, messages=[{"role": "system", "content": "be long"},
+                                             {"role": "user", "content": "hi"}])
+        key = llm_relay.affinity_key
+        self.assertEqual(key("prompt", conversation, header), key("prompt", later, header))
+        self.assertNotEqual(key("prompt", conversation, header),
+                            key("prompt", other, header))
+        self.assertEqual(key("user", conversation, header), key("user", {"user": "u1"}, header))
+        self.assertEqual(key("user", {"metadata": {"user_id": "u1"}}, header),
+                         key("user", {"user": "u1"}, header))
+        self.assertIsNone(key("user", {"messages": []}, header))
+        self.assertEqual(key(("header", "x-session-id"), None, header),
+                         key("user", {"user": "s1"}, header))
+        self.assertIsNone(key(("header", "x-other"), None, header))
+        self.assertIsNotNone(key("prompt", {"prompt": "x" * 10}, header))
+        self.assertEqual(key("prompt", {"prompt": "x" * 5000 + "a"}, header),
+                         key("prompt", {"prompt": "x" * 5000 + "b"}, header))
+
+    def test_rendezvous_keeps_keys_on_their_member(self):
+        members = ["a", "b", "c", "d"]
+        keys = ["session-%d" % index for index in range(200)]
+        placed = dict((key, llm_relay.rendezvous_member(key, members)) for key in keys)
+        self.assertEqual(set(placed.values()), set(members))
+        without_c = dict((key, llm_relay.rendezvous_member(key, ["a", "b", "d"]))
+                         for key in keys)
+        for key in keys:
+            if placed[key] != "c":
+                self.assertEqual(without_c[key], placed[key])
+
+
+class TrafficTest(unittest.TestCase):
+
+    def setUp(self):
+        self.config = config_from(group_config(members=("a", "b", "c"),
+                                               eject_after=2, cooldown=10))
+        self.group = self.config.groups["pool"]
+        self.clock = FakeClock()
+        self.traffic = llm_relay.Traffic(self.clock)
+
+    def choose(self, key=None, tried=()):
+        member, took = self.traffic.choose(self.group, self.config.upstreams, key,
+                                           list(tried))
+        self.assertTrue(member is None or took)
+        return member
+
+    def test_fewest_in_flight_first_and_ties_in_turn(self):
+        self.assertEqual([self.choose() for _ in range(3)], ["a", "b", "c"])
+        self.traffic.release("b")
+        self.assertEqual(self.choose(), "b")  # the only one with none in flight
+        for name in "abc":
+            self.traffic.release(name)
+        self.assertEqual(self.choose(), "c")  # the turn goes on after b
+        self.traffic.release("c")
+        self.assertEqual([self.choose() for _ in range(3)], ["a", "b", "c"])
+
+    def test_ejection_backoff_and_return(self):
+        traffic = self.traffic
+        self.assertIsNone(traffic.failed(self.group, "a"))
+        self.assertEqual(traffic.failed(self.group, "a"), 10)
+        self.assertFalse(traffic.is_up("a"))
+        self.assertNotIn("a", [self.choose() for _ in range(4)])
+        self.clock.now += 10
+        self.assertTrue(traffic.is_up("a"))
+        self.assertEqual(traffic.failed(self.group, "a"), 20)  # one failure now
+        self.clock.now += 20
+        traffic.succeeded("a")
+        self.assertIsNone(traffic.failed(self.group, "a"))  # counts from zero
+        self.assertEqual(traffic.failed(self.group, "a"), 10)
+        samples = dict((row[0], row) for row in traffic.upstream_samples())
+        self.assertEqual(samples["a"][4:], (3, 0))
+
+    def test_when_all_are_out_the_least_recently_failed_is_tried(self):
+        for name in ("b", "c", "a"):
+            self.clock.now += 1
+            self.traffic.failed(self.group, name)
+            self.traffic.failed(self.group, name)
+        self.assertEqual(self.choose(), "b")
+        self.assertIsNone(self.choose(tried=["b"]))  # the group failed
+        self.assertFalse(self.traffic.has_candidate(self.group, ["b"]))
+
+    def test_affinity_is_sticky_while_the_member_is_up(self):
+        member = self.choose(key="k")
+        self.assertEqual([self.choose(key="k") for _ in range(5)], [member] * 5)
+        self.traffic.failed(self.group, member)
+        self.traffic.failed(self.group, member)
+        moved = self.choose(key="k")
+        self.assertNotEqual(moved, member)
+        self.clock.now += 10
+        self.assertEqual(self.choose(key="k"), member)
+
+    def test_queue_is_bounded(self):
+        upstream = config_from({"upstreams": {"cpu": {
+            "url": "http://h/v1", "max_concurrent": 1, "max_queue": 0}}}).upstreams["cpu"]
+        self.assertTrue(self.traffic.acquire(upstream))
+        self.assertFalse(self.traffic.acquire(upstream))  # no queue: at once
+        self.traffic.release("cpu")
+        self.assertTrue(self.traffic.acquire(upstream))
+
+    def test_key_limits(self):
+        key = llm_relay.ApiKey("alice", b"sk-secret", (), 2, 3)
+        self.traffic.admit_key(key, now=0.0)
+        self.traffic.admit_key(key, now=1.0)
+        with self.assertRaises(llm_relay.RelayError) as caught:
+            self.traffic.admit_key(key, now=2.0)
+        self.assertEqual(caught.exception.status, 429)
+        self.assertIn("max_concurrent", caught.exception.message)
+        self.traffic.release_key(key)
+        self.traffic.release_key(key)
+        self.traffic.admit_key(key, now=2.0)
+        self.traffic.release_key(key)
+        with self.assertRaises(llm_relay.RelayError) as caught:
+            self.traffic.admit_key(key, now=30.0)
+        self.assertEqual(dict(caught.exception.headers)["Retry-After"], "30")
+        self.assertIn("alice", caught.exception.message)
+        self.assertNotIn("sk-secret", caught.exception.message)
+        self.traffic.admit_key(key, now=60.0)  # the first start left the window
+
+
+def session_for(member, members):
+    """Return an X-Session-Id value whose affinity goes to member."""
+    for index in range(1000):
+        value = "session-%d" % index
+        digest = llm_relay.affinity_key(("header", "x-session-id"), None,
+                                        lambda name: value)
+        if llm_relay.rendezvous_member(digest, members) == member:
+            return value
+    raise AssertionError("no session for %s" % member)
+
+
+class ReplicaGroupTest(RelayTestCase):
+    """Replica groups over real sockets, with one fake upstream per member."""
+
+    def start_group(self, count=2, chain=None, extra_upstreams=None, **group):
+        self.fakes = [self.upstream] + [FakeUpstream(self) for _ in range(count - 1)]
+        self.names = ["r%d" % index for index in range(count)]
+        upstreams = dict((name, {"url": fake.url})
+                         for name, fake in zip(self.names, self.fakes))
+        upstreams.update(extra_upstreams or {})
+        upstreams["pool"] = dict({"replicas": self.names}, **group)
+        relay = self.start_relay(upstreams=upstreams, model_rules=[
+            {"match_model": "default", "upstream": chain or "pool"}])
+        self.clock = FakeClock()
+        relay.traffic.clock = self.clock
+        return relay
+
+    def counts(self):
+        return [len(fake.requests) for fake in self.fakes]
+
+    def metrics_text(self):
+        status, _, data = self.request("GET", "/metrics")
+        self.assertEqual(status, 200)
+        return data.decode("utf-8")
+
+    def test_spread_over_1000_requests_on_equal_members(self):
+        self.start_group(count=4)
+        errors, lock = [], threading.Lock()
+
+        def client(requests):
+            connection = self.connect()
+            for _ in range(requests):
+                status, _, data = self.chat({"model": "m", "messages": []},
+                                            connection=connection)
+                if status != 200:
+                    with lock:
+                        errors.append(data)
+        threads = [threading.Thread(target=client, args=(125,)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(errors, [])
+        counts = self.counts()
+        self.assertEqual(sum(counts), 1000)
+        # Each member's share is 250; allow 5% of it above or below.
+        self.assertLessEqual(max(counts), 250 + 12, counts)
+        self.assertGreaterEqual(min(counts), 250 - 12, counts)
+        text = self.metrics_text()
+        for name, count in zip(self.names, counts):
+            self.assertEqual(metric_value(text, "llm_relay_upstream_requests_total",
+                                          'upstream="%s"' % name), count)
+            self.assertEqual(metric_value(text, "llm_relay_upstream_in_flight",
+                                          'upstream="%s"' % name), 0)
+
+    def test_header_affinity_keeps_a_session_on_its_member(self):
+        self.start_group(count=3, affinity="header:X-Session-Id")
+        for member in range(3):
+            session = session_for(self.names[member], self.names)
+            before = self.counts()
+            for _ in range(4):
+                status, _, _ = self.chat({"model": "m"}, {"X-Session-Id": session})
+                self.assertEqual(status, 200)
+            after = self.counts()
+            self.assertEqual([b - a for a, b in zip(before, after)],
+                             [4 if index == member else 0 for index in range(3)])
+        self.chat({"model": "m"})  # no session: fewest in flight, in turn
+        self.assertEqual(sum(self.counts()), 13)
+
+    def test_prompt_affinity_follows_the_start_of_the_conversation(self):
+        self.start_group(count=3, affinity="prompt")
+        first = [{"role": "system", "content": "You are terse."},
+                 {"role": "user", "content": "Name a prime."}]
+        for turn in range(5):
+            messages = first + [{"role": "assistant", "content": "2"},
+                                {"role": "user", "content": "another"}] * turn
+            self.assertEqual(self.chat({"model": "m", "messages": messages})[0], 200)
+        self.assertEqual(sorted(self.counts()), [0, 0, 5])
+        for index in range(12):
+            self.chat({"model": "m", "messages": [
+                {"role": "user", "content": "topic %d" % index}]})
+        self.assertEqual(len([count for count in self.counts() if count]), 3)
+
+    def test_user_affinity(self):
+        self.start_group(count=3, affinity="user")
+        for _ in range(4):
+            self.chat({"model": "m", "user": "alice"})
+        self.assertEqual(sorted(self.counts()), [0, 0, 4])
+
+    def test_failing_member_is_ejected_and_comes_back(self):
+        broken = threading.Event()
+        broken.set()
+
+        def flaky(handler, recorded):
+            if broken.is_set():
+                return reply_json(handler, {"error": {"message": "oom"}}, 503)
+            openai_like(handler, recorded)
+        self.start_group(count=2, eject_after=2, cooldown=30)
+        self.fakes[1].behaviour = flaky
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            for _ in range(6):
+                status, _, data = self.chat({"model": "m"})
+                self.assertEqual(status, 200, data)  # r1 fails over to r0
+            self.wait_for_log(logs, "replica r1 of pool is out for 30 s")
+        self.assertEqual(len(self.fakes[1].requests), 2)  # out after two
+        self.assertTrue(any("upstream=pool/r1>pool/r0" in line for line in logs.output),
+                        logs.output)
+        text = self.metrics_text()
+        self.assertEqual(metric_value(text, "llm_relay_upstream_ejections_total",
+                                      'upstream="r1"'), 1)
+        self.assertEqual(metric_value(text, "llm_relay_upstream_up", 'upstream="r1"'), 0)
+        self.assertEqual(metric_value(text, "llm_relay_upstream_errors_total",
+                                      'upstream="r1",kind="5xx"'), 2)
+        broken.clear()
+        self.clock.now += 30  # the cool-down is over
+        for _ in range(4):
+            self.assertEqual(self.chat({"model": "m"})[0], 200)
+        self.assertEqual(len(self.fakes[1].requests), 4)  # back in turn
+        self.assertEqual(metric_value(self.metrics_text(), "llm_relay_upstream_up",
+                                      'upstream="r1"'), 1)
+
+    def test_refused_member_is_ejected_and_all_out_tries_the_least_recently_failed(self):
+        self.start_group(count=2, eject_after=1)
+        self.fakes[1].stop()  # refuses connections from now on
+        self.assertEqual(self.chat({"model": "m"})[0], 200)
+        self.assertEqual(self.chat({"model": "m"})[0], 200)
+        self.assertFalse(self.relay.traffic.is_up("r1"))
+        self.clock.now += 1
+        self.fakes[0].behaviour = lambda handler, recorded: reply_json(
+            handler, {"error": {"message": "down"}}, 500)
+        status, _, data = self.chat({"model": "m"})
+        self.assertEqual(status, 500, data)  # the last member's own answer
+        self.assertFalse(self.relay.traffic.is_up("r0"))
+        # Both out: r1 failed first, so it is tried (and refuses: 502).
+        served = len(self.fakes[0].requests)
+        status, _, data = self.chat({"model": "m"})
+        self.assert_openai_error(status, data, 502, "upstream_unreachable")
+        self.assertIn("r1", json.loads(data.decode())["error"]["message"])
+        self.assertEqual(len(self.fakes[0].requests), served)
+
+    def test_group_is_one_step_of_a_fallback_chain(self):
+        backup = FakeUpstream(self)
+        self.start_group(count=2, chain=["pool", "backup"],
+                         extra_upstreams={"backup": {"url": backup.url}})
+        for fake in self.fakes:
+            fake.behaviour = lambda handler, recorded: reply_json(
+                handler, {"error": {"message": "busy"}}, 500)
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            status, _, data = self.chat({"model": "m", "stream": True})
+            self.assertEqual(status, 200, data)
+            self.wait_for_log(logs, ">backup")
+        self.assertIn(b"data: [DONE]", data)
+        self.assertEqual(self.counts(), [1, 1])
+        self.assertEqual(len(backup.requests), 1)
+        self.assertTrue(any(re.search(r"upstream=pool/r\d>pool/r\d>backup", line)
+                            for line in logs.output), logs.output)
+        for fake in self.fakes:
+            fake.behaviour = openai_like
+        self.assertEqual(self.chat({"model": "m"})[0], 200)
+        self.assertEqual(len(backup.requests), 1)  # the group serves again
+
+    def test_stream_on_an_ejected_member_finishes(self):
+        started, release = threading.Event(), threading.Event()
+
+        def member(handler, recorded):
+            body = recorded.json()
+            if not body.get("stream"):
+                return reply_json(handler, {"error": {"message": "fail"}}, 500)
+            start_chunked(handler)
+            lines = sse_events(2)
+            write_chunk(handler, lines[0] + lines[1])
+            started.set()
+            release.wait(WAIT_SECONDS)
+            for line in lines[2:]:
+                write_chunk(handler, line)
+            end_chunks(handler)
+        self.start_group(count=2, eject_after=1, affinity="header:X-Session-Id")
+        self.fakes[0].behaviour = member
+        session = session_for("r0", self.names)
+        connection = self.connect()
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(
+            {"model": "m", "stream": True}), headers={
+                "Content-Type": "application/json", "X-Session-Id": session})
+        response = connection.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertTrue(started.wait(WAIT_SECONDS))
+        status, _, _ = self.chat({"model": "m"}, {"X-Session-Id": session})
+        self.assertEqual(status, 200)  # r0 answered 500, out; r1 answered
+        self.assertFalse(self.relay.traffic.is_up("r0"))
+        release.set()
+        lines = read_sse_lines(response)
+        self.assertEqual(lines[-2:], [b"data: [DONE]\n", b"\n"])
+        self.assertFalse(any(b"error" in line for line in lines))
+
+    def test_max_concurrent_queues_then_answers_429(self):
+        started, release = threading.Event(), threading.Event()
+
+        def slow(handler, recorded):
+            started.set()
+            release.wait(WAIT_SECONDS)
+            openai_like(handler, recorded)
+        self.upstream.behaviour = slow
+        self.start_relay(upstreams={"default": {
+            "url": self.upstream.url, "max_concurrent": 1, "max_queue": 1,
+            "queue_timeout": WAIT_SECONDS}})
+        results = []
+
+        def send():
+            results.append(self.chat({"model": "m"}))
+        first = threading.Thread(target=send)
+        first.start()
+        self.assertTrue(started.wait(WAIT_SECONDS))
+        second = threading.Thread(target=send)
+        second.start()
+        self.assertTrue(wait_until(lambda: metric_value(
+            self.metrics_text(), "llm_relay_upstream_queued",
+            'upstream="default"') == 1))
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            status, headers, data = self.chat({"model": "m"})
+            self.wait_for_log(logs, "upstream=default(busy)")
+        self.assert_openai_error(status, data, 429, "upstream_busy")
+        self.assertEqual(headers["retry-after"], str(int(WAIT_SECONDS)))
+        status, headers, data = self.request("POST", "/v1/messages", {
+            "model": "m", "max_tokens": 5, "messages": []})
+        self.assertEqual(status, 429)
+        self.assertEqual(json.loads(data.decode())["error"]["type"], "rate_limit_error")
+        self.assertIn("retry-after", headers)
+        self.assertEqual(len(self.upstream.requests), 1)
+        release.set()
+        first.join(WAIT_SECONDS)
+        second.join(WAIT_SECONDS)
+        self.assertEqual([result[0] for result in results], [200, 200])
+        self.assertEqual(len(self.upstream.requests), 2)
+        text = self.metrics_text()
+        self.assertEqual(metric_value(text, "llm_relay_upstream_in_flight",
+                                      'upstream="default"'), 0)
+        self.assertEqual(metric_value(text, "llm_relay_upstream_errors_total",
+                                      'upstream="default",kind="busy"'), 2)
+
+    def test_queue_wait_runs_out_and_a_busy_member_moves_on(self):
+        started, release = threading.Event(), threading.Event()
+
+        def slow(handler, recorded):
+            started.set()
+            release.wait(WAIT_SECONDS)
+            openai_like(handler, recorded)
+        self.upstream.behaviour = slow
+        backup = FakeUpstream(self)
+        self.start_relay(upstreams={
+            "cpu": {"url": self.upstream.url, "max_concurrent": 1,
+                    "queue_timeout": 0.05},
+            "backup": {"url": backup.url}}, model_rules=[
+                {"match_model": "a", "upstream": "cpu"},
+                {"match_model": "b", "upstream": ["cpu", "backup"]}])
+        thread = threading.Thread(target=self.chat, args=({"model": "a"},))
+        thread.start()
+        self.addCleanup(thread.join, WAIT_SECONDS)
+        self.addCleanup(release.set)  # runs first
+        self.assertTrue(started.wait(WAIT_SECONDS))
+        status, headers, data = self.chat({"model": "a"})
+        self.assert_openai_error(status, data, 429, "upstream_busy")
+        self.assertEqual(headers["retry-after"], "1")
+        status, _, data = self.chat({"model": "b"})
+        self.assertEqual(status, 200, data)
+        self.assertEqual(len(backup.requests), 1)
+
+
+class NamedKeysTest(RelayTestCase):
+    """api_keys entries with names, model allowlists and limits."""
+
+    ALICE = {"key": "sk-alice-secret", "name": "alice",
+             "models": ["qwen*", "gpt-3.5-turbo"]}
+
+    def auth(self, key="sk-alice-secret"):
+        return {"Authorization": "Bearer " + key}
+
+    def test_models_allowlist_is_403_naming_the_model_never_the_key(self):
+        self.start_relay(api_keys=[self.ALICE, "sk-plain-key"], model_rules=[
+            {"match_model": "gpt-3.5-turbo", "set": {"model": "qwen2.5-72b-instruct"}},
+            {"match_model": "llama-3", "set": {"model": "llama"}}])
+        self.assertEqual(self.chat({"model": "gpt-3.5-turbo"}, self.auth())[0], 200)
+        self.assertEqual(self.chat({"model": "qwen2.5-7b"}, self.auth())[0], 200)
+        for body in ({"model": "llama-3"}, {"messages": []}, {"model": 3}):
+            status, _, data = self.chat(body, self.auth())
+            error = self.assert_openai_error(status, data, 403, "model_not_allowed")
+            self.assertNotIn("sk-alice", data.decode())
+        self.assertIn('"llama-3"', json.loads(self.chat(
+            {"model": "llama-3"}, self.auth())[2].decode())["error"]["message"])
+        self.assertEqual(error["type"], "permission_error")
+        status, _, data = self.request("POST", "/v1/audio/transcriptions", b"x" * 10,
+                                       dict(self.auth(), **{
+                                           "Content-Type": "multipart/form-data; b=1"}))
+        self.assert_openai_error(status, data, 403, "model_not_allowed")
+        self.assertEqual(len(self.upstream.requests), 2)  # nothing else forwarded
+        self.assertEqual(self.chat({"model": "llama-3"}, self.auth("sk-plain-key"))[0], 200)
+
+    def test_anthropic_clients_get_anthropic_shaped_403_and_429(self):
+        self.start_relay(api_keys=[dict(self.ALICE, requests_per_minute=2)])
+        key = {"x-api-key": "sk-alice-secret", "anthropic-version": "2023-06-01"}
+        body = {"model": "claude-3-haiku", "max_tokens": 5, "messages": []}
+        messages = []
+        for expected_status, error_type in ((403, "permission_error"),
+                                            (403, "permission_error"),
+                                            (429, "rate_limit_error")):
+            status, headers, data = self.request("POST", "/v1/messages", body, key)
+            self.assertEqual(status, expected_status, data)
+            answer = json.loads(data.decode())
+            self.assertEqual((answer["type"], answer["error"]["type"]),
+                             ("error", error_type))
+            self.assertNotIn("sk-alice", data.decode())
+            messages.append(answer["error"]["message"])
+        self.assertIn('"claude-3-haiku"', messages[0])
+        self.assertIn("alice", messages[2])
+        self.assertTrue(1 <= int(headers["retry-after"]) <= 60)
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_model_list_shows_only_what_the_key_may_use(self):
+        self.start_relay(api_keys=[self.ALICE, "sk-plain-key"], model_rules=[
+            {"match_model": "gpt-3.5-turbo", "set": {"model": "qwen"}},
+            {"match_model": "llama-3", "set": {"model": "llama"}}])
+        status, _, data = self.request("GET", "/v1/models", headers=self.auth())
+        self.assertEqual(status, 200, data)
+        self.assertEqual([entry["id"] for entry in json.loads(data.decode())["data"]],
+                         ["qwen2.5-72b-instruct", "gpt-3.5-turbo"])
+        status, _, data = self.request("GET", "/v1/models",
+                                       headers=self.auth("sk-plain-key"))
+        self.assertEqual(len(json.loads(data.decode())["data"]), 3)
+        status, _, data = self.request("GET", "/v1/models/llama-3", headers=self.auth())
+        self.assert_openai_error(status, data, 403, "model_not_allowed")
+        status, _, _ = self.request("GET", "/v1/models/gpt-3.5-turbo", headers=self.auth())
+        self.assertEqual(status, 200)
+
+    def test_per_key_limits_answer_429_with_retry_after(self):
+        started, release = threading.Event(), threading.Event()
+
+        def slow(handler, recorded):
+            if recorded.json().get("model") == "slow":
+                started.set()
+                release.wait(WAIT_SECONDS)
+            openai_like(handler, recorded)
+        self.upstream.behaviour = slow
+        self.start_relay(api_keys=[
+            {"key": "sk-bob", "name": "bob", "max_concurrent": 1},
+            {"key": "sk-carol", "name": "carol", "requests_per_minute": 2}])
+        thread = threading.Thread(target=self.chat, args=(
+            {"model": "slow"}, self.auth("sk-bob")))
+        thread.start()
+        self.addCleanup(thread.join, WAIT_SECONDS)
+        self.addCleanup(release.set)
+        self.assertTrue(started.wait(WAIT_SECONDS))
+        status, headers, data = self.chat({"model": "m"}, self.auth("sk-bob"))
+        error = self.assert_openai_error(status, data, 429, "rate_limit_exceeded")
+        self.assertEqual(headers["retry-after"], "1")
+        self.assertIn("bob", error["message"])
+        self.assertNotIn("sk-bob", error["message"])
+        self.assertEqual(self.chat({"model": "m"}, self.auth("sk-carol"))[0], 200)
+        release.set()
+        thread.join(WAIT_SECONDS)
+        self.assertEqual(self.chat({"model": "m"}, self.auth("sk-bob"))[0], 200)
+        self.assertEqual(self.chat({"model": "m"}, self.auth("sk-carol"))[0], 200)
+        status, headers, data = self.chat({"model": "m"}, self.auth("sk-carol"))
+        self.assert_openai_error(status, data, 429, "rate_limit_exceeded")
+        self.assertTrue(1 <= int(headers["retry-after"]) <= 60, headers)
+
+    def test_key_name_in_access_log_and_metrics_never_the_key(self):
+        self.start_relay(api_keys=[self.ALICE, "sk-plain-key"])
+        plain_name = llm_relay.key_fingerprint(b"sk-plain-key")
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            self.chat({"model": "qwen"}, self.auth())
+            self.chat({"model": "qwen", "stream": True}, self.auth())
+            self.chat({"model": "other"}, self.auth("sk-plain-key"))
+            self.wait_for_log(logs, "key=" + plain_name)
+        self.assertTrue(any("key=alice" in line for line in logs.output))
+        self.assertFalse(any("sk-" in line for line in logs.output), logs.output)
+        status, _, data = self.request("GET", "/metrics", headers=self.auth())
+        text = data.decode()
+        self.assertNotIn("sk-", text)
+        self.assertEqual(metric_value(text, "llm_relay_requests_total",
+                                      'path="/v1/chat/completions",status="200",'
+                                      'model="qwen",key="alice"'), 2)
+        self.assertEqual(metric_value(text, "llm_relay_requests_total",
+                                      'path="/v1/chat/completions",status="200",'
+                                      'model="other",key="%s"' % plain_name), 1)
+        self.assertEqual(metric_value(text, "llm_relay_tokens_total",
+                                      'model="qwen",kind="prompt",key="alice"'), 3)
+
+    def test_removed_key_stops_working_at_once_on_reload(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "config.jsonc")
+
+        def write(keys):
+            with open(path, "w") as handle:
+                json.dump({"listen": "127.0.0.1:0", "upstream": self.upstream.url,
+                           "api_keys": keys}, handle)
+        write([self.ALICE, {"key": "sk-dave", "name": "dave"}])
+        config, _ = llm_relay.load_config(path)
+        self.start_server(config)
+        connection = self.connect()
+        self.assertEqual(self.chat({"model": "m"}, self.auth("sk-dave"),
+                                   connection=connection)[0], 200)
+        write([self.ALICE])
+        self.assertTrue(llm_relay.reload_config(self.relay, path))
+        status, _, data = self.chat({"model": "m"}, self.auth("sk-dave"),
+                                    connection=connection)
+        self.assert_openai_error(status, data, 401, "invalid_api_key")
+        self.assertEqual(self.chat({"model": "qwen"}, self.auth())[0], 200)
+        write([self.ALICE, {"key": "sk-erin", "name": "erin", "models": ["x"]}])
+        self.assertTrue(llm_relay.reload_config(self.relay, path))
+        self.assertEqual(self.chat({"model": "x"}, self.auth("sk-erin"))[0], 200)
+        self.assertEqual(self.chat({"model": "y"}, self.auth("sk-erin"))[0], 403)
 
 
 ###############################################################################
@@ -4623,6 +5352,15 @@ class ReadinessTest(RelayTestCase):
         self.assertEqual(llm_relay.routes_down(chains, {"b": None,
                                                         "default": "timeout"}),
                          ["default"])
+
+    def test_a_route_through_a_group_is_down_only_when_every_replica_is(self):
+        config = config_from(group_config())
+        chains = llm_relay.route_chains(config)
+        self.assertEqual(llm_relay.routes_down(chains, {"a": "refused", "b": None},
+                                               config.groups), [])
+        self.assertEqual(llm_relay.routes_down(chains, {"a": "refused",
+                                                        "b": "timeout"},
+                                               config.groups), ["model_rules[0]"])
 
 
 class OperatorCommandLineTest(CommandLineTest):
@@ -7508,7 +8246,7 @@ class StrictConfigTest(RelayTestCase):
             error = config_error(text)
             self.assertEqual((error.line, error.column), (1, column), (text, str(error)))
         config, _ = llm_relay.parse_config_text('{"api_keys": ["a",],}', "t", {})
-        self.assertEqual(config.api_keys, (b"a",))
+        self.assertEqual([key.secret for key in config.api_keys], [b"a"])
 
     def test_timeouts_beyond_the_platform_are_config_errors(self):
         for text, path in (('{"read_timeout": 1e400}', "read_timeout"),
