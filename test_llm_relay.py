@@ -8112,6 +8112,17 @@ class StrictRequestHeadTest(RelayTestCase):
         self.assertEqual((status, json.loads(data.decode())["upstreams"]),
                          (503, {"default": "invalid"}))
 
+    def test_a_refused_head_is_one_log_line(self):
+        self.start_relay()
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            self.assert_refused(b"POST /v1/chat/completions HTTP/1.1\r\nHost: r\r\n"
+                                b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}")
+            self.wait_for_log(logs, " 400 ")
+        self.assertEqual(len(logs.output), 1, logs.output)
+        self.assertIn("POST /v1/chat/completions 400", logs.output[0])
+        self.assertIn("error=Bad request: differing Content-Length values.",
+                      logs.output[0])
+
     def test_a_target_starting_with_two_slashes_is_a_path(self):
         self.start_relay(api_keys=["k"])
         for target in (b"//x/metrics", b"//x/health", b"//127.0.0.1/v1/models"):
