@@ -4611,6 +4611,19 @@ class ReplicaConfigTest(unittest.TestCase):
             self.assertIn(message, str(caught.exception))
             self.assertNotIn("secret-", str(caught.exception))
 
+    def test_check_config_describes_groups_limits_and_keys(self):
+        raw = group_config(affinity="prompt")
+        raw["upstreams"]["a"]["max_concurrent"] = 2
+        raw["api_keys"] = [{"key": "sk-secret-alice-123456", "name": "alice",
+                            "models": ["qwen*"], "requests_per_minute": 5}]
+        config, warnings = llm_relay.validate_config(raw, "c", None, {})
+        report = llm_relay.describe_config(config, warnings)
+        self.assertIn("group pool: a, b (affinity prompt, eject_after 3, "
+                      "cooldown 10 s)", report)
+        self.assertIn("max_concurrent 2, max_queue 32, queue_timeout 30 s", report)
+        self.assertIn("alice (****3456; models qwen*; requests_per_minute 5)", report)
+        self.assertNotIn("sk-secret", report)
+
     def test_unknown_keys_in_new_objects_are_warnings(self):
         raw = group_config(affinty="user")
         raw["api_keys"] = [{"key": "k", "modles": []}]
@@ -5036,6 +5049,43 @@ class ReplicaGroupTest(RelayTestCase):
         self.assertEqual(status, 200, data)
         self.assertEqual(len(backup.requests), 1)
 
+
+    def test_member_silent_past_read_timeout_is_ejected(self):
+        answered = threading.Event()
+        self.addCleanup(answered.set)
+
+        def silent(handler, recorded):
+            answered.wait(WAIT_SECONDS)  # never answers in time
+        self.start_group(count=2, eject_after=1)
+        self.relay.config = self.relay.config._replace(upstreams=collections.OrderedDict(
+            (name, upstream._replace(read_timeout=0.2) if name == "r0" else upstream)
+            for name, upstream in self.relay.config.upstreams.items()))
+        self.fakes[0].behaviour = silent
+        status, _, data = self.chat({"model": "m"})
+        self.assertEqual(status, 200, data)  # r0 timed out, r1 answered
+        self.assertFalse(self.relay.traffic.is_up("r0"))
+        self.assertEqual(metric_value(self.metrics_text(), "llm_relay_upstream_errors_total",
+                                      'upstream="r0",kind="timeout"'), 1)
+        self.assertEqual(self.chat({"model": "m"})[0], 200)
+        self.assertEqual(self.counts(), [1, 2])
+
+    def test_messages_are_translated_for_each_chat_only_member(self):
+        self.start_group(count=2)
+        self.relay.config = self.relay.config._replace(upstreams=collections.OrderedDict(
+            (name, upstream._replace(apis=frozenset(["chat"])))
+            for name, upstream in self.relay.config.upstreams.items()))
+        for fake in self.fakes:
+            fake.behaviour = chat_only_upstream
+        for _ in range(2):
+            status, _, data = self.request("POST", "/v1/messages", {
+                "model": "claude-x", "max_tokens": 10,
+                "messages": [{"role": "user", "content": "hi"}]},
+                {"anthropic-version": "2023-06-01"})
+            self.assertEqual(status, 200, data)
+            self.assertEqual(json.loads(data.decode())["type"], "message")
+        self.assertEqual(self.counts(), [1, 1])
+        for fake in self.fakes:
+            self.assertTrue(fake.last().path.endswith("/chat/completions"))
 
 class NamedKeysTest(RelayTestCase):
     """api_keys entries with names, model allowlists and limits."""
