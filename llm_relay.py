@@ -5209,7 +5209,6 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self._affinity = None  # {replica group name: affinity key}
         self.headers = None  # not the previous request's on keep-alive
         self._header_items = None
-        self._headers_by_name = None
         self._body = None  # the RequestBodyReader, once the framing is checked
         self._head_body_length = 0  # from the head: bytes, or None (chunked)
         self.command = None
@@ -5281,25 +5280,19 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                                              time.monotonic() - self._started)
 
     def _header_list(self):
-        """Return the request headers as (name, value) pairs, read once: each
-        lookup in http.server's email.message object costs a full scan."""
+        """Return the request headers as (name, value) pairs, in order."""
         if self._header_items is None:
-            self._header_items = list(self.headers.items()) if self.headers else []
+            self._header_items = self.headers.items() if self.headers else []
         return self._header_items
 
     def _header_values(self, lowercase_name):
-        """Return every value of a request header (a list, maybe empty)."""
-        if self._headers_by_name is None:
-            by_name = {}
-            for name, value in self._header_list():
-                by_name.setdefault(name.lower(), []).append(value)
-            self._headers_by_name = by_name
-        return self._headers_by_name.get(lowercase_name, [])
+        """Return every value of a request header (a list, maybe empty),
+        from the FieldList parse_request built: one dict lookup."""
+        return self.headers.get_all(lowercase_name, []) if self.headers else []
 
     def _header(self, lowercase_name):
         """Return the first value of a request header, or None."""
-        values = self._header_values(lowercase_name)
-        return values[0] if values else None
+        return self.headers.get(lowercase_name) if self.headers else None
 
     def handle_expect_100(self):
         # Answer a doomed request (too large, unauthorized, unknown) with its
