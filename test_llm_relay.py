@@ -8556,6 +8556,39 @@ class RequestHeadDifferentialTest(unittest.TestCase):
         self.assertFalse(h11_accepts_head(b"\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n"))
 
 
+@unittest.skipUnless(hypothesis is not None, "hypothesis is not installed "
+                     "(.ci/run installs it)")
+class RequestHeadVerdictOverHttpTest(RelayTestCase):
+    """The relay serving over a socket refuses exactly the generated heads
+    that relay_accepts_head (the readers RequestHeadDifferentialTest
+    compares with h11) refuses."""
+
+    def answer(self, head):
+        sock = socket.create_connection(("127.0.0.1", self.relay.port),
+                                        timeout=WAIT_SECONDS)
+        self.addCleanup(sock.close)
+        # An empty chunked body, and exactly the 5 bytes the generated
+        # Content-Length values announce.
+        sock.sendall(head + b"0\r\n\r\n")
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, response.read()
+
+    def test_generated_heads_over_a_socket(self):
+        self.start_relay()
+
+        @hypothesis.settings(max_examples=40, deadline=None, database=None,
+                             derandomize=True)
+        @hypothesis.given(request_heads())
+        def check(head):
+            status, body = self.answer(head)
+            refused = b"Bad request: " in body or status in (414, 431, 505) or (
+                status == 501 and b"Transfer-Encoding" in body)
+            self.assertEqual(not refused, relay_accepts_head(head),
+                             (head, status, body))
+        check()
+
+
 def jsonc_documents():
     """Hypothesis strategy: (JSONC text) with comments, odd line ends, and
     valid and invalid commas, built around JSON values."""
