@@ -5799,6 +5799,11 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         and the request may move on (may_move_on, and the body can be sent
         again); else raises the failure or returns the failed answer.
         """
+        if upstream.max_concurrent is not None and is_peer_closed(self.connection):
+            # It may have waited in the queue: do not make the upstream
+            # generate an answer for a client that has gone.
+            self._release_slot()
+            raise ClientDisconnected()
         target_suffix, body, is_json, variant = request
         if variant is not None:
             target_suffix, body = variant(upstream)

@@ -5022,6 +5022,40 @@ class ReplicaGroupTest(RelayTestCase):
         self.assertEqual(metric_value(text, "llm_relay_upstream_errors_total",
                                       'upstream="default",kind="busy"'), 2)
 
+    def test_a_client_that_leaves_while_queued_is_never_sent_upstream(self):
+        started, release = threading.Event(), threading.Event()
+
+        def slow(handler, recorded):
+            started.set()
+            release.wait(WAIT_SECONDS)
+            openai_like(handler, recorded)
+        self.upstream.behaviour = slow
+        self.start_relay(upstreams={"default": {
+            "url": self.upstream.url, "max_concurrent": 1,
+            "queue_timeout": WAIT_SECONDS}})
+        first = threading.Thread(target=self.chat, args=({"model": "m"},))
+        first.start()
+        self.addCleanup(first.join, WAIT_SECONDS)
+        self.addCleanup(release.set)
+        self.assertTrue(started.wait(WAIT_SECONDS))
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            body = json.dumps({"model": "queued"}).encode()
+            sock = socket.create_connection(("127.0.0.1", self.relay.port),
+                                            timeout=WAIT_SECONDS)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d"
+                         b"\r\n\r\n%s" % (len(body), body))
+            self.assertTrue(wait_until(lambda: metric_value(
+                self.metrics_text(), "llm_relay_upstream_queued",
+                'upstream="default"') == 1))
+            sock.close()
+            release.set()
+            self.wait_for_log(logs, "model=queued")
+        first.join(WAIT_SECONDS)
+        self.assertEqual([r.json()["model"] for r in self.upstream.requests], ["m"])
+        line = [line for line in logs.output if "model=queued" in line][0]
+        self.assertIn("client disconnected", line)
+
     def test_queue_wait_runs_out_and_a_busy_member_moves_on(self):
         started, release = threading.Event(), threading.Event()
 
@@ -5147,6 +5181,11 @@ class NamedKeysTest(RelayTestCase):
         status, _, data = self.request("GET", "/v1/models",
                                        headers=self.auth("sk-plain-key"))
         self.assertEqual(len(json.loads(data.decode())["data"]), 3)
+        status, _, data = self.request("GET", "/v1/models", headers={
+            "x-api-key": "sk-alice-secret", "anthropic-version": "2023-06-01"})
+        self.assertEqual(status, 200, data)
+        self.assertEqual([entry["id"] for entry in json.loads(data.decode())["data"]],
+                         ["qwen2.5-72b-instruct", "gpt-3.5-turbo"])
         status, _, data = self.request("GET", "/v1/models/llama-3", headers=self.auth())
         self.assert_openai_error(status, data, 403, "model_not_allowed")
         status, _, _ = self.request("GET", "/v1/models/gpt-3.5-turbo", headers=self.auth())
