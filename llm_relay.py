@@ -1584,6 +1584,25 @@ def upstream_error_message(data, status):
     return printable(text)[:1000] or "upstream answered %d" % status
 
 
+def translated_error_body(api, data, status):
+    """Return an upstream's error answer to a translated request as the
+    client's protocol has it (bytes): on "messages" always Anthropic's error
+    shape; on "responses" the upstream's body when it already is OpenAI's
+    ({"error": {...}}), else its message wrapped in that shape, so an HTML
+    or plain-text error page never goes out labelled as JSON."""
+    if api == "messages":
+        return serialize_json(anthropic_error(upstream_error_message(data, status),
+                                              anthropic_error_type(status)))
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except ValueError:
+        value = None
+    if isinstance(value, dict) and isinstance(value.get("error"), dict):
+        return data
+    return serialize_json(error_body(PROTOCOL_RESPONSES, status, upstream_error_message(
+        data, status), code="upstream_error"))
+
+
 def new_item_id(prefix):
     """Return an id such as "msg_" + 24 hex digits for a translated answer."""
     return prefix + binascii.hexlify(os.urandom(12)).decode("ascii")
@@ -6085,16 +6104,13 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                                          fixed_model=self._rename_model is not None)
 
     def _send_translated_error(self, api, response, data):
-        """Relay an upstream's error answer; on /v1/messages in Anthropic's
-        error shape (the SDKs read the message from there)."""
+        """Relay an upstream's error answer in the client's error shape (the
+        SDKs and agents read the message from there)."""
         headers = [(name, value) for name, value in self._client_headers(
             list(response.getheaders())) if name.lower() != "content-type"]
-        if api == "messages":
-            data = serialize_json(anthropic_error(
-                upstream_error_message(data, response.status),
-                anthropic_error_type(response.status)))
         self._send_buffered(response.status, headers + [
-            ("Content-Type", "application/json")], data)
+            ("Content-Type", "application/json")],
+            translated_error_body(api, data, response.status))
 
     def _send_translated_answer(self, api, upstream, translation, data,
                                 stream=None):

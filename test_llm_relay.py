@@ -5650,6 +5650,22 @@ def native_agent_upstream(handler, recorded):
 
 class ProtocolHelpersTest(unittest.TestCase):
 
+    def test_translated_error_body_in_the_client_shape(self):
+        openai_shaped = b'{"error": {"message": "too long", "type": "x"}}'
+        self.assertEqual(llm_relay.translated_error_body(
+            "responses", openai_shaped, 400), openai_shaped)
+        for data, message in ((b"<h1>oops</h1>", "<h1>oops</h1>"),
+                              (b'{"detail": "bad"}', '{"detail": "bad"}'),
+                              (b'{"error": "bad"}', "bad")):
+            self.assertEqual(json.loads(llm_relay.translated_error_body(
+                "responses", data, 500).decode("utf-8")), {"error": {
+                    "message": message, "type": "server_error", "param": None,
+                    "code": "upstream_error"}})
+        self.assertEqual(json.loads(llm_relay.translated_error_body(
+            "messages", openai_shaped, 400).decode("utf-8")), {
+                "type": "error", "error": {"type": "invalid_request_error",
+                                           "message": "too long"}})
+
     def test_request_protocol_comes_from_the_route(self):
         for route, protocol in (("/chat/completions", "chat"),
                                 ("/completions", "completions"),
@@ -6596,6 +6612,24 @@ class TranslatedResponsesOverHttpTest(ChatOnlyUpstreamTestCase):
             "model": "gpt-5-codex", "input": "hi"})
         error = self.assert_openai_error(status, data, 400)
         self.assertEqual(error["message"], "context too long")
+
+    def test_upstream_error_page_becomes_openai_json(self):
+        def html_error(handler, recorded):
+            data = b"<html><body>502 Bad Gateway (nginx)</body></html>"
+            handler.send_response(502)
+            handler.send_header("Content-Type", "text/html")
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data)
+        self.upstream.behaviour = html_error
+        self.start_chat_only_relay()
+        for stream in (False, True):
+            status, headers, data = self.request("POST", "/v1/responses", {
+                "model": "gpt-5-codex", "input": "hi", "stream": stream})
+            self.assertEqual(headers["content-type"], "application/json")
+            error = self.assert_openai_error(status, data, 502, "upstream_error")
+            self.assertEqual(error["type"], "server_error")
+            self.assertIn("502 Bad Gateway (nginx)", error["message"])
 
     def test_drop_mid_stream_ends_with_response_failed(self):
         def drop(handler, recorded):
