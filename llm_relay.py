@@ -369,10 +369,12 @@ _NOT_NEWLINE = re.compile(r"[^\r\n]")
 def strip_jsonc(text):
     """Turn JSONC text into JSON text with the same lines and columns.
 
-    Removes a leading UTF-8 BOM, replaces // and /* */ comments with spaces
-    (keeping their line breaks) and drops trailing commas before } or ].
-    String contents are never touched.  Raises ConfigError (with line and
-    column) for an unterminated block comment.
+    Removes a leading UTF-8 BOM, replaces // comments (ended by LF, CR or
+    CRLF) and /* */ comments with spaces (keeping their line breaks) and
+    drops trailing commas before } or ]; a comma with no value before it
+    ({,} [,]) is kept, so json.loads refuses it as JSON5 does.  String
+    contents are never touched.  Raises ConfigError (with line and column)
+    for an unterminated block comment.
     """
     if text.startswith("\ufeff"):
         text = " " + text[1:]
