@@ -1435,6 +1435,16 @@ def key_allows_model(api_key, model):
                else model == pattern for pattern in api_key.models)
 
 
+def target_protocol(target):
+    """Return the PROTOCOL_* of a raw request target (see request_protocol),
+    PROTOCOL_OTHER when it is not a valid path."""
+    try:
+        route, _ = split_route(target)
+    except RelayError:
+        return PROTOCOL_OTHER
+    return request_protocol(route)
+
+
 def request_protocol(route, anthropic_version=None):
     """Return the PROTOCOL_* a request speaks, from its route path (without
     the /v1 prefix): /chat/completions, /completions, /messages and every
@@ -6545,8 +6555,11 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         """Answer http.server's own errors (bad request line, long headers,
-        unknown method) as OpenAI-shaped JSON, not HTML."""
+        unknown method) as JSON in the protocol's shape (see error_body) once
+        the request line named a path, not HTML."""
         self.close_connection = True
+        if self._protocol == PROTOCOL_OTHER and self.path:
+            self._protocol = target_protocol(self.path)
         phrase = message or self.responses.get(code, ("Error",))[0]
         self._send_relay_error(RelayError(code, phrase, code=None))
         if not self._in_dispatch:

@@ -5769,6 +5769,37 @@ class AgentProtocolErrorsTest(RelayTestCase):
         self.assert_openai_error(*self.request("POST", "/v1/responses", {"model": "m"}
                                                )[::2], expected_status=401)
 
+    def test_malformed_heads_on_messages_are_answered_in_anthropic_shape(self):
+        self.start_relay()
+        reply = self.raw_exchange(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nX-Long: "
+                                  + b"a" * 70000 + b"\r\n\r\n")
+        head, _, body = reply.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 431"), reply[:200])
+        self.assertEqual(json.loads(body.decode())["type"], "error", body)
+        reply = self.raw_exchange(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nX-Long: "
+                                  + b"a" * 70000 + b"\r\n\r\n")
+        self.assertIn(b'"error":{"message"', reply)
+
+    def test_upstream_errors_before_and_in_a_stream_reach_the_client_unchanged(self):
+        limited = {"error": {"message": "slow down", "type": "rate_limit_exceeded",
+                             "param": None, "code": "rate_limit_exceeded"}}
+        in_stream = sse_event("error", {"type": "error", "error": {
+            "type": "overloaded_error", "message": "upstream overloaded"}})
+
+        def behaviour(handler, recorded):
+            if recorded.path.startswith("/v1/responses"):
+                return reply_json(handler, limited, 429, [("Retry-After", "7")])
+            reply_sse(handler, anthropic_stream("m")[:6] + in_stream)
+        self.upstream.behaviour = behaviour
+        self.start_relay()
+        status, headers, data = self.request("POST", "/v1/responses", {"model": "m"})
+        self.assertEqual((status, headers["retry-after"], json.loads(data.decode())),
+                         (429, "7", limited))
+        status, _, data = self.request("POST", "/v1/messages", {"model": "m",
+                                                                 "stream": True})
+        self.assertEqual(status, 200)
+        self.assertEqual(data, b"".join(anthropic_stream("m")[:6] + in_stream))
+
     def test_upstream_errors_on_messages_reach_the_client_unchanged(self):
         upstream_error = {"type": "error", "error": {"type": "overloaded_error",
                                                      "message": "busy upstream"}}
