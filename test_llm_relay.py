@@ -7115,10 +7115,11 @@ def token_counts(relay_test, headers=None):
     relay_test.assertEqual(status, 200)
     counts = {}
     for line in data.decode("utf-8").splitlines():
-        match = re.match(r'^llm_relay_tokens_total\{model="([^"]*)",kind="([^"]*)"\} '
-                         r'(\d+)$', line)
-        if match:
-            counts[(match.group(1), match.group(2))] = int(match.group(3))
+        match = re.match(r'^llm_relay_tokens_total\{(.*)\} (\d+)$', line)
+        if match:  # summed over other labels (the key of named api_keys)
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+            kind = (labels["model"], labels["kind"])
+            counts[kind] = counts.get(kind, 0) + int(match.group(2))
     return counts
 
 
