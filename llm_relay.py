@@ -950,8 +950,9 @@ class _ConfigChecker(object):
         if isinstance(value, str) and value.startswith("header:") and re.match(
                 r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", value[len("header:"):]):
             return ("header", value[len("header:"):].lower())
-        raise self.error(path + ("affinity",), "expected \"user\", \"prompt\" or "
-                         "\"header:<name>\" such as \"header:X-Session-Id\"")
+        raise self.error(path + ("affinity",), "expected one of %s, such as "
+                         "\"header:X-Session-Id\"" % ", ".join(
+                             json.dumps(mode) for mode in AFFINITY_MODES))
 
     def api_keys(self, raw):
         """Check api_keys: strings, or objects with a key, a name and limits."""

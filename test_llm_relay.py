@@ -4832,6 +4832,11 @@ class ReplicaGroupTest(RelayTestCase):
         self.assertLessEqual(max(counts), 250 + 12, counts)
         self.assertGreaterEqual(min(counts), 250 - 12, counts)
         text = self.metrics_text()
+        if text_string_to_metric_families is not None:  # the format parses
+            families = dict((family.name, family) for family in
+                            text_string_to_metric_families(text))
+            self.assertEqual(families["llm_relay_upstream_in_flight"].type, "gauge")
+            self.assertEqual(families["llm_relay_upstream_requests"].type, "counter")
         for name, count in zip(self.names, counts):
             self.assertEqual(metric_value(text, "llm_relay_upstream_requests_total",
                                           'upstream="%s"' % name), count)
