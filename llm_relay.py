@@ -6001,6 +6001,20 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         as it came (in Anthropic's shape on /v1/messages), a stream event by
         event, a whole answer whole.  stream is the (writer, translator) of
         a client stream already started, or None."""
+        response = exchange.response
+        if stream is None or (response.status == 200 and is_event_stream(
+                response.getheader("Content-Type"))):
+            # A translated stream ends itself with its failure event.
+            return self._relay_translated_answer(api, translation, exchange, stream)
+        try:
+            return self._relay_translated_answer(api, translation, exchange, stream)
+        except RelayError as error:
+            # The client's stream started with the pings: a whole answer
+            # that cannot be read or understood can only end it with the
+            # failure event now (already counted, hence no upstream).
+            return self._fail_translated_stream(None, stream, error)
+
+    def _relay_translated_answer(self, api, translation, exchange, stream):
         upstream, response = exchange.upstream, exchange.response
         if response.status != 200:
             data = self._read_upstream_body(upstream, response)

@@ -6512,6 +6512,34 @@ class TranslatedMessagesOverHttpTest(ChatOnlyUpstreamTestCase):
         self.assertEqual(events[-1][0], "response.failed")
         self.assertIn("out of memory", events[-1][1]["response"]["error"]["message"])
 
+    def test_unreadable_whole_answer_after_pings_ends_with_the_failure_event(self):
+        """The head went out with the pings: a whole answer that is not JSON,
+        or is cut mid-body, can only end the stream with its failure event."""
+        def not_json(handler, recorded):
+            saw_ping.wait(WAIT_SECONDS)
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", "100")
+            handler.end_headers()
+            handler.wfile.write(b"{\"choices\": [" if cut else b"not json" + b" " * 92)
+            handler.close_connection = True
+        self.upstream.behaviour = not_json
+        self.fast_pings()
+        self.start_chat_only_relay()
+        for cut, path, body, ping, last in (
+                (False, "/v1/messages", {"model": "claude-x", "max_tokens": 5, "stream": True,
+                                         "messages": [{"role": "user", "content": "hi"}]},
+                 b"event: ping", "error"),
+                (True, "/v1/responses", {"model": "gpt-5", "input": "hi", "stream": True},
+                 b": ping", "response.failed")):
+            saw_ping = threading.Event()
+            with self.assertLogs("llm_relay", "INFO") as logs:
+                lines, response = self.read_until_ping(path, body, ping, saw_ping)
+                events = parse_sse_events(b"".join(lines + read_sse_lines(response)))
+                self.wait_for_log(logs, "error=")
+            self.assertEqual(events[-1][0], last, events)
+            self.assertIn("upstream default", json.dumps(events[-1][1]))
+
     def test_chat_completions_keep_their_fast_path(self):
         self.start_chat_only_relay(model_rules=[])
         raw = b'{"model":"qwen3-coder",  "messages":[{"role":"user","content":"hi"}]}'
