@@ -5973,7 +5973,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                 translation.update(self._translate_request(api, client_body))
             return "/chat/completions", translation["body"]
         if client_body.get("stream") is True and all(
-                translates_to_chat(config.upstreams[name], api) for name in chain):
+                translates_to_chat(upstream, api)
+                for upstream in chain_upstreams(config, chain)):
             # Every answer will be translated, so the client's stream may
             # start (and ping) before an upstream has sent its head: llama.cpp
             # and Ollama send it with the first token, after the prefill.
@@ -7373,6 +7374,16 @@ def read_explain_body(argument, stdin):
         return body_file.read()
 
 
+def describe_chain_step(config, name):
+    """Return one step of a chain for --explain: an upstream with its URL, or
+    a replica group with its members' names and URLs."""
+    group = config.groups.get(name)
+    if group is None:
+        return "%s (%s)" % (name, config.upstreams[name].url)
+    return "%s (replicas %s)" % (name, ", ".join(
+        "%s %s" % (member, config.upstreams[member].url) for member in group.members))
+
+
 def explain_request(config, body):
     """Return the --explain report (str) for a parsed request body (dict):
     the model asked, the rule that applies and what it does, the upstream
@@ -7390,7 +7401,7 @@ def explain_request(config, body):
         for label, keys in rule_effects(body, rule):
             lines.append("  %s: %s" % (label, ", ".join(keys) or "-"))
     lines.append("upstream: " + " > ".join(
-        "%s (%s)" % (name, config.upstreams[name].url) for name in chain))
+        describe_chain_step(config, name) for name in chain))
     lines.append("model sent: %s" % json.dumps(rewritten.get("model"),
                                                 ensure_ascii=False))
     lines.append("body sent:")

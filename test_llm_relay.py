@@ -1419,6 +1419,17 @@ class CommandLineUnitsTest(unittest.TestCase):
         self.assertIn("rule: none matches; the body is sent unchanged\n"
                       "upstream: default (http://localhost:11434/v1)\n", report)
 
+    def test_explain_names_the_members_of_a_replica_group(self):
+        config = config_from({"upstreams": {
+            "gpu1": {"url": "http://gpu1/v1"}, "gpu2": {"url": "http://gpu2/v1"},
+            "pool": {"replicas": ["gpu1", "gpu2"]}, "default": {"replicas": ["gpu2"]}},
+            "model_rules": [{"match_model": "qwen*", "upstream": ["pool", "gpu1"]}]})
+        self.assertIn("upstream: pool (replicas gpu1 http://gpu1/v1, gpu2 http://gpu2/v1)"
+                      " > gpu1 (http://gpu1/v1)\n",
+                      llm_relay.explain_request(config, {"model": "qwen3"}))
+        self.assertIn("upstream: default (replicas gpu2 http://gpu2/v1)\n",
+                      llm_relay.explain_request(config, {"model": "llama3"}))
+
     def test_demo_text_tells_what_the_rule_did(self):
         config = config_from({"model_rules": SHIPPED_RULES})
         describe = llm_relay.describe_demo_request
@@ -5125,6 +5136,33 @@ class ReplicaGroupTest(RelayTestCase):
         self.assertEqual(self.counts(), [1, 1])
         for fake in self.fakes:
             self.assertTrue(fake.last().path.endswith("/chat/completions"))
+
+    def test_streams_are_translated_for_each_chat_only_member(self):
+        # Claude Code and Codex always stream: a group name in the chain must
+        # not be looked up as an upstream (it was a KeyError, a 500).
+        self.start_group(count=2)
+        self.relay.config = self.relay.config._replace(upstreams=collections.OrderedDict(
+            (name, upstream._replace(apis=frozenset(["chat"])))
+            for name, upstream in self.relay.config.upstreams.items()))
+        for fake in self.fakes:
+            fake.behaviour = chat_only_upstream
+        for path, body, last_event in (
+                ("/v1/messages", {"model": "claude-x", "max_tokens": 10, "stream": True,
+                                  "messages": [{"role": "user", "content": "hi"}]},
+                 "message_stop"),
+                ("/v1/responses", {"model": "gpt-5.5", "input": "hi", "stream": True},
+                 "response.completed")):
+            with self.subTest(path=path):
+                connection = self.connect()
+                connection.request("POST", path, body=json.dumps(body), headers={
+                    "Content-Type": "application/json", "anthropic-version": "2023-06-01"})
+                response = connection.getresponse()
+                self.assertEqual(response.status, 200)
+                events = parse_sse_events(b"".join(read_sse_lines(response)))
+                self.assertEqual(events[-1][0], last_event)
+        self.assertEqual(self.counts(), [1, 1])
+        for fake in self.fakes:
+            self.assertTrue(fake.last().json()["stream"])
 
 class NamedKeysTest(RelayTestCase):
     """api_keys entries with names, model allowlists and limits."""
