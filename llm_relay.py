@@ -7431,12 +7431,18 @@ def explain(config, argument, stdin):
     except RelayError as error:
         sys.stderr.write("llm_relay: error: --explain: %s\n" % error.message)
         return 2
-    report = explain_request(config, body)
-    try:
-        sys.stdout.write(report)
-    except UnicodeEncodeError:  # an ASCII-only terminal (LANG=C on old boxes)
-        sys.stdout.write(report.encode("ascii", "backslashreplace").decode("ascii"))
+    write_report(explain_request(config, body))
     return 0
+
+
+def write_report(text):
+    """Write text to standard output; characters it cannot encode (an
+    ASCII-only terminal, LANG=C on old boxes, or a lone surrogate from a
+    JSON escape in the config) go out as backslash escapes."""
+    try:
+        sys.stdout.write(text)
+    except UnicodeEncodeError:
+        sys.stdout.write(text.encode("ascii", "backslashreplace").decode("ascii"))
 
 
 def describe_listen(host, port):
@@ -7461,7 +7467,7 @@ def main(argv=None):
         sys.stderr.write("llm_relay: error: %s\n" % error)
         return 2
     if args.check_config:
-        sys.stdout.write(describe_config(config, warnings))
+        write_report(describe_config(config, warnings))
         return 0
     if args.explain is not None:
         return explain(config, args.explain, sys.stdin)

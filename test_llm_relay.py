@@ -5529,6 +5529,17 @@ class OperatorCommandLineTest(CommandLineTest):
         self.assertEqual(status, 2)
         self.assertIn("c.jsonc:1:12: listen: expected a string", err)
 
+    def test_check_config_escapes_lone_surrogates(self):
+        """A JSON escape such as \\ud800 in a key or a model name is valid
+        JSONC but cannot be encoded: it is printed escaped, not a traceback."""
+        path = self.write('{"\\ud800": 1, "model_rules": [{"match_model": "m\\udfff",'
+                          ' "set": {"top_p": 1}}]}')
+        status, out, err = self.run_relay(["--check-config", "--config", path])
+        self.assertEqual(status, 0, err)
+        self.assertNotIn("Traceback", err)
+        self.assertIn("unknown key '\\ud800' ignored", out)
+        self.assertIn("m\\udfff", out)
+
     def test_check_config_and_startup_report_rules_that_never_apply(self):
         path = self.write('{"listen": "127.0.0.1:0", "model_rules": [\n'
                           '  {"match_model": "gpt-4*", "set": {"top_p": 1}},\n'
