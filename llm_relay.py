@@ -7277,6 +7277,18 @@ def describe_api_key(api_key):
                           "".join("; %s %s" % item for item in limits if item[1]))
 
 
+def describe_default_route(config):
+    """Return where requests without a rule go, for the startup line: the
+    default upstream's URL, or its replicas' URLs."""
+    if DEFAULT_UPSTREAM_NAME in config.upstreams:
+        return config.upstreams[DEFAULT_UPSTREAM_NAME].url
+    group = config.groups.get(DEFAULT_UPSTREAM_NAME)
+    if group is None:
+        return "-"
+    return "replicas " + ", ".join(config.upstreams[name].url
+                                   for name in group.members)
+
+
 def describe_affinity(affinity):
     if isinstance(affinity, tuple):
         return "header:" + affinity[1]
@@ -7489,9 +7501,7 @@ def main(argv=None):
     install_signal_handlers(server, path)
     logger.info("llm-relay %s listening on %s, upstream %s, %s%s",
                 __version__, describe_listen(server.config.listen_host, server.port),
-                "the built-in demo" if demo else
-                server.config.upstreams[DEFAULT_UPSTREAM_NAME].url
-                if DEFAULT_UPSTREAM_NAME in server.config.upstreams else "-",
+                "the built-in demo" if demo else describe_default_route(server.config),
                 plural(len(server.config.rules), "rule"),
                 ", config " + path if path else ", built-in defaults")
     try:

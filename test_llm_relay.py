@@ -4635,6 +4635,15 @@ class ReplicaConfigTest(unittest.TestCase):
         self.assertIn("alice (****3456; models qwen*; requests_per_minute 5)", report)
         self.assertNotIn("sk-secret", report)
 
+    def test_startup_line_names_the_replicas_of_a_default_group(self):
+        raw = group_config()
+        raw["upstreams"]["default"] = raw["upstreams"].pop("pool")
+        del raw["model_rules"]
+        self.assertEqual(llm_relay.describe_default_route(config_from(raw)),
+                         "replicas http://127.0.0.1:9000/v1, http://127.0.0.1:9001/v1")
+        self.assertEqual(llm_relay.describe_default_route(config_from({})),
+                         llm_relay.DEFAULT_UPSTREAM)
+
     def test_unknown_keys_in_new_objects_are_warnings(self):
         raw = group_config(affinty="user")
         raw["api_keys"] = [{"key": "k", "modles": []}]
