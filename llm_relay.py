@@ -895,6 +895,8 @@ class _ConfigChecker(object):
         if raw.get("upstream_ca_file") is not None:
             self.ssl_context(raw)  # a CA file that cannot be loaded is an error now
         upstreams, group_specs = collections.OrderedDict(), []
+        if DEFAULT_UPSTREAM_NAME in named:
+            self.warn_shadowed_default(raw, named[DEFAULT_UPSTREAM_NAME])
         if DEFAULT_UPSTREAM_NAME not in named or "upstream" in raw:
             upstreams[DEFAULT_UPSTREAM_NAME] = self.upstream(
                 DEFAULT_UPSTREAM_NAME, default, (), raw, top_level=True)
@@ -917,6 +919,18 @@ class _ConfigChecker(object):
                       for name, spec, path in group_specs)
         self._upstreams = upstreams, groups
         return self._upstreams
+
+    def warn_shadowed_default(self, raw, spec):
+        """Warn about top-level upstream settings that upstreams.default makes
+        dead: its own "url" wins over "upstream", and "upstream_api_key" is
+        never lent to a named upstream (nor to a group's members)."""
+        replaces = "upstreams.default defines the default upstream"
+        if "upstream" in raw and isinstance(spec, dict) and "replicas" not in spec:
+            self.warnings.append("%s: ignored: %s" % (self.where(("upstream",)), replaces))
+        if raw.get("upstream_api_key") is not None:
+            self.warnings.append("%s: ignored: %s; give it (or its replicas) an "
+                                 "\"api_key\"" % (self.where(("upstream_api_key",)),
+                                                  replaces))
 
     def group(self, name, spec, path, upstreams):
         """Check a replica group: {"replicas": [upstream names], ...}."""
@@ -1151,7 +1165,8 @@ def override_settings(raw, listen=None, upstream=None, every_upstream=False):
 
     listen ("host:port") replaces "listen"; upstream (a base URL) replaces
     the default upstream's URL (the top-level "upstream", or upstreams.default
-    when only that names it), and with every_upstream the URL of every named
+    when that names it, which wins; a replica group named "default" becomes
+    that one upstream), and with every_upstream the URL of every named
     upstream too (--demo: nothing leaves the machine).  raw is not mutated.
     """
     raw = dict(raw)
@@ -1162,8 +1177,13 @@ def override_settings(raw, listen=None, upstream=None, every_upstream=False):
     named = raw.get("upstreams")
     named = dict(named) if isinstance(named, dict) else None
     for name, spec in (named or {}).items():
-        if isinstance(spec, dict) and (every_upstream or (
-                name == DEFAULT_UPSTREAM_NAME and "upstream" not in raw)):
+        if not isinstance(spec, dict):
+            continue
+        if "replicas" in spec:
+            if name == DEFAULT_UPSTREAM_NAME and not every_upstream:
+                named[name] = {"url": upstream}
+            continue  # a group's members are overridden as upstreams of their own
+        if every_upstream or name == DEFAULT_UPSTREAM_NAME:
             named[name] = dict(spec, url=upstream)
     if named is not None:
         raw["upstreams"] = named

@@ -1391,6 +1391,15 @@ class CommandLineUnitsTest(unittest.TestCase):
         self.assertEqual(override(named_default, upstream="http://x/v1"), {
             "upstreams": {"default": {"url": "http://x/v1", "read_timeout": 5}}})
         self.assertEqual(override({}, upstream="http://x/v1"), {"upstream": "http://x/v1"})
+        both = dict(named_default, upstream="http://a/v1")
+        self.assertEqual(override(both, upstream="http://x/v1")["upstreams"], {
+            "default": {"url": "http://x/v1", "read_timeout": 5}})
+        group = {"upstreams": {"g1": {"url": "http://g1/v1"},
+                               "default": {"replicas": ["g1"]}}}
+        self.assertEqual(override(group, upstream="http://x/v1")["upstreams"], {
+            "g1": {"url": "http://g1/v1"}, "default": {"url": "http://x/v1"}})
+        self.assertEqual(override(group, upstream="http://x/v1", every_upstream=True)[
+            "upstreams"], {"g1": {"url": "http://x/v1"}, "default": {"replicas": ["g1"]}})
         config = llm_relay.default_config({"listen": "127.0.0.1:0",
                                            "upstream": "https://x:8443/v1"})
         self.assertEqual((config.listen_host, config.listen_port), ("127.0.0.1", 0))
@@ -3377,6 +3386,26 @@ class CommandLineSettingsTest(unittest.TestCase):
         self.assertEqual(status, 0, err)
         self.assertIn("config: <defaults> (valid)\nlisten: http://[::1]:9\n"
                       "upstream default: http://gpu:8000/v1 ", out)
+
+    def test_upstream_overrides_upstreams_default_even_beside_upstream(self):
+        # Both forms at once: upstreams.default is the one in force, so
+        # --upstream must replace its URL (it used to change only the ignored
+        # top-level "upstream"); the config's dead settings are warned about.
+        upstream = FakeUpstream(self)
+        path = self.write(json.dumps({
+            "listen": "127.0.0.1:0", "upstream": "http://127.0.0.1:1/v1",
+            "upstream_api_key": "sk-never-sent",
+            "upstreams": {"default": {"url": "http://127.0.0.1:1/v1", "apis": ["chat"]}}}))
+        relay = RelayProcess(self, None, ["--config", path, "--upstream", upstream.url])
+        self.assertIsNotNone(relay.port, relay.stderr_text())
+        self.assertEqual(self.chat_through(relay), 200)
+        self.assertEqual(len(upstream.requests), 1)
+        self.assertNotIn("authorization", [name.lower() for name in upstream.last().headers])
+        stderr = relay.stderr_text()
+        self.assertIn("c.jsonc:1:27: upstream: ignored: upstreams.default defines the default "
+                      "upstream", stderr)
+        self.assertIn("upstream_api_key: ignored: upstreams.default defines the default "
+                      "upstream; give it (or its replicas) an \"api_key\"", stderr)
 
     def test_malformed_listen_or_upstream_is_a_usage_error(self):
         for args, message in ((["--listen", "8080"], "--listen: expected \"host:port\""),
