@@ -1456,16 +1456,6 @@ def key_allows_model(api_key, model):
                else model == pattern for pattern in api_key.models)
 
 
-def target_protocol(target):
-    """Return the PROTOCOL_* of a raw request target (see request_protocol),
-    PROTOCOL_OTHER when it is not a valid path."""
-    try:
-        route, _ = split_route(target)
-    except RelayError:
-        return PROTOCOL_OTHER
-    return request_protocol(route)
-
-
 def request_protocol(route, anthropic_version=None):
     """Return the PROTOCOL_* a request speaks, from its route path (without
     the /v1 prefix): /chat/completions, /completions, /messages and every
