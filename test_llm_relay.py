@@ -8159,8 +8159,11 @@ class CodexOnNativeUpstreamTest(AgentOnNativeUpstreamTestCase):
         self.assertIn("turn.completed", kinds, report)
         self.assertTrue(any(event.get("item", {}).get("type") == "command_execution"
                             for event in events), report)
-        self.assertEqual(token_counts(self, self.KEY).get(("gpt-5-codex", "output")),
+        self.assertEqual(token_counts(self, self.KEY).get(("gpt-5.5", "output")),
                          7 * len(requests), report)
+        # A model name Codex's catalog knows: no "Model metadata ... not found".
+        self.assertEqual([event for event in events
+                          if event.get("item", {}).get("type") == "error"], [], report)
 
 
 class _Response(object):
