@@ -5326,6 +5326,31 @@ class NamedKeysTest(RelayTestCase):
         self.assertEqual(metric_value(text, "llm_relay_tokens_total",
                                       'model="qwen",kind="prompt",key="alice"'), 3)
 
+    @unittest.skipUnless(hasattr(signal, "SIGHUP"), "no SIGHUP on this platform")
+    def test_sighup_to_the_real_process_removes_a_key(self):
+        relay = RelayProcess(self, config_text(self.upstream.url, api_keys=[
+            self.ALICE, {"key": "sk-frank", "name": "frank"}]))
+        connection = http.client.HTTPConnection("127.0.0.1", relay.port,
+                                                timeout=WAIT_SECONDS)
+        self.addCleanup(connection.close)
+
+        def status_for(key):
+            connection.request("POST", "/v1/chat/completions", body=b'{"model": "qwen"}',
+                               headers={"Content-Type": "application/json",
+                                        "Authorization": "Bearer " + key})
+            response = connection.getresponse()
+            response.read()
+            return response.status
+        self.assertEqual(status_for("sk-frank"), 200)
+        relay.write_config(config_text(self.upstream.url, api_keys=[self.ALICE]))
+        seen = len(relay.lines)
+        relay.process.send_signal(signal.SIGHUP)
+        self.assertIsNotNone(relay.wait_for_line("reloaded", seen))
+        self.assertEqual(status_for("sk-frank"), 401)  # same connection
+        self.assertEqual(status_for("sk-alice-secret"), 200)
+        self.assertNotIn("sk-frank", relay.stderr_text())
+        self.assertIn("key=frank", relay.stderr_text())
+
     def test_removed_key_stops_working_at_once_on_reload(self):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
