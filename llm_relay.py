@@ -7256,6 +7256,8 @@ def describe_config(config, warnings):
                                               upstream.max_concurrent,
                                               upstream.max_queue,
                                               upstream.queue_timeout))
+        if upstream.apis != frozenset(UPSTREAM_APIS):
+            lines[-1] = lines[-1][:-1] + ", apis %s)" % describe_apis(upstream.apis)
     for name, group in sorted(config.groups.items()):
         lines.append("group %s: %s (affinity %s, eject_after %d, cooldown %g s)"
                      % (name, ", ".join(group.members), describe_affinity(
@@ -7303,6 +7305,17 @@ def describe_affinity(affinity):
     if isinstance(affinity, tuple):
         return "header:" + affinity[1]
     return affinity or "none"
+
+
+def describe_apis(apis):
+    """Return an upstream's "apis" for --check-config, with the APIs the relay
+    translates onto its chat completions: "chat; messages, responses
+    translated"."""
+    spoken = [api for api in UPSTREAM_APIS if api in apis]
+    translated = [api for api in UPSTREAM_APIS if api not in apis and api != "chat"]
+    if "chat" not in apis or not translated:
+        return ", ".join(spoken)
+    return "%s; %s translated" % (", ".join(spoken), ", ".join(translated))
 
 
 def describe_assignments(values):

@@ -4664,6 +4664,23 @@ class ReplicaConfigTest(unittest.TestCase):
         self.assertIn("alice (****3456; models qwen*; requests_per_minute 5)", report)
         self.assertNotIn("sk-secret", report)
 
+    def test_check_config_shows_which_apis_are_translated(self):
+        config = config_from({"upstreams": {
+            "default": {"url": "http://a/v1", "apis": ["chat"]},
+            "b": {"url": "http://b/v1", "apis": ["chat", "responses"]},
+            "c": {"url": "http://c/v1", "apis": ["messages"]},
+            "d": {"url": "http://d/v1"}}})
+        report = llm_relay.describe_config(config, [])
+        self.assertIn("upstream default: http://a/v1 (api_key -, connect_timeout 10 s, "
+                      "read_timeout 600 s, apis chat; messages, responses translated)\n",
+                      report)
+        self.assertIn("read_timeout 600 s, apis chat, responses; messages translated)\n",
+                      report)
+        self.assertIn("upstream c: http://c/v1 (api_key -, connect_timeout 10 s, "
+                      "read_timeout 600 s, apis messages)\n", report)
+        self.assertIn("upstream d: http://d/v1 (api_key -, connect_timeout 10 s, "
+                      "read_timeout 600 s)\n", report)
+
     def test_startup_line_names_the_replicas_of_a_default_group(self):
         raw = group_config()
         raw["upstreams"]["default"] = raw["upstreams"].pop("pool")
