@@ -8674,6 +8674,404 @@ class OneWriteRequestTest(unittest.TestCase):
 
 
 ###############################################################################
+# Real clients in Node: openai-node and @anthropic-ai/sdk #####################
+###############################################################################
+
+def find_node_package(name):
+    """Return the node_modules directory that holds the npm package name
+    ("openai", "@anthropic-ai/sdk"), or None: from LLM_RELAY_NODE_SDKS (the
+    npm prefix .ci/run installs them into), and only when node is on PATH."""
+    prefix = os.environ.get("LLM_RELAY_NODE_SDKS")
+    if not prefix or not shutil.which("node"):
+        return None
+    modules = os.path.join(prefix, "node_modules")
+    manifest = os.path.join(modules, *(name.split("/") + ["package.json"]))
+    return modules if os.path.isfile(manifest) else None
+
+
+NODE_OPENAI, NODE_ANTHROPIC = find_node_package("openai"), find_node_package(
+    "@anthropic-ai/sdk")
+NODE_SDK_MISSING = ("node or the npm package %s is not installed (.ci/run installs it "
+                    "into LLM_RELAY_NODE_SDKS; locally: npm install --prefix DIR "
+                    "openai@latest @anthropic-ai/sdk@latest, then LLM_RELAY_NODE_SDKS=DIR)")
+NODE_TIMEOUT_SECONDS = 60  # node starts in well under a second; a bound, not a wait
+
+# Wrapped around each test's script (CommonJS, so NODE_PATH finds the SDKs):
+# the body's value is printed as one JSON line; an SDK error is described by
+# caught(); an uncaught one fails the script with its stack on stderr.
+NODE_PRELUDE = r"""
+'use strict';
+const RELAY_URL = process.env.RELAY_URL;
+const TIMEOUT_MS = 10000;
+setTimeout(() => { console.error('timed out'); process.exit(3); }, 50000).unref();
+function load(name) { return require(name); }
+async function caught(promise) {
+  try { await promise; return null; } catch (error) {
+    return {name: error.constructor.name, status: error.status === undefined ? null : error.status,
+            message: String(error.message)};
+  }
+}
+async function collect(iterable) {
+  const items = [];
+  for await (const item of iterable) items.push(item);
+  return items;
+}
+async function main() {
+"""
+NODE_EPILOGUE = r"""
+}
+main().then((value) => { process.stdout.write(JSON.stringify(value) + '\n'); },
+            (error) => { console.error(error && error.stack || String(error)); process.exit(1); });
+"""
+
+
+class NodeClientMixin(object):
+    """Runs a Node script against the relay: the script is a body of an async
+    function (RELAY_URL is the relay's http://127.0.0.1:port) whose returned
+    value comes back parsed from JSON.  Nothing leaves 127.0.0.1: keys are
+    fake and every proxy variable points at a closed port."""
+
+    def run_node(self, body):
+        directory = tempfile.mkdtemp(prefix="llm-relay-node-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        script = os.path.join(directory, "client.cjs")
+        with open(script, "w", encoding="utf-8") as handle:
+            handle.write(NODE_PRELUDE + body + NODE_EPILOGUE)
+        environment = agent_environment(
+            directory, NODE_PATH=NODE_OPENAI or NODE_ANTHROPIC,
+            RELAY_URL="http://127.0.0.1:%d" % self.relay.port,
+            OPENAI_API_KEY="sk-fake", ANTHROPIC_API_KEY="sk-ant-fake")
+        process = subprocess.Popen([shutil.which("node"), script], cwd=directory,
+                                   env=environment, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            stdout, stderr = process.communicate(timeout=NODE_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        report = "rc=%s\nstdout: %s\nstderr: %s" % (
+            process.returncode, stdout[-3000:], stderr[-3000:])
+        self.assertEqual(process.returncode, 0, report)
+        lines = stdout.decode("utf-8").splitlines()
+        self.assertTrue(lines, report)
+        return json.loads(lines[-1])
+
+
+# The openai-node client every script below makes (baseURL ends in /v1).
+NODE_OPENAI_CLIENT = r"""
+  const OpenAI = load('openai');
+  const client = new OpenAI({baseURL: RELAY_URL + '/v1', apiKey: 'sk-fake',
+                             maxRetries: 0, timeout: TIMEOUT_MS});
+"""
+# Pieces of a streamed answer, multi-byte characters included.
+STREAM_PIECES = ["Gr", "\u00fc\u00df", " ", "\u4f60\u597d", " \U0001F600", "!"] + [
+    " p%d" % index for index in range(30)]
+NODE_WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city",
+    "parameters": WEATHER_TOOL["input_schema"]}}
+
+
+def sse_event_types(lines):
+    """Return the type of each data event in SSE lines (bytes)."""
+    return [json.loads(line[len(b"data: "):].decode("utf-8"))["type"]
+            for line in lines if line.startswith(b"data: ")]
+
+
+@unittest.skipUnless(NODE_OPENAI, NODE_SDK_MISSING % "openai")
+class NodeOpenAIClientTest(NodeClientMixin, RelayTestCase):
+    """openai-node's chat completions and models through the relay to an
+    OpenAI-compatible upstream."""
+
+    def setUp(self):
+        RelayTestCase.setUp(self)
+        self.start_relay(model_rules=[{"match_model": "gpt-3.5-turbo",
+                                       "set": {"model": "qwen2.5-72b-instruct"}}])
+
+    def test_chat_completion_whole_and_streamed(self):
+        def answer(handler, recorded):
+            if not recorded.json().get("stream"):
+                return reply_json(handler, chat_completion(recorded.json()["model"], "hello"))
+            reply_sse(handler, chat_sse(
+                [chat_chunk({"role": "assistant", "content": STREAM_PIECES[0]})] +
+                [chat_chunk({"content": piece}) for piece in STREAM_PIECES[1:]] +
+                [chat_chunk({}, "stop")]))
+        self.upstream.behaviour = answer
+        result = self.run_node(NODE_OPENAI_CLIENT + r"""
+  const messages = [{role: 'user', content: 'hi'}];
+  const whole = await client.chat.completions.create({model: 'gpt-3.5-turbo', messages});
+  const chunks = await collect(await client.chat.completions.create(
+    {model: 'gpt-3.5-turbo', messages, stream: true}));
+  return {content: whole.choices[0].message.content, model: whole.model,
+          deltas: chunks.map((chunk) => chunk.choices[0].delta.content),
+          finish: chunks.map((chunk) => chunk.choices[0].finish_reason)};
+""")
+        self.assertEqual((result["content"], result["model"]),
+                         ("hello", "qwen2.5-72b-instruct"))
+        self.assertEqual(result["deltas"], STREAM_PIECES + [None])  # every chunk, in order
+        self.assertEqual("".join(result["deltas"][:-1]), "".join(STREAM_PIECES))
+        self.assertEqual(result["finish"], [None] * len(STREAM_PIECES) + ["stop"])
+        self.assertEqual([recorded.json()["model"] for recorded in self.upstream.requests],
+                         ["qwen2.5-72b-instruct"] * 2)
+
+    def test_function_tool_round_trip(self):
+        self.upstream.behaviour = chat_only_upstream
+        result = self.run_node(NODE_OPENAI_CLIENT + r"""
+  const tools = [%s];
+  const question = {role: 'user', content: 'weather in Paris and Rome?'};
+  const whole = await client.chat.completions.create(
+    {model: 'gpt-3.5-turbo', messages: [question], tools});
+  const first = await client.chat.completions.stream(
+    {model: 'gpt-3.5-turbo', messages: [question], tools}).finalChatCompletion();
+  const calls = first.choices[0].message.tool_calls;
+  const messages = [question, {role: 'assistant', content: null, tool_calls: calls}].concat(
+    calls.map((call) => ({role: 'tool', tool_call_id: call.id,
+                          content: 'sunny in ' + JSON.parse(call.function.arguments).city})));
+  const second = await client.chat.completions.create(
+    {model: 'gpt-3.5-turbo', messages, tools});
+  const simple = (list) => list.map((call) => [call.id, call.function.name,
+                                               JSON.parse(call.function.arguments)]);
+  return {whole: simple(whole.choices[0].message.tool_calls),
+          whole_finish: whole.choices[0].finish_reason,
+          streamed: simple(calls), streamed_finish: first.choices[0].finish_reason,
+          answer: second.choices[0].message.content};
+""" % json.dumps(NODE_WEATHER_TOOL))
+        expected = [["call_1", "get_weather", {"city": "Paris"}],
+                    ["call_2", "get_weather", {"city": "Rome"}]]
+        self.assertEqual((result["whole"], result["whole_finish"]), (expected, "tool_calls"))
+        self.assertEqual((result["streamed"], result["streamed_finish"]),
+                         (expected, "tool_calls"))
+        self.assertEqual(result["answer"], "done: sunny in Rome")
+        sent = self.upstream.last().json()
+        self.assertEqual([message["role"] for message in sent["messages"]],
+                         ["user", "assistant", "tool", "tool"])
+        self.assertEqual([message.get("tool_call_id") for message in sent["messages"][2:]],
+                         ["call_1", "call_2"])
+        self.assertEqual(sent["tools"], [NODE_WEATHER_TOOL])
+
+    def test_models_list(self):
+        result = self.run_node(NODE_OPENAI_CLIENT + r"""
+  return (await collect(client.models.list())).map((model) => model.id);
+""")
+        self.assertEqual(result, ["qwen2.5-72b-instruct", "gpt-3.5-turbo"])
+
+    def test_the_upstreams_request_id_is_the_sdks_request_id(self):
+        def answer(handler, recorded):
+            headers = [("x-request-id", "req_upstream_9")] if recorded.json()[
+                "messages"][0]["content"] == "with id" else []
+            if recorded.json().get("stream"):
+                return reply_sse(handler, sse_events(2, "m"))  # no id on streams here
+            reply_json(handler, chat_completion(), headers=headers)
+        self.upstream.behaviour = answer
+        result = self.run_node(NODE_OPENAI_CLIENT + r"""
+  const ask = (content, stream) => client.chat.completions.create(
+    {model: 'm', messages: [{role: 'user', content}], stream});
+  const whole = await ask('with id', false);
+  const {data: stream, request_id: streamed} = await ask('without', true).withResponse();
+  await collect(stream);
+  const own = await ask('without', false);
+  return {whole: whole._request_id, streamed, own: own._request_id};
+""")
+        self.assertEqual(result["whole"], "req_upstream_9")
+        # Without one from the upstream, the id is the relay's own, as it
+        # sent it upstream.
+        self.assertRegex(result["own"], "^[0-9a-f]{32}$")
+        self.assertRegex(result["streamed"], "^[0-9a-f]{32}$")
+        self.assertEqual(self.upstream.last().headers["X-Request-Id"], result["own"])
+
+    def test_the_upstreams_request_id_on_a_stream(self):
+        def answer(handler, recorded):
+            start_chunked(handler, headers=[("x-request-id", "req_stream_4")])
+            for line in sse_events(2, "m"):
+                write_chunk(handler, line)
+            end_chunks(handler)
+        self.upstream.behaviour = answer
+        result = self.run_node(NODE_OPENAI_CLIENT + r"""
+  const {data, request_id} = await client.chat.completions.create(
+    {model: 'm', messages: [{role: 'user', content: 'hi'}], stream: true}).withResponse();
+  const chunks = await collect(data);
+  return {request_id, text: chunks.map((chunk) => chunk.choices[0].delta.content || '').join('')};
+""")
+        self.assertEqual(result, {"request_id": "req_stream_4", "text": "tok0 tok1 "})
+
+
+@unittest.skipUnless(NODE_OPENAI, NODE_SDK_MISSING % "openai")
+class NodeOpenAIOnNativeUpstreamTest(NodeClientMixin, NativeAgentUpstreamTestCase):
+    """openai-node's responses API passed to an upstream that serves
+    /v1/responses, and the relay's own errors as the SDK's exceptions."""
+
+    def test_responses_create_and_stream(self):
+        result = self.run_node(NODE_OPENAI_CLIENT.replace("sk-fake", "relay-key") + r"""
+  const whole = await client.responses.create({model: 'gpt-5-codex', input: 'hi'});
+  const events = await collect(await client.responses.create(
+    {model: 'gpt-5-codex', input: 'hi', stream: true}));
+  const final = await client.responses.stream({model: 'gpt-5-codex', input: 'hi'})
+    .finalResponse();
+  return {text: whole.output_text, total: whole.usage.total_tokens,
+          types: events.map((event) => event.type),
+          numbers: events.map((event) => event.sequence_number),
+          deltas: events.filter((event) => event.type === 'response.output_text.delta')
+            .map((event) => event.delta),
+          final: [final.status, final.output_text]};
+""")
+        self.assertEqual((result["text"], result["total"]), ("ok", 28))
+        expected = sse_event_types(responses_events(
+            "qwen3-coder", scripted_responses_output({}), NATIVE_USAGE))
+        self.assertEqual(result["types"], expected)  # every event arrives, in order
+        self.assertEqual(result["numbers"], list(range(len(expected))))
+        self.assertEqual((result["deltas"], result["final"]), (["ok"], ["completed", "ok"]))
+        self.assertEqual([(recorded.path, recorded.json()["model"])
+                          for recorded in self.upstream.requests],
+                         [("/v1/responses", "qwen3-coder")] * 3)
+
+    def test_the_relays_errors_are_the_sdks_exceptions(self):
+        self.upstream.stop()
+        result = self.run_node(r"""
+  const OpenAI = load('openai');
+  const make = (apiKey) => new OpenAI({baseURL: RELAY_URL + '/v1', apiKey, maxRetries: 0,
+                                       timeout: TIMEOUT_MS});
+  const body = {model: 'gpt-5-codex', messages: [{role: 'user', content: 'hi'}]};
+  const wrong = await caught(make('wrong-key').chat.completions.create(body));
+  const unreachable = await caught(make('relay-key').chat.completions.create(body));
+  const streamed = await caught(make('relay-key').chat.completions.create(
+    Object.assign({stream: true}, body)));
+  const responses = await caught(make('relay-key').responses.create(
+    {model: 'gpt-5-codex', input: 'hi'}));
+  let classes = {};
+  try { await make('wrong-key').models.list(); } catch (error) {
+    classes = {authentication: error instanceof OpenAI.AuthenticationError,
+               api: error instanceof OpenAI.APIError};
+  }
+  try { await make('relay-key').chat.completions.create(body); } catch (error) {
+    classes.unreachable_api = error instanceof OpenAI.APIError;
+    classes.unreachable_server = error instanceof OpenAI.InternalServerError;
+  }
+  return {wrong, unreachable, streamed, responses, classes};
+""")
+        self.assertEqual((result["wrong"]["name"], result["wrong"]["status"]),
+                         ("AuthenticationError", 401), result)
+        self.assertIn("Incorrect or missing API key", result["wrong"]["message"])
+        for name in ("unreachable", "streamed", "responses"):
+            self.assertEqual(result[name]["status"], 502, result)
+            self.assertEqual(result[name]["name"], "InternalServerError", result)
+            self.assertIn("refused the connection", result[name]["message"], result)
+        self.assertEqual(result["classes"], {"authentication": True, "api": True,
+                                             "unreachable_api": True,
+                                             "unreachable_server": True})
+
+
+@unittest.skipUnless(NODE_OPENAI, NODE_SDK_MISSING % "openai")
+class NodeOpenAIResponsesOnChatOnlyUpstreamTest(NodeClientMixin, ChatOnlyUpstreamTestCase):
+    """openai-node's responses API translated onto an upstream declared
+    "apis": ["chat"]."""
+
+    def setUp(self):
+        ChatOnlyUpstreamTestCase.setUp(self)
+        self.start_chat_only_relay()
+
+    def test_responses_create_and_stream(self):
+        result = self.run_node(NODE_OPENAI_CLIENT + r"""
+  const whole = await client.responses.create(
+    {model: 'gpt-5-codex', input: 'hi', instructions: 'be brief'});
+  const events = await collect(await client.responses.create(
+    {model: 'gpt-5-codex', input: 'hi', stream: true}));
+  const last = events[events.length - 1];
+  return {text: whole.output_text, status: whole.status, total: whole.usage.total_tokens,
+          items: whole.output.map((item) => item.type),
+          deltas: events.filter((event) => event.type === 'response.output_text.delta')
+            .map((event) => event.delta),
+          numbers: events.map((event) => event.sequence_number),
+          // output_text is the SDK's convenience on whole answers; an event
+          // carries the output items as the API sent them.
+          last: [last.type, last.response.output.filter((item) => item.type === 'message')
+            .map((item) => item.content.map((part) => part.text).join('')).join('')]};
+""")
+        self.assertEqual((result["text"], result["status"], result["total"]),
+                         ("Hello there", "completed", 43))
+        self.assertEqual(result["items"], ["reasoning", "message"])
+        self.assertEqual("".join(result["deltas"]), "Hello there")
+        self.assertEqual(result["numbers"], list(range(len(result["numbers"]))))
+        self.assertEqual(result["last"], ["response.completed", "Hello there"])
+        sent = [recorded.json() for recorded in self.upstream.requests]
+        self.assertEqual([recorded.path for recorded in self.upstream.requests],
+                         ["/v1/chat/completions"] * 2)
+        self.assertEqual(sent[0]["messages"][0], {"role": "system", "content": "be brief"})
+        self.assertEqual([body.get("stream", False) for body in sent], [False, True])
+
+    def test_function_tool_round_trip(self):
+        tool = dict(NODE_WEATHER_TOOL["function"], type="function")
+        result = self.run_node(NODE_OPENAI_CLIENT + r"""
+  const tools = [%s];
+  const first = await client.responses.stream({model: 'gpt-5-codex', input: 'weather?', tools})
+    .finalResponse();
+  const calls = first.output.filter((item) => item.type === 'function_call');
+  const input = [{role: 'user', content: 'weather?'}].concat(first.output, calls.map(
+    (call) => ({type: 'function_call_output', call_id: call.call_id,
+                output: 'rain in ' + JSON.parse(call.arguments).city})));
+  const second = await client.responses.create(
+    {model: 'gpt-5-codex', input, tools, store: false});
+  return {calls: calls.map((call) => [call.name, JSON.parse(call.arguments)]),
+          answer: second.output_text};
+""" % json.dumps(tool))
+        self.assertEqual(result["calls"], [["get_weather", {"city": "Paris"}],
+                                           ["get_weather", {"city": "Rome"}]])
+        self.assertEqual(result["answer"], "done: rain in Rome")
+        self.assertEqual([message["role"] for message in self.upstream.last().json()[
+            "messages"]], ["user", "assistant", "tool", "tool"])
+
+
+# The @anthropic-ai/sdk client the scripts below make.
+NODE_ANTHROPIC_CLIENT = r"""
+  const Anthropic = load('@anthropic-ai/sdk');
+  const client = new Anthropic({baseURL: RELAY_URL, apiKey: 'relay-key',
+                                maxRetries: 0, timeout: TIMEOUT_MS});
+  const ask = {model: 'claude-sonnet-4-5', max_tokens: 64,
+               messages: [{role: 'user', content: 'hi'}]};
+  const whole = await client.messages.create(ask);
+  const stream = client.messages.stream(ask);
+  const texts = [];
+  stream.on('text', (text) => texts.push(text));
+  const final = await stream.finalMessage();
+  return {whole: whole.content, model: whole.model, usage: whole.usage.output_tokens,
+          texts, final: final.content, stop: final.stop_reason,
+          final_usage: final.usage.output_tokens};
+"""
+
+
+@unittest.skipUnless(NODE_ANTHROPIC, NODE_SDK_MISSING % "@anthropic-ai/sdk")
+class NodeAnthropicOnNativeUpstreamTest(NodeClientMixin, NativeAgentUpstreamTestCase):
+    """@anthropic-ai/sdk's messages.create and messages.stream passed to an
+    upstream that serves /v1/messages."""
+
+    def test_create_and_stream(self):
+        result = self.run_node(NODE_ANTHROPIC_CLIENT)
+        self.assertEqual((result["whole"], result["model"], result["usage"]),
+                         ([{"type": "text", "text": "ok"}], "qwen3-coder", 7))
+        self.assertEqual((result["texts"], result["stop"], result["final_usage"]),
+                         (["ok"], "end_turn", 7))
+        self.assertEqual([(recorded.path, recorded.json()["model"], recorded.json().get(
+            "stream", False)) for recorded in self.upstream.requests],
+            [("/v1/messages", "qwen3-coder", False), ("/v1/messages", "qwen3-coder", True)])
+        self.assertIsNone(self.upstream.last().headers.get("x-api-key"))
+
+
+@unittest.skipUnless(NODE_ANTHROPIC, NODE_SDK_MISSING % "@anthropic-ai/sdk")
+class NodeAnthropicOnChatOnlyUpstreamTest(NodeClientMixin, ChatOnlyUpstreamTestCase):
+    """@anthropic-ai/sdk's messages.create and messages.stream translated
+    onto an upstream declared "apis": ["chat"]."""
+
+    def test_create_and_stream(self):
+        self.start_chat_only_relay()
+        result = self.run_node(NODE_ANTHROPIC_CLIENT)
+        self.assertEqual([block["type"] for block in result["whole"]], ["thinking", "text"])
+        self.assertEqual(result["whole"][1]["text"], "Hello there")
+        self.assertEqual("".join(result["texts"]), "Hello there")
+        self.assertEqual((result["final"][0]["thinking"], result["stop"],
+                          result["final_usage"]), ("pondering", "end_turn", 12))
+        self.assertEqual([recorded.path for recorded in self.upstream.requests],
+                         ["/v1/chat/completions"] * 2)
+
+
+###############################################################################
 # Differential tests: the relay's parsers against reference parsers ##########
 ###############################################################################
 
