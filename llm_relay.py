@@ -7094,8 +7094,9 @@ def describe_demo_request(config, body):
 
 
 def demo_answer(config, route, body):
-    """Return (status, OpenAI-shaped answer dict, stream bool) for a demo
-    request; route is the path after the base URL ("/chat/completions")."""
+    """Return (status, answer dict, stream bool) for a demo request (OpenAI's
+    shapes; a 404 on /messages in Anthropic's error shape); route is the path
+    after the base URL ("/chat/completions")."""
     if route == "/models":
         names = [DEMO_MODEL] + [rule.set["model"] for rule in config.rules
                                 if "model" in rule.set]
@@ -7103,9 +7104,11 @@ def demo_answer(config, route, body):
             model_entry(name, config.created, "llm-relay-demo")
             for name in sorted(set(names), key=names.index)]}, False
     if route not in ("/chat/completions", "/completions"):
-        return 404, openai_error("The demo upstream answers only chat "
-                                 "completions, completions and models.",
-                                 code="unknown_url"), False
+        # In the error shape of the client's protocol, as the relay's own
+        # errors are: on /v1/messages the Anthropic SDKs read only that one.
+        return 404, error_body(request_protocol(route), 404, "The demo upstream "
+                               "answers only chat completions, completions and "
+                               "models.", code="unknown_url"), False
     text = describe_demo_request(config, body)
     completion_tokens = len(text.split())
     usage = {"prompt_tokens": len(json.dumps(body.get("messages",

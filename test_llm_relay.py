@@ -4370,6 +4370,11 @@ class DemoUpstreamTest(RelayTestCase):
         self.assertIn("removes presence_penalty", answer["choices"][0]["text"])
         status, _, data = self.chat({"model": "m", "input": "x"}, path="/v1/embeddings")
         self.assert_openai_error(status, data, 404, "unknown_url")
+        status, _, data = self.chat({"model": "claude-x", "max_tokens": 5, "messages": []},
+                                    {"anthropic-version": "2023-06-01"}, path="/v1/messages")
+        self.assertEqual((status, json.loads(data.decode())["error"]["type"]),
+                         (404, "not_found_error"), data)
+        self.assertEqual(json.loads(data.decode())["type"], "error")
 
     @unittest.skipUnless(openai, OPENAI_MISSING)
     def test_the_official_client_streams_chat_and_completions(self):
