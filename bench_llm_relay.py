@@ -4,7 +4,7 @@ through nginx (a reference reverse proxy, when installed) and through the
 relay, side by side in one run, with the relay's targets marked PASS or MISS.
 
 Usage:
-    python3 bench_llm_relay.py            # full run, about four minutes
+    python3 bench_llm_relay.py            # full run, about two and a half minutes
     python3 bench_llm_relay.py --quick    # smaller loads, about a minute
     python3 bench_llm_relay.py --json     # one JSON object instead of the table
     python3 bench_llm_relay.py --relay path/to/llm_relay.py
