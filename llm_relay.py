@@ -1054,10 +1054,15 @@ class _ConfigChecker(object):
     def apis(self, spec, path):
         """Return the set of APIs an upstream speaks natively ("apis")."""
         apis = spec.get("apis", list(UPSTREAM_APIS))
-        if not isinstance(apis, list) or not apis or not all(
-                api in UPSTREAM_APIS for api in apis):
-            raise self.error(path, "expected a non-empty list of API names: %s" %
-                             ", ".join(json.dumps(api) for api in UPSTREAM_APIS))
+        names = ", ".join(json.dumps(api) for api in UPSTREAM_APIS)
+        if not isinstance(apis, list) or not apis:
+            raise self.error(path, "expected a non-empty list of API names: %s" % names)
+        for position, api in enumerate(apis):
+            if api not in UPSTREAM_APIS:
+                close = difflib.get_close_matches(str(api), UPSTREAM_APIS, 1)
+                raise self.error(path + (position,), "unknown API %s%s; the APIs are %s" % (
+                    json.dumps(api), " (did you mean %s?)" % json.dumps(close[0])
+                    if close else "", names))
         return frozenset(apis)
 
     def ssl_context(self, raw):

@@ -225,6 +225,17 @@ class ConfigValidationTest(unittest.TestCase):
                              '"/nonexistent.pem"}')
         self.assertEqual(error.path, "upstream_ca_file")
 
+    def test_a_misspelt_api_is_named_with_a_hint(self):
+        error = config_error('{"upstreams": {"a": {"url": "http://x/v1",\n'
+                             '  "apis": ["chat", "message"]}}}')
+        self.assertEqual((error.path, error.line, error.column),
+                         ("upstreams.a.apis[1]", 2, 20))
+        self.assertIn('unknown API "message" (did you mean "messages"?); the APIs are '
+                      '"chat", "messages", "responses"', str(error))
+        error = config_error('{"upstreams": {"a": {"url": "http://x/v1", "apis": []}}}')
+        self.assertEqual(error.path, "upstreams.a.apis")
+        self.assertIn("expected a non-empty list of API names", str(error))
+
     def test_top_level_must_be_an_object(self):
         self.assertIn("top level", str(config_error("[1, 2]")))
 
@@ -6714,8 +6725,8 @@ class TranslatedMessagesOverHttpTest(ChatOnlyUpstreamTestCase):
             llm_relay.parse_config_text('{"upstreams": {"old": {\n  "url": '
                                         '"http://h/v1", "apis": ["chat", "rest"]}}}')
         self.assertEqual(str(caught.exception),
-                         '<config>:2:33: upstreams.old.apis: expected a non-empty '
-                         'list of API names: "chat", "messages", "responses"')
+                         '<config>:2:42: upstreams.old.apis[1]: unknown API "rest"; '
+                         'the APIs are "chat", "messages", "responses"')
 
 
     def test_readme_recipe_routes_both_agents_to_the_local_model(self):
