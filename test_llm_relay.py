@@ -1834,6 +1834,17 @@ def wait_readable(sock, timeout):
     return bool(select.select([sock], [], [], timeout)[0])
 
 
+def say_nothing_until_hang_up(handler, release=None):
+    """Keep a fake upstream's answer pending: return when the relay closes
+    the connection, when release (an Event) is set, or after WAIT_SECONDS."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not (release is not None and release.is_set()) and \
+            time.monotonic() < deadline:
+        if wait_readable(handler.connection, 0.05) and \
+                handler.connection.recv(1, socket.MSG_PEEK) == b"":
+            return
+
+
 # The head of a streamed upload (audio/* is relayed unread), for raw requests.
 UPLOAD_HEAD = (b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
                b"Content-Type: audio/wav\r\n")
@@ -2303,12 +2314,8 @@ class StreamingTest(RelayTestCase):
         received = threading.Event()
 
         def silent(handler, recorded):
-            received.set()  # then say nothing; return when the relay hangs up
-            deadline = time.monotonic() + WAIT_SECONDS
-            while not release.is_set() and time.monotonic() < deadline:
-                if wait_readable(handler.connection, 0.05) and \
-                        handler.connection.recv(1, socket.MSG_PEEK) == b"":
-                    return
+            received.set()
+            say_nothing_until_hang_up(handler, release)
         self.upstream.behaviour = silent
         self.start_relay()
         sock = socket.create_connection(("127.0.0.1", self.relay.port))
@@ -3575,11 +3582,7 @@ class UpstreamPoolTest(RelayTestCase):
             if served == 0:
                 return openai_like(handler, recorded)
             received.set()
-            deadline = time.monotonic() + WAIT_SECONDS
-            while time.monotonic() < deadline:
-                if wait_readable(handler.connection, 0.05) and \
-                        handler.connection.recv(1, socket.MSG_PEEK) == b"":
-                    return
+            say_nothing_until_hang_up(handler)
         self.upstream.behaviour = silent_after_first
         self.start_relay()
         self.assert_ok(*self.chat({"model": "m"})[::2])  # pools a connection
