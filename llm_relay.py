@@ -1461,6 +1461,28 @@ def key_allows_model(api_key, model):
                else model == pattern for pattern in api_key.models)
 
 
+def top_level_members_named_twice(raw_body):
+    """Return the set of member names that the top-level object of
+    raw_body (bytes already accepted by parse_json_body) has more than once.
+
+    json.loads keeps the last of two equal names, while some upstream JSON
+    parsers keep the first (RFC 8259 §4 leaves it open): a check made on the
+    parsed body must refuse a body in which the two could differ.  The
+    outermost object is the last one completed, so the hook's last call
+    sees its members.
+    """
+    outermost = []
+
+    def keep_pairs(pairs):
+        outermost[:] = [pairs]
+        return {}
+    json.loads(raw_body.decode("utf-8"), object_pairs_hook=keep_pairs)
+    names, twice = set(), set()
+    for name, _ in outermost[0] if outermost else ():
+        (twice if name in names else names).add(name)
+    return twice
+
+
 def request_protocol(route, anthropic_version=None):
     """Return the PROTOCOL_* a request speaks, from its route path (without
     the /v1 prefix): /chat/completions, /completions, /messages and every
@@ -5496,6 +5518,13 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                              code="model_not_allowed")
         if request.is_json and not key_allows_model(api_key, request.model):
             raise self._model_not_allowed(request.model)
+        if request.is_json and "model" in top_level_members_named_twice(
+                request.body.data):
+            # Checked only for keys with a models list: the body goes
+            # upstream as it came, and an upstream that reads the first
+            # "model" would serve one the key may not use.
+            raise RelayError(400, 'The request body names "model" more than once.',
+                             code="invalid_json", param="model")
 
     def _affinity_keys(self, config, chain, body):
         """Return {group name: affinity key or None} for the chain's groups

@@ -4733,6 +4733,14 @@ class KeyAndAffinityUnitsTest(unittest.TestCase):
             self.assertEqual(llm_relay.key_allows_model(bob, model), allowed, model)
         self.assertTrue(llm_relay.key_allows_model(keys[0], None))
 
+    def test_top_level_members_named_twice(self):
+        twice = llm_relay.top_level_members_named_twice
+        self.assertEqual(twice(b'{"model":"a","model":"b","x":[{"y":1,"y":2}]}'),
+                         {"model"})
+        self.assertEqual(twice(b'{"a":{"model":1,"model":2},"model":"m"}'), set())
+        self.assertEqual(twice(b'{"\\u006dodel":"a","model":"b"}'), {"model"})
+        self.assertEqual(twice(b'{}'), set())
+
     def test_affinity_keys(self):
         def header(name):
             return {"x-session-id": "s1"}.get(name)
@@ -5266,6 +5274,33 @@ class NamedKeysTest(RelayTestCase):
         self.assert_openai_error(status, data, 403, "model_not_allowed")
         self.assertEqual(len(self.upstream.requests), 2)  # nothing else forwarded
         self.assertEqual(self.chat({"model": "llama-3"}, self.auth("sk-plain-key"))[0], 200)
+
+    def test_a_body_naming_model_twice_is_400_for_a_key_with_a_models_list(self):
+        # The relay reads the last "model"; an upstream that reads the first
+        # would serve a model the key may not use.
+        self.start_relay(api_keys=[self.ALICE, "sk-plain-key"])
+        twice = b'{"model":"llama-3","model":"qwen2","messages":[]}'
+        escaped = b'{"model":"llama-3","\\u006dodel":"qwen2","messages":[]}'
+        json_type = {"Content-Type": "application/json"}
+        for body in (twice, escaped):
+            status, _, data = self.chat(body, dict(self.auth(), **json_type))
+            error = self.assert_openai_error(status, data, 400, "invalid_json")
+            self.assertEqual(error["param"], "model")
+        status, _, data = self.request("POST", "/v1/messages", twice, dict(
+            json_type, **{"x-api-key": "sk-alice-secret",
+                          "anthropic-version": "2023-06-01"}))
+        self.assertEqual(status, 400, data)
+        answer = json.loads(data.decode())
+        self.assertEqual((answer["type"], answer["error"]["type"]),
+                         ("error", "invalid_request_error"))
+        self.assertEqual(self.upstream.requests, [])
+        nested = b'{"model":"qwen2","metadata":{"model":1,"model":2},"messages":[]}'
+        self.assertEqual(self.chat(nested, dict(self.auth(), **json_type))[0], 200)
+        # A key without a models list costs nothing: the bytes go as they came.
+        self.assertEqual(self.chat(twice, dict(self.auth("sk-plain-key"),
+                                               **json_type))[0], 200)
+        self.assertEqual([request.body for request in self.upstream.requests],
+                         [nested, twice])
 
     def test_anthropic_clients_get_anthropic_shaped_403_and_429(self):
         self.start_relay(api_keys=[dict(self.ALICE, requests_per_minute=2)])
