@@ -6376,8 +6376,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         """Relay SSE lines as they arrive: every complete line the upstream
         has sent leaves at once, those that arrived together in one write.
 
-        data: [DONE] ends the client's response at once; the upstream's
-        connection is pooled if its body ends soon after.  An upstream
+        data: [DONE] ends the client's response; the upstream's connection
+        is pooled first if its body ends within DONE_TAIL_SECONDS.  An upstream
         failure after the status line ends the stream with a final SSE error
         event (the status cannot change any more).
         """
@@ -6424,9 +6424,14 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                         if marker in line:
                             watch.see(line)
                 if done:
-                    writer.finish()
+                    # Pool before the last client write: an upstream ends its
+                    # body right after [DONE], and a client that sends its
+                    # next request on seeing the end must find the connection
+                    # idle.  One that keeps the stream open delays the end by
+                    # DONE_TAIL_SECONDS at most, and is closed.
                     exchange.release(self._read_tail_after_done(
                         itertools.chain((rest,), runs), exchange.sock))
+                    writer.finish()
                     return
         finally:
             if watch is not None and watch.usage and self.server.config.metrics:
@@ -6436,9 +6441,9 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         writer.finish()
 
     def _read_tail_after_done(self, lines, sock):
-        """After data: [DONE] (the client's response has ended), wait up to
-        DONE_TAIL_SECONDS for the upstream to end its body; return True when
-        it did, so its connection can be reused.  An upstream that keeps the
+        """After data: [DONE] (sent; the client's response not yet ended),
+        wait up to DONE_TAIL_SECONDS for the upstream to end its body; return
+        True when it did, so its connection can be reused.  An upstream that keeps the
         stream open, or sends more than blank lines, is cut (closed)."""
         try:
             sock.settimeout(DONE_TAIL_SECONDS)  # the pool restores read_timeout

@@ -2202,6 +2202,38 @@ class StreamingTest(RelayTestCase):
         self.upstream.behaviour = openai_like
         self.assert_ok(*self.chat({"model": "m"}, connection=connection)[::2])
 
+    def test_the_next_request_after_a_stream_finds_the_upstream_connection_pooled(self):
+        # The upstream ends its body only after the client has read [DONE]:
+        # the client must see the end of the response after the connection
+        # went back to the pool, so its next request reuses it.
+        client_read_done = threading.Event()
+
+        def ends_after_the_client_read_done(handler, recorded):
+            body = recorded.json()
+            if not body.get("stream"):
+                return openai_like(handler, recorded)
+            start_chunked(handler)
+            for line in sse_events(2):
+                write_chunk(handler, line)
+            client_read_done.wait(WAIT_SECONDS)
+            end_chunks(handler)
+        self.upstream.behaviour = ends_after_the_client_read_done
+        self.start_relay()
+        connection = self.connect()
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(
+            {"model": "m", "stream": True}), headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        lines = []
+        while not lines or lines[-1] != b"data: [DONE]\n":
+            lines.append(response.readline())
+            self.assertTrue(lines[-1], "stream ended before data: [DONE]: %r" % lines)
+        client_read_done.set()
+        self.assertEqual(response.read(), b"\n")  # then the end of the body
+        # Pooled before the client saw the end, not some time after it.
+        self.assertEqual(sum(len(idle) for idle in self.relay.pool._idle.values()), 1)
+        self.assert_ok(*self.chat({"model": "m"})[::2])
+        self.assertEqual(self.upstream.connections_opened, 1)
+
     def test_http10_client_gets_a_close_delimited_stream(self):
         self.start_relay()
         body = b'{"model": "m", "stream": true}'
