@@ -1006,6 +1006,11 @@ class _ConfigChecker(object):
             raise self.error(path + ("name",), "expected 1 to 64 letters, digits "
                              "or . _ @ + - (it is a log field and a metrics label)")
         models = self.string_list(entry, path + ("models",), [])
+        if "models" in entry and not models:
+            # An empty list would mean no list: every model.  Whoever wrote
+            # it more likely meant none, so it is an error, not an open key.
+            raise self.error(path + ("models",), "expected at least one model name "
+                             "or pattern (leave \"models\" out to allow every model)")
         if not all(models):
             raise self.error(path + ("models",), "expected non-empty model names "
                              "or patterns")

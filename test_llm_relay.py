@@ -4685,6 +4685,9 @@ class ReplicaConfigTest(unittest.TestCase):
             ([{"key": "secret-1", "name": "a b"}], "api_keys[0].name", "letters"),
             ([{"key": "secret-1", "models": "qwen"}], "api_keys[0].models",
              "list of strings"),
+            # [] would read as "any model" (no list): refused, not open.
+            ([{"key": "secret-1", "models": []}], "api_keys[0].models",
+             "at least one"),
             ([{"key": "secret-1", "max_concurrent": 0}], "api_keys[0].max_concurrent",
              "positive integer"),
             ([{"key": "secret-1", "requests_per_minute": 1.5}],
