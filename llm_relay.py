@@ -5701,19 +5701,12 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     def _forward(self, config, route, query):
         """Rewrite the body by its model's rule and relay the upstream answer:
-        read the body, select the rule, rewrite, open the upstream (along
-        the rule's fallback chain), relay its answer."""
+        read the body, select the rule and its upstream chain, rewrite, open
+        the upstream (along the chain; translated for a chat-only one), relay
+        its answer."""
         request = self._read_request_body(config)
-        if self._api_key is not None:
-            self._check_model_allowed(request)
-        rule = select_rule(config.rule_index, request.model)
-        chain = rule.upstreams if rule else (DEFAULT_UPSTREAM_NAME,)
-        if config.groups:
-            self._affinity = self._affinity_keys(config, chain, request.parsed)
+        rule, chain = self._select_route(config, request)
         body = self._rewritten(request, rule)
-        if isinstance(request.model, str) and self._protocol in MODEL_NAMING_PROTOCOLS and (
-                (rule and rule.response_model) or config.response_model) == "asked":
-            self._rename_model = request.model
         target_suffix = route + ("?" + query if query else "")
         translated_api = self._translated_api(config, route, chain, request.is_json)
         if translated_api:
@@ -5724,6 +5717,24 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         if route == "/messages/count_tokens" and exchange.response.status in (404, 405):
             return self._answer_token_estimate(exchange, body)
         self._relay_response(exchange)
+
+    def _select_route(self, config, request):
+        """Return (rule or None, upstream chain) for a ClientRequest.
+
+        Also what the choice settles for the rest of the request: a named
+        key's model allowlist (403 otherwise), the replica affinity keys and
+        whether answers report the model the client asked for.
+        """
+        if self._api_key is not None:
+            self._check_model_allowed(request)
+        rule = select_rule(config.rule_index, request.model)
+        chain = rule.upstreams if rule else (DEFAULT_UPSTREAM_NAME,)
+        if config.groups:
+            self._affinity = self._affinity_keys(config, chain, request.parsed)
+        if isinstance(request.model, str) and self._protocol in MODEL_NAMING_PROTOCOLS and (
+                (rule and rule.response_model) or config.response_model) == "asked":
+            self._rename_model = request.model
+        return rule, chain
 
     def _answer_token_estimate(self, exchange, body):
         """Answer count_tokens for an upstream without that endpoint (it
