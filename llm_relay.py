@@ -59,6 +59,9 @@ DEFAULT_CLIENT_TIMEOUT_SECONDS = 60.0  # to send a whole request; idle keep-aliv
 DEFAULT_SHUTDOWN_GRACE_SECONDS = 30.0
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # base64 images are large
 DEFAULT_MAX_CONNECTIONS = 512
+# A config larger than this is not one (a device such as /dev/zero, a log
+# file): reading it whole would take the process's memory.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
 # The longest timeout every socket and wait here can represent: socket
 # timeouts overflow past about 9.2e9 s, 32-bit timevals past 2**31 s, and
@@ -665,10 +668,13 @@ def load_config(path, environ=None, overrides=None):
     """
     try:
         with open(path, "rb") as config_file:
-            data = config_file.read()
+            data = config_file.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise ConfigError("cannot read config: %s" % (
             error.strerror or error), source=path)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError("cannot read config: it is larger than %d bytes (not "
+                          "a config file?)" % MAX_CONFIG_BYTES, source=path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -7453,18 +7459,25 @@ def command_line_overrides(parser, args):
     return overrides
 
 
-def read_explain_body(argument, stdin):
+def read_explain_body(argument, stdin, max_bytes):
     """Return the request body bytes --explain names: JSON text (it starts
-    with "{"), - for stdin, else a file path.  Raises OSError."""
+    with "{"), - for stdin, else a file path.  Raises OSError, or RelayError
+    413 beyond max_bytes (the config's max_body_bytes; /dev/zero never ends)."""
     if argument == "-":
-        data = getattr(stdin, "buffer", stdin).read()  # bytes: no locale decoding
-        return data.encode("utf-8") if isinstance(data, str) else data
-    if argument.lstrip().startswith("{"):
+        # bytes: no locale decoding
+        data = getattr(stdin, "buffer", stdin).read(max_bytes + 1)
+        data = data.encode("utf-8") if isinstance(data, str) else data
+    elif argument.lstrip().startswith("{"):
         # Python decoded argv with the locale's codec and surrogateescape:
         # this gives back the bytes the shell passed.
-        return argument.encode("utf-8", "surrogateescape")
-    with open(argument, "rb") as body_file:
-        return body_file.read()
+        data = argument.encode("utf-8", "surrogateescape")
+    else:
+        with open(argument, "rb") as body_file:
+            data = body_file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise RelayError(413, "The request body is larger than max_body_bytes = "
+                         "%d." % max_bytes, code="request_too_large")
+    return data
 
 
 def describe_chain_step(config, name):
@@ -7516,7 +7529,8 @@ def rule_effects(body, rule):
 def explain(config, argument, stdin):
     """Run --explain; return the exit status (0, or 2 for a bad body)."""
     try:
-        body = parse_json_body(read_explain_body(argument, stdin))
+        body = parse_json_body(read_explain_body(argument, stdin,
+                                                 config.max_body_bytes))
     except OSError as error:
         sys.stderr.write("llm_relay: error: --explain: cannot read %s: %s\n" % (
             argument, error.strerror or error))

@@ -298,6 +298,17 @@ class ConfigValidationTest(unittest.TestCase):
             llm_relay.load_config(path)
         self.assertIn("UTF-8", str(caught.exception))
         self.assertEqual(caught.exception.line, 2)
+        with open(path, "wb") as handle:
+            handle.write(b'{"listen": "127.0.0.1:1"}' + b" " * 100)
+        self.addCleanup(setattr, llm_relay, "MAX_CONFIG_BYTES", llm_relay.MAX_CONFIG_BYTES)
+        llm_relay.MAX_CONFIG_BYTES = 100
+        with self.assertRaises(llm_relay.ConfigError) as caught:
+            llm_relay.load_config(path)
+        self.assertIn("larger than 100 bytes", str(caught.exception))
+        if os.path.exists("/dev/zero"):  # endless: read up to the limit only
+            with self.assertRaises(llm_relay.ConfigError) as caught:
+                llm_relay.load_config("/dev/zero")
+            self.assertIn("larger than 100 bytes", str(caught.exception))
 
     def test_security_warnings(self):
         _, warnings = llm_relay.validate_config(
@@ -3516,6 +3527,15 @@ class CommandLineSettingsTest(unittest.TestCase):
         self.assertIn("--explain: cannot read /nonexistent/body.json", err)
         status, out, err = self.explain(["[1]"])
         self.assertEqual(status, 2)
+        with self.assertRaises(llm_relay.RelayError) as caught:
+            llm_relay.read_explain_body(self.write(body), None, len(body) - 1)
+        self.assertEqual(caught.exception.status, 413)
+        self.assertEqual(llm_relay.read_explain_body(self.write(body), None,
+                                                     len(body)), body.encode())
+        if os.path.exists("/dev/zero"):  # endless: read up to the limit only
+            with self.assertRaises(llm_relay.RelayError) as caught:
+                llm_relay.read_explain_body("/dev/zero", None, 1000)
+            self.assertIn("max_body_bytes = 1000", caught.exception.message)
         status, out, _ = self.explain(["-", "--upstream", "http://gpu:8000/v1"],
                                       b'{"model": "llama3"}')
         self.assertIn("rule: model_rules[1] (match_model \"default\")\n", out)
