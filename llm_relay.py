@@ -3656,6 +3656,7 @@ class _UpstreamState(object):
         self.ejections = 0
         self.last_failure = 0.0
         self.slot_free = threading.Condition(lock)
+        self.limit = None    # max_concurrent of the newest config seen
 
 
 class Traffic(object):
@@ -3721,14 +3722,18 @@ class Traffic(object):
             return self._acquire_locked(self._state(upstream.name), upstream)
 
     def _acquire_locked(self, state, upstream):
-        limit = upstream.max_concurrent
-        if limit is not None and state.in_flight >= limit:
+        if upstream.max_concurrent != state.limit:
+            # A reload changed max_concurrent: the requests already queued
+            # wait under the new limit, not the one of their config.
+            state.limit = upstream.max_concurrent
+            state.slot_free.notify_all()
+        if state.limit is not None and state.in_flight >= state.limit:
             if state.queued >= upstream.max_queue:
                 return False
             deadline = time.monotonic() + upstream.queue_timeout
             state.queued += 1
             try:
-                while state.in_flight >= limit:
+                while state.limit is not None and state.in_flight >= state.limit:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return False

@@ -4901,6 +4901,28 @@ class TrafficTest(unittest.TestCase):
         self.traffic.release("cpu")
         self.assertTrue(self.traffic.acquire(upstream))
 
+    def test_a_reload_that_raises_max_concurrent_frees_the_queued(self):
+        def cpu(max_concurrent):
+            return config_from({"upstreams": {"cpu": {
+                "url": "http://h/v1", "max_concurrent": max_concurrent,
+                "queue_timeout": WAIT_SECONDS}}}).upstreams["cpu"]
+        old, new = cpu(1), cpu(4)
+        self.assertTrue(self.traffic.acquire(old))
+        results = []
+        queued = threading.Thread(target=lambda: results.append(
+            self.traffic.acquire(old)))
+        queued.start()
+        self.addCleanup(queued.join, WAIT_SECONDS)
+        for _ in range(2000):  # until it waits in the queue
+            if self.traffic.upstream_samples()[0][2] == 1:
+                break
+            threading.Event().wait(0.005)
+        self.assertEqual(self.traffic.upstream_samples()[0][1:3], (1, 1))
+        self.assertTrue(self.traffic.acquire(new))  # the reloaded config's request
+        queued.join(WAIT_SECONDS / 2)  # not the whole queue_timeout
+        self.assertEqual(results, [True])
+        self.assertEqual(self.traffic.upstream_samples()[0][1:3], (3, 0))
+
     def test_key_limits(self):
         key = llm_relay.ApiKey("alice", b"sk-secret", (), 2, 3)
         self.traffic.admit_key(key, now=0.0)
