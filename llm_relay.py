@@ -1149,13 +1149,21 @@ def parse_listen(value):
     return host, int(match.group(3))
 
 
+_URL_SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+
+
 def parse_upstream_url(url):
     """Split an upstream base URL into (scheme, host, port, base_path).
 
     The path prefix is kept without a trailing slash, so "http://h:11434/v1"
     gives base_path "/v1".  Raises ValueError for anything but http(s) URLs
-    with a host and without query, fragment or credentials.
+    with a host and without query, fragment or credentials, and for spaces
+    or control characters (urlsplit drops some on newer Pythons only, and an
+    http.client that does not refuse them would put them in the request line).
     """
+    if _URL_SPACE_OR_CONTROL.search(url):
+        raise ValueError("an upstream URL must not contain spaces or control "
+                         "characters, got %r" % url)
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port

@@ -266,7 +266,8 @@ class ConfigValidationTest(unittest.TestCase):
         self.assertEqual(llm_relay.parse_upstream_url("http://[::1]:8000"),
                          ("http", "::1", 8000, ""))
         for bad in ("http://", "h:1/v1", "http://u:p@h/v1", "http://h/v1?x=1",
-                    "http://h:notaport/"):
+                    "http://h:notaport/", "http://a b/v1", "http://h/v 1",
+                    "http://h/v1\n", "http://h/v1\r\nX-Injected: 1"):
             with self.assertRaises(ValueError, msg=bad):
                 llm_relay.parse_upstream_url(bad)
 
