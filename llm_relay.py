@@ -1052,6 +1052,11 @@ class _ConfigChecker(object):
         if spec.get("max_concurrent") is not None:
             max_concurrent = self.number(spec, path + ("max_concurrent",), None,
                                          integer=True)
+        for key in ("max_queue", "queue_timeout"):
+            if key in spec and max_concurrent is None:
+                # The queue exists only behind max_concurrent.
+                self.warnings.append("%s: %s has no effect without max_concurrent" % (
+                    self.where(path + (key,)), key))
         return Upstream(name, url, scheme, host, port, base_path, api_key or None,
                         key_header,
                         timeout("connect_timeout"), timeout("read_timeout"),

@@ -311,6 +311,16 @@ class ConfigValidationTest(unittest.TestCase):
                 llm_relay.load_config("/dev/zero")
             self.assertIn("larger than 100 bytes", str(caught.exception))
 
+    def test_a_queue_without_max_concurrent_is_a_warning(self):
+        _, warnings = llm_relay.validate_config({"upstreams": {
+            "a": {"url": "http://h/v1", "max_queue": 5, "queue_timeout": 3},
+            "b": {"url": "http://h/v1", "max_concurrent": 2, "max_queue": 5}}},
+            "c", None, {})
+        self.assertEqual([w for w in warnings if "max_concurrent" in w], [
+            "c: upstreams.a.max_queue: max_queue has no effect without max_concurrent",
+            "c: upstreams.a.queue_timeout: queue_timeout has no effect without "
+            "max_concurrent"])
+
     def test_security_warnings(self):
         _, warnings = llm_relay.validate_config(
             {"api_keys": ["k"], "forward_auth": True}, "c", None, {})
