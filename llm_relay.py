@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
-"""llm-relay: a tiny OpenAI-compatible relay that rewrites requests per model.
+"""llm-relay: a single-file relay for LLM APIs that rewrites requests per model.
 
-Clients (the openai SDKs, LangChain, Open WebUI, curl) point their base URL at
-the relay; the relay forwards to an OpenAI-compatible upstream (Ollama, vLLM,
-llama.cpp server, LM Studio, OpenAI) after rewriting the JSON request body by
-per-model rules from a JSONC config, and relays Server-Sent Events line by line
-as they arrive.
+Clients (the openai and anthropic SDKs, LangChain, Open WebUI, curl, Claude
+Code, Codex CLI) point their base URL at the relay; the relay forwards to the
+upstreams (Ollama, vLLM, llama.cpp server, LM Studio, OpenAI) after rewriting
+the JSON request body by per-model rules from a JSONC config, and relays
+Server-Sent Events line by line as they arrive.  It serves chat completions,
+the Anthropic Messages API and the OpenAI Responses API, translating the
+latter two onto chat completions for upstreams that speak only that, and
+spreads requests over replicas and named keys with limits.
 
-Usage: python3 llm_relay.py --config config.jsonc
+Usage: python3 llm_relay.py --config config.jsonc   (python3 llm_relay.py --demo
+to try it with a built-in demo upstream)
 
 Standard library only; runs unmodified on CPython 3.6 to 3.13.  License: MIT.
 """
@@ -42,7 +46,7 @@ import sys
 import threading
 import time
 import urllib.parse
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 
 ###############################################################################
