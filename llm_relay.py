@@ -79,6 +79,7 @@ CONFIG_POLL_SECONDS = 1.0  # how often reload_on_change looks at the file
 ABORT_WAIT_SECONDS = 1.0  # after the grace, for cut requests to end and log
 MAX_SSE_LINE_BYTES = 64 * 1024  # longer lines are relayed in pieces
 DONE_TAIL_SECONDS = 0.25  # after data: [DONE], for the upstream's end of body
+QUEUE_CHECK_SECONDS = 0.25  # a request queued for a slot checks its client
 COPY_BLOCK_BYTES = 64 * 1024
 MAX_BUFFERED_RESPONSE_BYTES = 16 * 1024 * 1024  # larger bodies stream through
 MAX_REQUEST_LINE_BYTES = 65536  # longer request lines are refused with 414
@@ -3731,14 +3732,21 @@ class Traffic(object):
 
     # -- upstream slots --------------------------------------------------------
 
-    def acquire(self, upstream):
+    def acquire(self, upstream, client_gone=None):
         """Take a slot on upstream; with max_concurrent, wait in its queue
         (at most max_queue waiting, each up to queue_timeout).  Returns True,
-        or False when the queue is full or the wait ran out."""
-        with self._lock:
-            return self._acquire_locked(self._state(upstream.name), upstream)
+        or False when the queue is full or the wait ran out.
 
-    def _acquire_locked(self, state, upstream):
+        client_gone, a function () -> bool, is asked every
+        QUEUE_CHECK_SECONDS while waiting: a client that left gives its
+        place up at once (raises ClientDisconnected) instead of holding it
+        until a slot frees or queue_timeout runs out.
+        """
+        with self._lock:
+            return self._acquire_locked(self._state(upstream.name), upstream,
+                                        client_gone)
+
+    def _acquire_locked(self, state, upstream, client_gone=None):
         if upstream.max_concurrent != state.limit:
             # A reload changed max_concurrent: the requests already queued
             # wait under the new limit, not the one of their config.
@@ -3754,7 +3762,9 @@ class Traffic(object):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return False
-                    state.slot_free.wait(remaining)
+                    state.slot_free.wait(min(remaining, QUEUE_CHECK_SECONDS))
+                    if client_gone is not None and client_gone():
+                        raise ClientDisconnected()
             finally:
                 state.queued -= 1
         state.in_flight += 1
@@ -3770,7 +3780,7 @@ class Traffic(object):
 
     # -- replica groups ----------------------------------------------------------
 
-    def choose(self, group, upstreams, key, tried):
+    def choose(self, group, upstreams, key, tried, client_gone=None):
         """Pick the member of a group for a request and take a slot on it.
 
         Members out for a cool-down and those in tried are skipped.  With an
@@ -3779,7 +3789,8 @@ class Traffic(object):
         ties taken in turn (round robin).  When every member is out and none
         was tried, the least recently failed one is tried.  upstreams maps
         names to Upstream.  Returns (name, True), (name, False) when its queue
-        was full or the wait ran out, or (None, False) when none is left.
+        was full or the wait ran out, or (None, False) when none is left;
+        client_gone as for acquire.
         """
         with self._lock:
             now = self.clock()
@@ -3792,7 +3803,7 @@ class Traffic(object):
             member = (rendezvous_member(key, up) if key is not None
                       else self._least_busy(group, up))
             return member, self._acquire_locked(self._state(member),
-                                                upstreams[member])
+                                                upstreams[member], client_gone)
 
     def _least_busy(self, group, up):
         count = len(group.members)
@@ -5866,7 +5877,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     def _open_one(self, config, upstream, tried, request, last):
         """One upstream as a step of the chain; see _try_upstream."""
         if upstream.max_concurrent is not None:
-            if not self.server.traffic.acquire(upstream):
+            if not self.server.traffic.acquire(upstream, self._client_left):
                 return self._upstream_busy(upstream, upstream.name, tried, not last)
             self._slot = upstream.name
         return self._try_upstream(config, upstream, upstream.name, tried,
@@ -5879,7 +5890,7 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         key = (self._affinity or {}).get(group.name)
         while True:
             member, took_slot = traffic.choose(group, config.upstreams, key,
-                                               members_tried)
+                                               members_tried, self._client_left)
             if member is None:
                 break
             members_tried.append(member)
@@ -5897,6 +5908,12 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             raise RelayError(502, "Every replica of %s failed or is out for a "
                              "cool-down." % group.name, code="upstream_unreachable")
         return None
+
+    def _client_left(self):
+        """Return True when the client has closed its connection (asked
+        while the request waits in an upstream's queue).  Polled first, so
+        that the peek never blocks where MSG_DONTWAIT does not exist."""
+        return is_readable(self.connection) and is_peer_closed(self.connection)
 
     def _upstream_busy(self, upstream, label, tried, may_move_on):
         """A step whose upstream had no free slot: raise 429, or return None

@@ -5242,6 +5242,49 @@ class ReplicaGroupTest(RelayTestCase):
         line = [line for line in logs.output if "model=queued" in line][0]
         self.assertIn("client disconnected", line)
 
+    def test_a_client_that_leaves_the_queue_frees_its_place_at_once(self):
+        started, release = threading.Event(), threading.Event()
+
+        def slow(handler, recorded):
+            started.set()
+            release.wait(WAIT_SECONDS)
+            openai_like(handler, recorded)
+        self.upstream.behaviour = slow
+        # queue_timeout far beyond the test: only the client's leaving can
+        # free the place before it.
+        self.start_relay(upstreams={"default": {
+            "url": self.upstream.url, "max_concurrent": 1, "max_queue": 1,
+            "queue_timeout": 1000}})
+        first = threading.Thread(target=self.chat, args=({"model": "m"},))
+        first.start()
+        self.addCleanup(first.join, WAIT_SECONDS)
+        self.addCleanup(release.set)
+        self.assertTrue(started.wait(WAIT_SECONDS))
+        body = json.dumps({"model": "queued"}).encode()
+        sock = socket.create_connection(("127.0.0.1", self.relay.port),
+                                        timeout=WAIT_SECONDS)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d"
+                     b"\r\n\r\n%s" % (len(body), body))
+
+        def queued():
+            return metric_value(self.metrics_text(), "llm_relay_upstream_queued",
+                                'upstream="default"')
+        self.assertTrue(wait_until(lambda: queued() == 1))
+        sock.close()
+        self.assertTrue(wait_until(lambda: queued() == 0),
+                        "the place of a client that left is still taken")
+        # The place is free for the next client while the first request runs.
+        third = threading.Thread(target=self.chat, args=({"model": "third"},))
+        third.start()
+        self.addCleanup(third.join, WAIT_SECONDS)
+        self.assertTrue(wait_until(lambda: queued() == 1))
+        release.set()
+        first.join(WAIT_SECONDS)
+        third.join(WAIT_SECONDS)
+        self.assertEqual([r.json()["model"] for r in self.upstream.requests],
+                         ["m", "third"])
+
     def test_queue_wait_runs_out_and_a_busy_member_moves_on(self):
         started, release = threading.Event(), threading.Event()
 
