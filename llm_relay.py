@@ -2449,7 +2449,30 @@ def parse_chat_sse_line(line):
     return chunk
 
 
-class MessagesStreamTranslator(object):
+class ChatStreamTranslator(object):
+    """The input side the stream translators share: chat completions SSE
+    lines read by a ChatDeltaReader (self.reader), until data: [DONE].
+    Subclasses turn what the reader found into their protocol's events in
+    _write(pieces) -> bytes."""
+
+    def feed_line(self, line):
+        """Return the client's events (bytes, maybe b"") for one upstream
+        SSE line; nothing after data: [DONE].  Raises UpstreamStreamError
+        for an error event and ValueError for a line that is not JSON."""
+        chunk = parse_chat_sse_line(line)
+        if chunk is DONE:
+            self.done = True
+            return b""
+        if chunk is None or self.done:
+            return b""
+        return self._write(self.reader.read(chunk))
+
+    def feed_chunk(self, chunk):
+        """Return the events for one chat chunk dict (see feed_line)."""
+        return self._write(self.reader.read(chunk))
+
+
+class MessagesStreamTranslator(ChatStreamTranslator):
     """Turn a chat completions SSE stream into Anthropic's event stream.
 
     start() gives message_start (sent at once); feed_line(line) the events
@@ -2477,19 +2500,6 @@ class MessagesStreamTranslator(object):
             "model": self.model, "content": [], "stop_reason": None,
             "stop_sequence": None, "usage": {"input_tokens": self.input_tokens,
                                              "output_tokens": 0}}})
-
-    def feed_line(self, line):
-        chunk = parse_chat_sse_line(line)
-        if chunk is DONE:
-            self.done = True
-            return b""
-        if chunk is None or self.done:
-            return b""
-        return self._write(self.reader.read(chunk))
-
-    def feed_chunk(self, chunk):
-        """Return the events for one chat chunk dict (see feed_line)."""
-        return self._write(self.reader.read(chunk))
 
     def _write(self, pieces):
         events = []
@@ -2635,7 +2645,7 @@ def chat_to_responses_response(chat, model, request, custom_tools=frozenset(),
         responses_usage(reader.usage))
 
 
-class ResponsesStreamTranslator(object):
+class ResponsesStreamTranslator(ChatStreamTranslator):
     """Turn a chat completions SSE stream into the Responses event stream.
 
     start() gives response.created and response.in_progress; feed_line(line)
@@ -2680,19 +2690,6 @@ class ResponsesStreamTranslator(object):
         return self._event("response.created", {
             "response": self._response("in_progress")}) + self._event(
             "response.in_progress", {"response": self._response("in_progress")})
-
-    def feed_line(self, line):
-        chunk = parse_chat_sse_line(line)
-        if chunk is DONE:
-            self.done = True
-            return b""
-        if chunk is None or self.done:
-            return b""
-        return self._write(self.reader.read(chunk))
-
-    def feed_chunk(self, chunk):
-        """Return the events for one chat chunk dict (see feed_line)."""
-        return self._write(self.reader.read(chunk))
 
     @staticmethod
     def ping():
