@@ -3339,6 +3339,15 @@ def client_headers(response_headers):
     return relayed
 
 
+def encode_response_head(version, status, reason, headers):
+    """Return a response head as Latin-1 bytes: the status line, the header
+    lines of headers ((name, value) str pairs) and the empty line (RFC 9112
+    §4, §5).  Raises UnicodeEncodeError for a character beyond Latin-1."""
+    return ("%s %d %s\r\n%s\r\n" % (
+        version, status, reason,
+        "".join(["%s: %s\r\n" % field for field in headers]))).encode("latin-1")
+
+
 def media_type(content_type):
     """Return the lowercase media type of a Content-Type value ("" if none),
     without its parameters (RFC 9110 §8.3.1)."""
@@ -6601,14 +6610,6 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 
     # -- writing to the client ------------------------------------------------------
 
-    def send_response(self, code, message=None):
-        self._status = code
-        http.server.BaseHTTPRequestHandler.send_response(self, code, message)
-
-    def end_headers(self):
-        self._headers_sent = True
-        http.server.BaseHTTPRequestHandler.end_headers(self)
-
     def version_string(self):
         return self.server_version
 
@@ -6618,21 +6619,30 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         return format_http_date(timestamp)
 
     def _send_head(self, status, headers):
-        """Send the status line and headers (not flushed): headers plus the
-        request id, CORS headers and, when this connection cannot carry
-        another request (draining, closing, or a request body left unread),
-        Connection: close."""
-        self.send_response(status)
-        for name, value in headers:
-            self.send_header(name, value)
+        """Send the status line and headers (not flushed): Server, Date,
+        headers plus the request id, CORS headers and, when this connection
+        cannot carry another request (draining, closing, or a request body
+        left unread), Connection: close.
+
+        The head is formatted and written in one piece (encode_response_head),
+        as http.server's send_response, send_header and end_headers would
+        write it line by line.
+        """
         self._request_id = self._request_id or new_request_id()
-        self.send_header("X-Request-Id", self._upstream_request_id or self._request_id)
-        for name, value in self._cors_headers():
-            self.send_header(name, value)
+        fields = [("Server", self.version_string()),
+                  ("Date", self.date_time_string())]
+        fields.extend(headers)
+        fields.append(("X-Request-Id", self._upstream_request_id or self._request_id))
+        fields.extend(self._cors_headers())
         if self.server.draining or self.close_connection or self._body_unread():
             # An unread request body would be parsed as the next request.
-            self.send_header("Connection", "close")
-        self.end_headers()
+            fields.append(("Connection", "close"))
+            self.close_connection = True
+        self._status = status
+        self.wfile.write(encode_response_head(
+            self.protocol_version, status, self.responses.get(status, ("",))[0],
+            fields))
+        self._headers_sent = True
 
     def _send_buffered(self, status, headers, body):
         """Send a complete response with Content-Length (RFC 9112 §6.3)."""

@@ -2772,6 +2772,24 @@ class LimitsTest(RelayTestCase):
                                   b"Expect: 100-continue\r\nContent-Length: 5000\r\n\r\n")
         self.assertTrue(reply.startswith(b"HTTP/1.1 413"), reply)  # no 100 first
 
+    def test_an_error_after_100_continue_is_still_answered(self):
+        # The interim 100 is not the answer's head: an upstream failure
+        # after it still gets its status and JSON error.
+        self.start_relay()
+        self.upstream.stop()
+        body = b'{"model": "m"}'
+        sock = socket.create_connection(("127.0.0.1", self.relay.port),
+                                        timeout=WAIT_SECONDS)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: "
+                     b"100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        self.assertEqual(sock.recv(1024), b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        self.assert_openai_error(response.status, response.read(), 502,
+                                 "upstream_unreachable")
+
     def test_connections_beyond_max_connections_get_503(self):
         self.start_relay(max_connections=2)
         held = [self.connect(), self.connect()]
