@@ -79,6 +79,7 @@ CONFIG_POLL_SECONDS = 1.0  # how often reload_on_change looks at the file
 ABORT_WAIT_SECONDS = 1.0  # after the grace, for cut requests to end and log
 MAX_SSE_LINE_BYTES = 64 * 1024  # longer lines are relayed in pieces
 DONE_TAIL_SECONDS = 0.25  # after data: [DONE], for the upstream's end of body
+PUMP_SWEEP_SECONDS = 0.05  # how often the stream pump looks at its deadlines
 QUEUE_CHECK_SECONDS = 0.25  # a request queued for a slot checks its client
 COPY_BLOCK_BYTES = 64 * 1024
 MAX_BUFFERED_RESPONSE_BYTES = 16 * 1024 * 1024  # larger bodies stream through
@@ -3114,6 +3115,73 @@ def source_holds(source):
         return 0
 
 
+class NeedMoreBytes(Exception):
+    """A read from ArrivedBytes needs bytes that have not arrived yet."""
+
+
+class ArrivedBytes(object):
+    """The bytes of a body that have arrived so far, as the buffered source
+    a BodyReader reads (read, read1, readline) for a reader that must never
+    wait: the stream pump's.  A read that needs bytes not yet there raises
+    NeedMoreBytes; the caller rewinds to its mark() and reads again after
+    add().  After ended is set (the peer closed) reads return what is left,
+    as a file at its end does.
+    """
+
+    __slots__ = ("_data", "_position", "ended")
+
+    def __init__(self, data=b""):
+        self._data = data
+        self._position = 0
+        self.ended = False
+
+    def add(self, data):
+        if self._position == len(self._data):
+            self._data, self._position = data, 0  # the usual case: all read
+        else:
+            self._data = self._data[self._position:] + data
+            self._position = 0
+
+    def held(self):
+        """The count of bytes not read yet."""
+        return len(self._data) - self._position
+
+    def mark(self):
+        return self._position
+
+    def rewind(self, mark):
+        self._position = mark
+
+    def read(self, size):
+        """Return the next size bytes (fewer only after ended)."""
+        start = self._position
+        end = start + size
+        if end > len(self._data):
+            if not self.ended:
+                raise NeedMoreBytes()
+            end = len(self._data)
+        self._position = end
+        return self._data[start:end]
+
+    def read1(self, size):
+        """Return up to size bytes, at least one unless ended."""
+        held = len(self._data) - self._position
+        if not held and not self.ended:
+            raise NeedMoreBytes()
+        return self.read(min(size, held))
+
+    def readline(self, limit):
+        """Return up to and including the next LF, at most limit bytes."""
+        start = self._position
+        end = self._data.find(b"\n", start, start + limit) + 1
+        if not end:
+            end = min(start + limit, len(self._data))
+            if end - start < limit and not self.ended:
+                raise NeedMoreBytes()
+        self._position = end
+        return self._data[start:end]
+
+
 class BodyReader(object):
     """Read one message body from a buffered binary file by its framing.
 
@@ -3176,6 +3244,24 @@ class BodyReader(object):
             return False
         match = _CHUNK_LINE.match(framing[start:end])
         return match is not None and int(match.group(1), 16) > 0
+
+    def continue_from(self, source):
+        """Read the rest of the body from source (an ArrivedBytes that was
+        given what the old source held unread)."""
+        self._source = source
+
+    def read_without_waiting(self, limit):
+        """read(limit) from a source that never waits (ArrivedBytes):
+        bytes, b"" at the body's end, or None when more bytes must arrive
+        first; the framing state and the source are then as before."""
+        state = self._left, self._crlf_due, self.total, self.complete
+        mark = self._source.mark()
+        try:
+            return self.read(limit)
+        except NeedMoreBytes:
+            self._left, self._crlf_due, self.total, self.complete = state
+            self._source.rewind(mark)
+            return None
 
     def read_to_end(self, max_bytes):
         """Return the rest of the body; when it is longer than max_bytes,
@@ -3544,21 +3630,67 @@ def iter_upstream_batches(response, limit):
         data = reader.read_arrived(limit)
         if not data:
             break
-        if pending:
-            data = pending + data
-        end = data.rfind(b"\n") + 1
-        if end == len(data):
-            pending = b""
-            yield data  # the common case: whole lines only
-            continue
-        if end:
-            yield data[:end]
-        pending = data[end:]
-        while len(pending) >= limit:
-            yield pending[:limit]
-            pending = pending[limit:]
+        runs, pending = split_runs(pending + data if pending else data, limit)
+        for run in runs:
+            yield run
     if pending:
         yield pending
+
+
+def split_runs(data, limit):
+    """Split body bytes that arrived into (runs to send now, the partial
+    line to keep for the next bytes).  The runs are all the whole lines in
+    one bytes object, then pieces of limit bytes of a longer partial line."""
+    end = data.rfind(b"\n") + 1
+    if end and end == len(data):
+        return [data], b""  # the common case: whole lines only
+    runs = [data[:end]] if end else []
+    pending = data[end:]
+    while len(pending) >= limit:
+        runs.append(pending[:limit])
+        pending = pending[limit:]
+    return runs, pending
+
+
+class SseForwarder(object):
+    """Make each run of whole SSE lines from the upstream the bytes the
+    client gets: the model renamed (rename: see model_renamer, or None),
+    the usage events shown to watch (a StreamWatch, or None), framed as one
+    HTTP/1.1 chunk when chunked.  data: [DONE] ends the stream: after the
+    run that holds it, done is True and rest holds what followed it in that
+    run.  last_run is the last run as the upstream sent it.
+    """
+
+    __slots__ = ("_rename", "_watch", "_marker", "_chunked", "done", "rest",
+                 "last_run")
+
+    def __init__(self, chunked, rename=None, watch=None):
+        self._rename = rename
+        self._watch = watch
+        # Only lines with the watch's marker are parsed (the usage events).
+        self._marker = watch.marker if watch is not None else None
+        self._chunked = chunked
+        self.done = False
+        self.rest = b""
+        self.last_run = b"\n"
+
+    def take(self, run):
+        """Return the bytes to send for run (a run of whole lines)."""
+        self.last_run = run
+        if self._rename is not None and b'"model"' in run:
+            run = b"".join(self._rename(line) for line in run.splitlines(True))
+        if b"[DONE]" in run:
+            done = split_at_done(run)
+            if done:
+                run, self.rest, done_line = done
+                run += event_boundary(done_line)
+                self.done = True
+        marker = self._marker
+        if marker is not None and marker in run:
+            for line in run.splitlines(True):
+                if marker in line:
+                    self._watch.see(line)
+        return b"%x\r\n%s\r\n" % (len(run), run) if self._chunked else run
 
 
 def split_at_done(run):
@@ -4445,6 +4577,369 @@ def read_response_body(response, upstream, max_bytes):
         raise RelayError(502, "upstream %s response is larger than %d bytes." % (
             upstream.name, max_bytes), code="upstream_error", kind="invalid")
     return data
+
+
+###############################################################################
+# Stream pump #################################################################
+###############################################################################
+
+# Why one thread relays the streams: a thread per stream costs little while
+# it waits, but an LLM server batches its streams, so the next token of
+# every stream arrives at about the same moment.  A hundred threads then wake
+# at once and hand the GIL to one another several times per token: futex
+# calls and context switches cost far more than the relaying (60 us per
+# event at 100 streams against 9 us for one stream, most of it in the
+# kernel).  Once its head has gone out, a stream from a plain-TCP upstream
+# to a plain-TCP client is handed to the server's StreamPump: one thread
+# that waits on all such upstream sockets with one selector (epoll on
+# Linux), reads what arrived, decodes it with the stream's own BodyReader
+# over an ArrivedBytes, and sends every whole line at once with a send that
+# never blocks.  The handler thread sleeps on an Event meanwhile and does
+# everything else (errors, the end of the response, pooling, metrics) as
+# before.  Streams that cannot be pumped (TLS on either side, Windows)
+# keep the thread loop of RelayHandler._relay_stream.
+
+
+class PumpedStream(object):
+    """One stream in the pump, from its handler thread to the pump and back.
+
+    Set by the handler: upstream_sock, client_sock (plain sockets), body
+    (the response's BodyReader, continued from source), forward (an
+    SseForwarder), tracked (the client's TrackedConnection), read_timeout
+    and client_timeout (seconds).  Set by the pump before finished is set:
+    upstream_error (what cut the upstream side), client_error (what failed
+    a send) and tail_complete (after data: [DONE], whether the upstream
+    ended its body cleanly within DONE_TAIL_SECONDS, so its connection can
+    be reused).
+    """
+
+    __slots__ = ("upstream_sock", "client_sock", "body", "source", "forward",
+                 "tracked", "read_timeout", "client_timeout", "pending",
+                 "output", "ending", "deadline", "upstream_error",
+                 "client_error", "tail_complete", "finished")
+
+    def __init__(self, upstream_sock, client_sock, body, held, forward, tracked,
+                 read_timeout, client_timeout):
+        self.upstream_sock = upstream_sock
+        self.client_sock = client_sock
+        self.source = ArrivedBytes(held)
+        self.body = body
+        body.continue_from(self.source)
+        self.forward = forward
+        self.tracked = tracked
+        self.read_timeout = read_timeout
+        self.client_timeout = client_timeout
+        self.pending = b""  # a partial line waiting for its end
+        self.output = b""  # bytes the client has not taken yet
+        self.ending = False  # finish once output is sent
+        self.deadline = time.monotonic() + read_timeout
+        self.upstream_error = None
+        self.client_error = None
+        self.tail_complete = False
+        self.finished = threading.Event()
+
+
+# A send or receive that never blocks, whatever the socket's mode: the
+# pump's sockets stay blocking for everything else the relay does with them.
+PUMP_FLAGS = (getattr(socket, "MSG_DONTWAIT", None)
+              if not sys.platform.startswith("win") else None)
+
+
+def can_pump(upstream_sock, response, client_sock):
+    """True when a stream can go to the StreamPump: both sockets plain TCP
+    with kernel timeouts (no Python timeout, no TLS buffer that a selector
+    cannot see) and the response read through a KernelTimeoutReader, which
+    tells how many bytes it holds."""
+    return (PUMP_FLAGS is not None
+            and type(upstream_sock) is socket.socket
+            and type(client_sock) is socket.socket
+            and upstream_sock.gettimeout() is None
+            and client_sock.gettimeout() is None
+            and isinstance(getattr(response.fp, "raw", None), KernelTimeoutReader))
+
+
+class StreamPump(object):
+    """The thread that relays pumped streams (see the comment above).
+
+    relay(stream) hands a PumpedStream over and returns when the pump is
+    done with it.  Per upstream read: one recv, the body decoded (chunked
+    or not, as strictly as BodyReader does), the whole lines made the
+    client's bytes by the stream's SseForwarder, one send.  A client that
+    does not take them stops the reading of its upstream until it does
+    (at most client_timeout seconds of no progress).  Deadlines are looked
+    at every PUMP_SWEEP_SECONDS.  The thread starts with the first stream
+    and stops at close().
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._incoming = []
+        self._streams = set()
+        self._selector = None
+        self._wake = None  # (the pump's end, the others' end) of a socketpair
+        self._thread = None
+        self._closed = False
+        self._next_sweep = 0.0
+
+    def relay(self, stream):
+        """Relay stream until its body ends, data: [DONE] and the tail
+        after it, an upstream or client failure, or the pump's close;
+        return stream with its outcome fields set."""
+        with self._lock:
+            if self._closed:
+                stream.upstream_error = ConnectionAbortedError("the relay is closing")
+                return stream
+            if self._thread is None:
+                self._start()
+            self._incoming.append(stream)
+        try:
+            self._wake[1].send(b"\0")
+        except BlockingIOError:
+            pass  # wake-ups are already waiting to be read
+        stream.finished.wait()
+        return stream
+
+    def close(self):
+        """Stop the thread; streams still in it end with an upstream error."""
+        with self._lock:
+            self._closed = True
+            if self._thread is None:
+                return
+        try:
+            self._wake[1].send(b"\0")
+        except OSError:
+            pass
+
+    def _start(self):
+        self._selector = selectors.DefaultSelector()
+        self._wake = socket.socketpair()
+        for end in self._wake:
+            end.setblocking(False)
+        self._selector.register(self._wake[0], selectors.EVENT_READ, None)
+        self._thread = threading.Thread(target=self._run, name="llm-relay-stream-pump")
+        self._thread.daemon = True
+        self._thread.start()
+
+    # -- the loop ------------------------------------------------------------
+
+    def _run(self):
+        try:
+            while self._serve_events():
+                pass
+        except Exception:  # a bug here must not leave handlers waiting forever
+            logger.error("the stream pump failed", exc_info=True)
+        finally:
+            with self._lock:
+                self._closed = True
+                left = list(self._streams) + self._incoming
+                del self._incoming[:]
+            for stream in left:
+                if stream.upstream_error is None:
+                    stream.upstream_error = ConnectionAbortedError("the relay is closing")
+                self._finish(stream)
+            self._selector.close()
+            for end in self._wake:
+                end.close()
+
+    def _serve_events(self):
+        """Wait for what the streams' sockets bring and handle it; return
+        False when the pump is closing."""
+        timeout = PUMP_SWEEP_SECONDS if self._streams else None
+        for key, events in self._selector.select(timeout):
+            stream = key.data
+            if stream is None:
+                if not self._take_incoming():
+                    return False
+            elif events & selectors.EVENT_WRITE:
+                self._send_output(stream)
+            else:
+                self._read_upstream(stream)
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + PUMP_SWEEP_SECONDS
+            self._sweep(now)
+        return True
+
+    def _take_incoming(self):
+        try:
+            while self._wake[0].recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+            closed = self._closed
+        for stream in incoming:
+            self._streams.add(stream)
+            self._selector.register(stream.upstream_sock, selectors.EVENT_READ, stream)
+            self._relay_arrived(stream)  # what came with the response head
+        return not closed
+
+    def _read_upstream(self, stream):
+        try:
+            data = stream.upstream_sock.recv(COPY_BLOCK_BYTES, PUMP_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            return self._upstream_failed(stream, error)
+        if data:
+            stream.source.add(data)
+        else:
+            stream.source.ended = True
+        if not stream.forward.done:
+            stream.deadline = time.monotonic() + stream.read_timeout
+        self._relay_arrived(stream)
+
+    def _relay_arrived(self, stream):
+        """Decode the body bytes that arrived and send their whole lines."""
+        if stream.tracked.client_gone:
+            return self._end(stream)  # housekeeping shut the upstream socket
+        data, error = self._decoded(stream.body)
+        ended = stream.body.complete
+        if stream.forward.done:
+            return self._take_tail(stream, data, ended, error)
+        if data:
+            runs, stream.pending = split_runs(
+                stream.pending + data if stream.pending else data, MAX_SSE_LINE_BYTES)
+        else:
+            runs = []
+        if ended and stream.pending:
+            runs.append(stream.pending)
+            stream.pending = b""
+        out = []
+        forward = stream.forward
+        for index, run in enumerate(runs):
+            out.append(forward.take(run))
+            if forward.done:
+                tail = b"".join([forward.rest] + runs[index + 1:] + [stream.pending])
+                stream.pending = b""
+                stream.deadline = time.monotonic() + DONE_TAIL_SECONDS
+                self._send(stream, b"".join(out))
+                return self._take_tail(stream, tail, ended, error)
+        if out:
+            self._send(stream, out[0] if len(out) == 1 else b"".join(out))
+        if error is not None:
+            self._upstream_failed(stream, error)  # after the lines before it
+        elif ended:
+            stream.tail_complete = not stream.source.held()
+            self._end(stream)
+
+    def _upstream_failed(self, stream, error):
+        """The upstream side failed: an error for the client, unless the
+        stream had ended with data: [DONE] (then its connection is closed,
+        not reused, as after a tail that did not end)."""
+        if stream.forward.done:
+            stream.tail_complete = False
+        else:
+            stream.upstream_error = error
+        self._end(stream)
+
+    @staticmethod
+    def _decoded(body):
+        """Return (the body bytes that can be decoded now, b"" for none;
+        the exception that stopped the decoding after them, or None):
+        broken framing, a cut, read by BodyReader as a thread would."""
+        pieces = []
+        error = None
+        while not body.complete:
+            try:
+                piece = body.read_without_waiting(COPY_BLOCK_BYTES)
+            except Exception as failure:
+                error = failure
+                break
+            if not piece:
+                break
+            pieces.append(piece)
+        return (pieces[0] if len(pieces) == 1 else b"".join(pieces)), error
+
+    def _take_tail(self, stream, data, ended, error=None):
+        """After data: [DONE] only blank lines and the body's end may come;
+        anything else cuts the connection (see _read_tail_after_done)."""
+        if data.strip(b"\r\n") or error is not None:
+            stream.tail_complete = False
+            return self._end(stream)
+        if ended:
+            stream.tail_complete = not stream.source.held()
+            return self._end(stream)
+        if stream.source.ended:  # closed without ending the body
+            return self._end(stream)
+
+    def _send(self, stream, data):
+        """Send data to the client now, or keep what it does not take and
+        stop reading its upstream until it does."""
+        if stream.client_error is not None:
+            return
+        try:
+            sent = stream.client_sock.send(data, PUMP_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as error:
+            stream.client_error = error
+            return self._finish(stream)
+        if sent == len(data):
+            return
+        stream.output = data[sent:]
+        stream.deadline = time.monotonic() + stream.client_timeout
+        self._selector.unregister(stream.upstream_sock)
+        self._selector.register(stream.client_sock, selectors.EVENT_WRITE, stream)
+
+    def _send_output(self, stream):
+        """The client can take more of what it was sent."""
+        data, stream.output = stream.output, b""
+        try:
+            sent = stream.client_sock.send(data, PUMP_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as error:
+            stream.client_error = error
+            return self._finish(stream)
+        now = time.monotonic()
+        if sent < len(data):
+            stream.output = data[sent:]
+            if sent:
+                stream.deadline = now + stream.client_timeout
+            return
+        self._selector.unregister(stream.client_sock)
+        if stream.ending:
+            return self._finish(stream)
+        self._selector.register(stream.upstream_sock, selectors.EVENT_READ, stream)
+        stream.deadline = now + (DONE_TAIL_SECONDS if stream.forward.done
+                                 else stream.read_timeout)
+
+    def _sweep(self, now):
+        """End the streams whose deadline passed: a client that took
+        nothing for client_timeout, an upstream silent for read_timeout, a
+        body not ended DONE_TAIL_SECONDS after data: [DONE]."""
+        for stream in [stream for stream in self._streams if stream.deadline <= now]:
+            if stream.output:
+                stream.client_error = socket.timeout("timed out")
+                self._finish(stream)
+            elif stream.forward.done:
+                stream.tail_complete = False
+                self._end(stream)
+            else:
+                stream.upstream_error = socket.timeout("timed out")
+                self._end(stream)
+
+    def _end(self, stream):
+        """The pump is done with the upstream: finish once the client has
+        taken what it was sent."""
+        if stream.output and stream.client_error is None:
+            stream.ending = True
+        else:
+            self._finish(stream)
+
+    def _finish(self, stream):
+        if stream not in self._streams:
+            stream.finished.set()  # never registered: the pump is closing
+            return
+        self._streams.discard(stream)
+        for sock in (stream.upstream_sock, stream.client_sock):
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+        stream.finished.set()
 
 
 ###############################################################################
@@ -6471,64 +6966,80 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         data: [DONE] ends the client's response; the upstream's connection
         is pooled first if its body ends within DONE_TAIL_SECONDS.  An upstream
         failure after the status line ends the stream with a final SSE error
-        event (the status cannot change any more).
+        event (the status cannot change any more).  The lines go through
+        the server's StreamPump when both sides are plain TCP, else through
+        this thread.
         """
-        upstream, response = exchange.upstream, exchange.response
+        response = exchange.response
         if not any(name.lower() == "cache-control" for name, _ in headers):
             # No intermediary may cache or hold back a stream.
             headers = headers + [("Cache-Control", "no-cache")]
         writer = self._start_streamed_response(response.status, headers + [
             ("X-Accel-Buffering", "no")])
-        runs = iter_upstream_batches(response, MAX_SSE_LINE_BYTES)
-        last_run = b"\n"
         # A Responses stream is watched even without metrics: its response
         # object goes into the relay's own response.failed event.
         watch = self._stream_watch = StreamWatch(self._protocol) if (
             self.server.config.metrics or self._protocol == PROTOCOL_RESPONSES) else None
-        # Only lines with the watch's marker are parsed (the usage events).
-        marker = watch.marker if watch is not None else None
-        rename = (model_renamer(self._rename_model) if self._rename_model is not None
-                  else None)
-        # The loop runs once per upstream read of every stream: locals, no
-        # method calls.  Each run of whole lines leaves in one write.
-        tracked, send, chunked = self.tracked, writer.send, writer.chunked
+        forward = SseForwarder(writer.chunked, watch=watch, rename=(
+            model_renamer(self._rename_model) if self._rename_model is not None
+            else None))
         try:
-            while True:
-                try:
-                    run = next(runs, None)
-                except Exception as error:
-                    return self._end_stream_with_error(
-                        upstream, error, last_line_of(last_run), writer)
-                if tracked.client_gone:
-                    raise ClientDisconnected()  # also at a close-delimited end
-                if run is None:
-                    break
-                last_run = run
-                if rename is not None and b'"model"' in run:
-                    run = b"".join(rename(line) for line in run.splitlines(True))
-                done = b"[DONE]" in run and split_at_done(run)
-                if done:
-                    run, rest, done_line = done
-                    run += event_boundary(done_line)
-                send(b"%x\r\n%s\r\n" % (len(run), run) if chunked else run)
-                if marker is not None and marker in run:
-                    for line in run.splitlines(True):
-                        if marker in line:
-                            watch.see(line)
-                if done:
-                    # Pool before the last client write: an upstream ends its
-                    # body right after [DONE], and a client that sends its
-                    # next request on seeing the end must find the connection
-                    # idle.  One that keeps the stream open delays the end by
-                    # DONE_TAIL_SECONDS at most, and is closed.
-                    exchange.release(self._read_tail_after_done(
-                        itertools.chain((rest,), runs), exchange.sock))
-                    writer.finish()
-                    return
+            if can_pump(exchange.sock, response, self.connection):
+                self._pump_stream(exchange, forward, writer)
+            else:
+                self._relay_stream_here(exchange, forward, writer)
         finally:
             if watch is not None and watch.usage and self.server.config.metrics:
                 self.server.metrics.add_usage(self._model_asked, watch.usage,
                                               self._protocol, self._key_name())
+
+    def _pump_stream(self, exchange, forward, writer):
+        """Relay the stream in the server's StreamPump (see there), then end
+        the response here as _relay_stream_here does."""
+        response = exchange.response
+        held = source_holds(response.fp)
+        stream = self.server.stream_pump.relay(PumpedStream(
+            exchange.sock, self.connection, response.body_reader,
+            response.fp.read(held) if held else b"", forward, self.tracked,
+            exchange.upstream.read_timeout, self.server.config.client_timeout))
+        if self.tracked.client_gone:
+            raise ClientDisconnected()
+        if stream.client_error is not None:
+            raise stream.client_error
+        if stream.upstream_error is not None:
+            return self._end_stream_with_error(
+                exchange.upstream, stream.upstream_error,
+                last_line_of(forward.last_run), writer)
+        if forward.done and not stream.tail_complete:
+            self.log_fields["note"] = "upstream did not end its body after [DONE]"
+        exchange.release(stream.tail_complete)
+        writer.finish()
+
+    def _relay_stream_here(self, exchange, forward, writer):
+        """Relay the stream in this thread: TLS on either side, Windows."""
+        runs = iter_upstream_batches(exchange.response, MAX_SSE_LINE_BYTES)
+        tracked, send = self.tracked, writer.send
+        while True:
+            try:
+                run = next(runs, None)
+            except Exception as error:
+                return self._end_stream_with_error(
+                    exchange.upstream, error, last_line_of(forward.last_run), writer)
+            if tracked.client_gone:
+                raise ClientDisconnected()  # also at a close-delimited end
+            if run is None:
+                break
+            send(forward.take(run))
+            if forward.done:
+                # Pool before the last client write: an upstream ends its
+                # body right after [DONE], and a client that sends its
+                # next request on seeing the end must find the connection
+                # idle.  One that keeps the stream open delays the end by
+                # DONE_TAIL_SECONDS at most, and is closed.
+                exchange.release(self._read_tail_after_done(
+                    itertools.chain((forward.rest,), runs), exchange.sock))
+                writer.finish()
+                return
         exchange.release(complete=True)
         writer.finish()
 
@@ -6850,6 +7361,7 @@ class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.address_family = (socket.AF_INET6 if ":" in config.listen_host
                                else socket.AF_INET)
         self.pool = UpstreamPool()
+        self.stream_pump = StreamPump()
         self.metrics = Metrics()
         self.ready_timeout = READY_TIMEOUT_SECONDS  # per upstream, /health/ready
         self.access_log = AccessLog()  # main() writes to its handler directly
@@ -7055,6 +7567,7 @@ class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
     def server_close(self):
         self._stop_housekeeping.set()
+        self.stream_pump.close()
         http.server.HTTPServer.server_close(self)
         self.pool.close_all()
 

@@ -1843,6 +1843,13 @@ class RelayTestCase(unittest.TestCase):
         return error
 
 
+def handler_thread_count():
+    """Threads alive, without the stream pump's (it lives as long as its
+    server, like the housekeeping thread)."""
+    return sum(1 for thread in threading.enumerate()
+               if thread.name != "llm-relay-stream-pump")
+
+
 def wait_until(predicate, timeout=WAIT_SECONDS):
     """Poll predicate until it is true or timeout seconds pass; return it."""
     deadline = time.monotonic() + timeout
@@ -2346,7 +2353,7 @@ class StreamingTest(RelayTestCase):
                 stop.wait(0.05)
         self.upstream.behaviour = endless
         self.start_relay()
-        threads_before = threading.active_count()
+        threads_before = handler_thread_count()
         sock = socket.create_connection(("127.0.0.1", self.relay.port))
         body = b'{"model":"m","stream":true}'
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
@@ -2358,9 +2365,9 @@ class StreamingTest(RelayTestCase):
             sock.close()
             # The upstream sees its connection closed within a second.
             self.assertTrue(self.upstream.connection_closed_event.wait(1.0))
-            wait_until(lambda: threading.active_count() <= threads_before)
+            wait_until(lambda: handler_thread_count() <= threads_before)
             self.wait_for_log(logs, "client disconnected")
-        self.assertEqual(threading.active_count(), threads_before)
+        self.assertEqual(handler_thread_count(), threads_before)
 
     def test_client_leaving_before_the_upstream_answers_closes_the_upstream(self):
         release = threading.Event()
@@ -2417,6 +2424,303 @@ class StreamingTest(RelayTestCase):
                 rest = data[len(kept):]
                 self.assertTrue(rest.startswith(b"data: {\"error\":"), data)
                 self.assertTrue(rest.endswith(b"\n\n") and rest.count(b"\n") == 2, data)
+
+
+# -- Streams side by side: the stream pump and the handler thread -------------
+
+def dechunk(data):
+    """Decode a chunked body without extensions or trailers, independently
+    of the relay's own decoder."""
+    pieces, position = [], 0
+    while True:
+        end = data.index(b"\r\n", position)
+        size = int(data[position:end], 16)
+        if not size:
+            return b"".join(pieces)
+        pieces.append(data[end + 2:end + 2 + size])
+        position = end + 2 + size + 2
+
+
+def read_raw_response(sock):
+    """Read a chunked response to its last chunk; return (head, body)."""
+    data = b""
+    while not data.endswith(b"\r\n0\r\n\r\n"):
+        more = sock.recv(65536)
+        if not more:
+            break
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, dechunk(body)
+
+
+class StreamRelayTest(RelayTestCase):
+    """Streams relayed side by side, each whole and none held up by another.
+    They go through the stream pump here, and through their handler thread
+    in StreamRelayInHandlerThreadTest."""
+
+    def post_stream(self, sock, body):
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def test_a_client_that_does_not_read_holds_up_only_its_own_stream(self):
+        big_events = [b"data: %03d %s\n\n" % (number, b"x" * 65000)
+                      for number in range(100)]  # 6.5 MB: beyond any buffer
+        small_events = [b"data: %d\n\n" % number for number in range(5)]
+
+        def answer(handler, recorded):
+            start_chunked(handler)
+            slow = recorded.json().get("user") == "slow"
+            for event in big_events if slow else small_events:
+                write_chunk(handler, event)
+            end_chunks(handler)
+        self.upstream.behaviour = answer
+        self.start_relay()
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.settimeout(WAIT_SECONDS)
+        slow.connect(("127.0.0.1", self.relay.port))
+        self.addCleanup(slow.close)
+        self.post_stream(slow, b'{"model":"m","stream":true,"user":"slow"}')
+        first = slow.recv(12)
+        self.assertEqual(first, b"HTTP/1.1 200")
+        # While that client reads nothing more, other streams go through.
+        for _ in range(3):
+            status, _, data = self.chat({"model": "m", "stream": True})
+            self.assert_ok(status, data)
+            self.assertEqual(data, b"".join(small_events))
+        # Then the first client reads its stream, whole and in order.
+        head, body = read_raw_response(slow)
+        self.assertIn(b"Transfer-Encoding: chunked", head)
+        self.assertEqual(body, b"".join(big_events))
+
+    def test_concurrent_streams_each_get_exactly_their_own_events(self):
+        def answer(handler, recorded):
+            start_chunked(handler)
+            user = recorded.json()["user"].encode()
+            for number in range(20):
+                write_chunk(handler, b"data: %s %d\n\n" % (user, number))
+                time.sleep(0.001)  # the streams' events interleave
+            write_chunk(handler, b"data: [DONE]\n\n")
+            end_chunks(handler)
+        self.upstream.behaviour = answer
+        self.start_relay()
+        results = {}
+
+        def client(user):
+            connection = http.client.HTTPConnection("127.0.0.1", self.relay.port,
+                                                    timeout=WAIT_SECONDS)
+            try:
+                for _ in range(2):  # the second on the same connection
+                    connection.request("POST", "/v1/chat/completions", body=json.dumps(
+                        {"model": "m", "stream": True, "user": user}))
+                    response = connection.getresponse()
+                    results.setdefault(user, []).append(response.read())
+            finally:
+                connection.close()
+        users = ["user%d" % number for number in range(16)]
+        threads = [threading.Thread(target=client, args=(user,)) for user in users]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT_SECONDS)
+        for user in users:
+            expected = b"".join([b"data: %s %d\n\n" % (user.encode(), number)
+                                 for number in range(20)] + [b"data: [DONE]\n\n"])
+            self.assertEqual(results.get(user), [expected, expected], user)
+
+    def test_an_upstream_silent_mid_stream_ends_it_after_read_timeout(self):
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        def silent_after_one(handler, recorded):
+            start_chunked(handler)
+            write_chunk(handler, b"data: 1\n\n")
+            say_nothing_until_hang_up(handler, release)
+        self.upstream.behaviour = silent_after_one
+        self.start_relay(read_timeout=0.3)
+        status, _, data = self.chat({"model": "m", "stream": True})
+        self.assert_ok(status, data)
+        first, error_event = data.split(b"\n\n")[:2]
+        self.assertEqual(first, b"data: 1")
+        error = json.loads(error_event[len(b"data: "):].decode())["error"]
+        self.assertIn("sent nothing for read_timeout = 0.3 s mid-stream",
+                      error["message"])
+        status, _, data = self.chat({"model": "m"})  # the relay keeps serving
+        self.assert_ok(status, data)
+
+
+def relay_streams_in_the_handler_thread(test):
+    """Make test's relays stream in their handler threads, as they do where
+    the stream pump cannot take a stream (TLS, Windows)."""
+    saved = llm_relay.can_pump
+    llm_relay.can_pump = lambda upstream_sock, response, client_sock: False
+    test.addCleanup(setattr, llm_relay, "can_pump", saved)
+
+
+class StreamRelayInHandlerThreadTest(StreamRelayTest):
+
+    def setUp(self):
+        StreamRelayTest.setUp(self)
+        relay_streams_in_the_handler_thread(self)
+
+
+class StreamingInHandlerThreadTest(StreamingTest):
+
+    def setUp(self):
+        StreamingTest.setUp(self)
+        relay_streams_in_the_handler_thread(self)
+
+
+class StreamPumpTest(RelayTestCase):
+
+    def test_the_pump_thread_starts_with_the_first_stream_and_ends_with_its_server(self):
+        self.start_relay()
+        self.assertIsNone(self.relay.stream_pump._thread)
+        self.chat({"model": "m"})
+        self.assertIsNone(self.relay.stream_pump._thread)  # no stream yet
+        status, _, data = self.chat({"model": "m", "stream": True})
+        self.assertEqual(data, b"".join(sse_events(3, "m")))
+        thread = self.relay.stream_pump._thread
+        self.assertTrue(thread.is_alive())
+        self.relay.server_close()
+        thread.join(WAIT_SECONDS)
+        self.assertFalse(thread.is_alive())
+
+
+class ArrivedBytesDecodingTest(unittest.TestCase):
+    """The stream pump decodes the bytes that arrived with a BodyReader over
+    ArrivedBytes, read_without_waiting: however they are split, it must
+    give what a BodyReader over a file gives."""
+
+    BODIES = (
+        # (raw body, Content-Length, chunked)
+        (b"5\r\nhello\r\n6;name=value\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n", None, True),
+        (b"1\r\na\r\n0\r\n\r\n", None, True),
+        (b"hello world", 11, False),
+        (b"hello world", None, False),  # until the close
+    )
+
+    def decode_from_file(self, raw, length, chunked):
+        """Return (body, exception type or None) as a thread reads it."""
+        body = llm_relay.BodyReader(io.BufferedReader(io.BytesIO(raw)), length, chunked)
+        pieces = []
+        try:
+            while True:
+                piece = body.read(7)
+                if not piece:
+                    return b"".join(pieces), None
+                pieces.append(piece)
+        except Exception as error:
+            return b"".join(pieces), type(error)
+
+    def decode_arriving(self, pieces, length, chunked):
+        """Return (body, exception type or None) for pieces arriving one by
+        one and then the close, as the stream pump reads them."""
+        source = llm_relay.ArrivedBytes()
+        body = llm_relay.BodyReader(source, length, chunked)
+        decoded = []
+        try:
+            for piece in list(pieces) + [None]:
+                if piece is None:
+                    source.ended = True
+                else:
+                    source.add(piece)
+                while not body.complete:
+                    data = body.read_without_waiting(7)
+                    if not data:
+                        break
+                    decoded.append(data)
+        except Exception as error:
+            return b"".join(decoded), type(error)
+        return b"".join(decoded), None
+
+    def check_every_split(self, raw, length, chunked):
+        expected = self.decode_from_file(raw, length, chunked)
+        for first in range(len(raw) + 1):
+            for second in range(first, len(raw) + 1):
+                pieces = (raw[:first], raw[first:second], raw[second:])
+                self.assertEqual(self.decode_arriving(pieces, length, chunked),
+                                 expected, pieces)
+        byte_by_byte = [raw[index:index + 1] for index in range(len(raw))]
+        self.assertEqual(self.decode_arriving(byte_by_byte, length, chunked), expected)
+        return expected
+
+    def test_whole_bodies_decode_alike_however_they_arrive(self):
+        for raw, length, chunked in self.BODIES:
+            with self.subTest(raw=raw):
+                body, error = self.check_every_split(raw, length, chunked)
+                self.assertIsNone(error)
+                self.assertEqual(body, b"hello world" if len(body) > 1 else b"a")
+
+    def test_broken_and_cut_bodies_fail_alike_however_they_arrive(self):
+        for raw, length, chunked, error in (
+                (b"5\r\nhello\r\nzz\r\n", None, True, llm_relay.BadMessage),
+                (b"5\r\nhelloXX6\r\n", None, True, llm_relay.BadMessage),
+                (b"5\r\nhello\r\n6\r\n wo", None, True, llm_relay.MessageCutShort),
+                (b"5\r\nhello\r\n0\r\nbad trailer\r\n\r\n", None, True,
+                 llm_relay.BadMessage),
+                (b"hello", 11, False, llm_relay.MessageCutShort)):
+            with self.subTest(raw=raw):
+                self.assertEqual(self.check_every_split(raw, length, chunked)[1], error)
+
+    def test_a_read_that_waits_for_bytes_leaves_everything_as_it_was(self):
+        source = llm_relay.ArrivedBytes(b"5\r\nhel")
+        body = llm_relay.BodyReader(source, None, True)
+        self.assertEqual(body.read_without_waiting(100), b"hel")
+        self.assertIsNone(body.read_without_waiting(100))
+        source.add(b"lo\r")
+        self.assertEqual(body.read_without_waiting(100), b"lo")
+        self.assertIsNone(body.read_without_waiting(100))  # CR of the CRLF only
+        self.assertEqual(source.held(), 1)
+        source.add(b"\n0\r\n\r\n")
+        self.assertEqual(body.read_without_waiting(100), b"")
+        self.assertTrue(body.complete)
+        self.assertEqual(body.total, 5)
+
+
+class SseForwardingTest(unittest.TestCase):
+
+    def test_split_runs_sends_whole_lines_and_keeps_the_partial_one(self):
+        for data in (b"a\nb\n", b"a\nb", b"abc", b"", b"a\n" + b"x" * 25,
+                     b"x" * 30 + b"\n", b"\n\n\n"):
+            with self.subTest(data=data):
+                runs, pending = llm_relay.split_runs(data, 10)
+                self.assertEqual(b"".join(runs) + pending, data)
+                self.assertLess(len(pending), 10)
+                self.assertFalse(b"\n" in pending)
+                whole = [run for run in runs if run.endswith(b"\n")]
+                self.assertLessEqual(len(whole), 1)  # one run, one write
+                for run in runs:
+                    self.assertTrue(run.endswith(b"\n") or len(run) == 10, run)
+
+    def test_the_forwarder_frames_each_run_as_one_chunk(self):
+        forward = llm_relay.SseForwarder(chunked=True)
+        self.assertEqual(forward.take(b"data: 1\n\n"), b"9\r\ndata: 1\n\n\r\n")
+        self.assertFalse(forward.done)
+        plain = llm_relay.SseForwarder(chunked=False)
+        self.assertEqual(plain.take(b"data: 1\n\n"), b"data: 1\n\n")
+
+    def test_the_forwarder_ends_at_done_and_keeps_what_followed(self):
+        forward = llm_relay.SseForwarder(chunked=False)
+        self.assertEqual(forward.take(b"data: 1\n\ndata: [DONE]\n\nx\n"),
+                         b"data: 1\n\ndata: [DONE]\n\n")
+        self.assertTrue(forward.done)
+        self.assertEqual(forward.rest, b"\nx\n")  # the blank line ends [DONE]
+        self.assertEqual(forward.last_run, b"data: 1\n\ndata: [DONE]\n\nx\n")
+        forward = llm_relay.SseForwarder(chunked=False)
+        # The event that [DONE] starts is ended for the client.
+        self.assertEqual(forward.take(b"data: [DONE]\n"), b"data: [DONE]\n\n")
+
+    def test_the_forwarder_renames_the_model_and_shows_usage_to_its_watch(self):
+        watch = llm_relay.StreamWatch(llm_relay.PROTOCOL_CHAT)
+        forward = llm_relay.SseForwarder(
+            chunked=False, rename=llm_relay.model_renamer("asked"), watch=watch)
+        sent = forward.take(b'data: {"model":"real","choices":[]}\n\n'
+                            b'data: {"model":"real","choices":[],"usage":'
+                            b'{"prompt_tokens":3,"completion_tokens":4}}\n\n')
+        self.assertEqual(sent.count(b'"model":"asked"'), 2)
+        self.assertNotIn(b"real", sent)
+        self.assertEqual(watch.usage.get("prompt_tokens"), 3)
 
 
 class HeadersOverHttpTest(RelayTestCase):
