@@ -8109,6 +8109,35 @@ class HotPathHelpersTest(unittest.TestCase):
                          ("INFO", "request", "m"))
         self.assertRegex(entry["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
+    def test_a_line_ready_during_a_write_leaves_with_the_writer_not_after_a_wait(self):
+        writing, finish_writing = threading.Event(), threading.Event()
+
+        class SlowStream(io.StringIO):
+            def write(self, text):  # the first write blocks until told
+                if not writing.is_set():
+                    writing.set()
+                    finish_writing.wait(WAIT_SECONDS)
+                return io.StringIO.write(self, text)
+
+        stream = SlowStream()
+        access_log = llm_relay.AccessLog(logging.StreamHandler(stream), "text")
+        first = threading.Thread(target=access_log.write,
+                                 args=(self.access(path="/first"),))
+        first.start()
+        self.assertTrue(writing.wait(WAIT_SECONDS))
+        second = threading.Thread(target=access_log.write,
+                                  args=(self.access(path="/second"),))
+        second.start()
+        second.join(WAIT_SECONDS)
+        self.assertFalse(second.is_alive())  # it did not wait for the write
+        self.assertEqual(stream.getvalue(), "")
+        finish_writing.set()
+        first.join(WAIT_SECONDS)
+        lines = stream.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        self.assertIn(" POST /first 200 ", lines[0])
+        self.assertIn(" POST /second 200 ", lines[1])
+
     def test_without_a_handler_the_line_is_a_logging_record(self):
         with self.assertLogs("llm_relay", "INFO") as logs:
             llm_relay.AccessLog().write(self.access())
