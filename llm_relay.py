@@ -7320,12 +7320,29 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
 #   housekeeping sets client_gone and shuts the upstream socket, so the
 #   upstream stops generating; the end of a drain's grace sets aborted.  The
 #   handler checks both flags before it writes to the client.
+#
+# The transitions take no lock, but for one: a request passed through five
+# of them, and the server's lock in each was five acquisitions per request
+# for nothing (none was ever contended).  One attribute write is atomic
+# under the interpreter lock, and every thread sees writes in the order
+# they were made; that order keeps the other threads' reads right:
+# - A new deadline is written before the phase it belongs to, so
+#   housekeeping (which reads the phase first) never sees an idle or
+#   reading connection with the deadline of its previous request.
+# - wait_for_request marks the connection idle before it looks at draining;
+#   drain sets draining before it looks for idle connections.  So one of
+#   them always sees the other: the handler stops, or drain shuts the idle
+#   socket's reading side, or both.
+# - watch(None) takes the connection's own lock, as client_left does: once
+#   it has returned, housekeeping can no longer shut down that upstream
+#   socket, which may go back to the pool for another request.
 
 PHASE_IDLE, PHASE_READING, PHASE_BUSY = "idle", "reading", "busy"
 
 
 class TrackedConnection(object):
-    """What the server knows of one client connection, guarded by its lock.
+    """What the server knows of one client connection (see the comment
+    above for who writes what, and in which order).
 
     phase is idle, reading or busy (see the diagram above) and deadline the
     monotonic time by which an idle or reading client must have sent its
@@ -7335,7 +7352,7 @@ class TrackedConnection(object):
     """
 
     __slots__ = ("sock", "phase", "deadline", "upstream_sock", "client_gone",
-                 "aborted", "_server")
+                 "aborted", "_server", "_lock")
 
     def __init__(self, sock, server):
         self.sock = sock
@@ -7345,33 +7362,40 @@ class TrackedConnection(object):
         self.upstream_sock = None
         self.client_gone = False
         self.aborted = False  # cut by the end of the shutdown grace
+        self._lock = threading.Lock()  # upstream_sock: watch(None), client_left
 
     def wait_for_request(self):
         """Start waiting for a request; False when draining (stop serving)."""
         server = self._server
-        with server._lock:
-            if server.draining:
-                return False
-            self.phase = PHASE_IDLE
-            self.deadline = time.monotonic() + server.config.client_timeout
-            return True
+        self.deadline = time.monotonic() + server.config.client_timeout
+        self.phase = PHASE_IDLE
+        return not server.draining  # only now: see drain
 
     def request_started(self):
         """A request line arrived: its headers and body get client_timeout."""
-        with self._server._lock:
-            self.phase = PHASE_READING
-            self.deadline = time.monotonic() + self._server.config.client_timeout
+        self.deadline = time.monotonic() + self._server.config.client_timeout
+        self.phase = PHASE_READING
 
     def request_read(self):
         """The whole request has arrived: stop its client_timeout deadline."""
-        with self._server._lock:
-            self.phase = PHASE_BUSY
+        self.phase = PHASE_BUSY
 
     def watch(self, upstream_sock):
         """While upstream_sock is set, a client disconnect shuts it down, so
         the upstream stops generating (None: stop watching)."""
-        with self._server._lock:
+        if upstream_sock is not None:
             self.upstream_sock = upstream_sock
+            return
+        with self._lock:  # waits for a client_left under way
+            self.upstream_sock = None
+
+    def client_left(self):
+        """The client has hung up: mark it gone and shut down the upstream
+        socket being watched, if any, so the upstream stops generating."""
+        with self._lock:
+            if self.upstream_sock is not None:
+                self.client_gone = True
+                shutdown_socket(self.upstream_sock)
 
 
 class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -7536,11 +7560,7 @@ class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             return
         for sock in readable_sockets(list(watched)):
             if is_peer_closed(sock):
-                tracked = watched[sock]
-                with self._lock:
-                    if tracked.upstream_sock is not None:
-                        tracked.client_gone = True
-                        shutdown_socket(tracked.upstream_sock)
+                watched[sock].client_left()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -7556,7 +7576,7 @@ class RelayServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         with self._lock:
             if not self._grace_ended:  # a second signal may already have come
                 self._grace_deadline = time.monotonic() + grace_seconds
-            self.draining = True
+            self.draining = True  # before the look at phases: see wait_for_request
             for tracked in self._connections:
                 if tracked.phase == PHASE_IDLE:
                     shutdown_socket(tracked.sock, socket.SHUT_RD)

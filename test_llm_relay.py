@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import unittest
 
 import llm_relay
@@ -3551,6 +3552,53 @@ class LifecycleTest(RelayTestCase):
         self.assertIsNotNone(relay.wait_for_line("restart", seen))
         relay.process.send_signal(signal.SIGTERM)
         self.assertEqual(relay.process.wait(WAIT_SECONDS), 0)
+
+
+class TrackedConnectionTest(unittest.TestCase):
+    """The transitions a handler thread makes without a lock, and the one
+    that takes the connection's lock (see the comment above
+    TrackedConnection)."""
+
+    def setUp(self):
+        self.server = types.SimpleNamespace(
+            draining=False, config=types.SimpleNamespace(client_timeout=60.0))
+        self.client, client_peer = socket.socketpair()
+        self.upstream, self.upstream_peer = socket.socketpair()
+        for sock in (self.client, client_peer, self.upstream, self.upstream_peer):
+            self.addCleanup(sock.close)
+        self.upstream_peer.settimeout(WAIT_SECONDS)
+        self.tracked = llm_relay.TrackedConnection(self.client, self.server)
+
+    def test_each_waiting_phase_gets_a_new_deadline(self):
+        for transition, phase in ((self.tracked.wait_for_request, llm_relay.PHASE_IDLE),
+                                  (self.tracked.request_started,
+                                   llm_relay.PHASE_READING)):
+            with self.subTest(phase=phase):
+                earliest = time.monotonic() + 60.0
+                transition()
+                self.assertEqual(self.tracked.phase, phase)
+                self.assertGreaterEqual(self.tracked.deadline, earliest)
+        self.tracked.request_read()
+        self.assertEqual(self.tracked.phase, llm_relay.PHASE_BUSY)
+
+    def test_a_draining_server_serves_no_further_request(self):
+        self.assertTrue(self.tracked.wait_for_request())
+        self.server.draining = True
+        self.assertFalse(self.tracked.wait_for_request())
+
+    def test_a_client_leaving_shuts_the_watched_upstream_socket(self):
+        self.tracked.watch(self.upstream)
+        self.tracked.client_left()
+        self.assertTrue(self.tracked.client_gone)
+        self.assertEqual(self.upstream_peer.recv(1), b"")
+
+    def test_an_upstream_socket_no_longer_watched_is_left_alone(self):
+        self.tracked.watch(self.upstream)
+        self.tracked.watch(None)
+        self.tracked.client_left()
+        self.assertFalse(self.tracked.client_gone)
+        self.upstream.sendall(b"x")
+        self.assertEqual(self.upstream_peer.recv(1), b"x")
 
 
 class ReloadOnChangeTest(RelayTestCase):
