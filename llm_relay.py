@@ -4608,15 +4608,16 @@ class PumpedStream(object):
     SseForwarder), tracked (the client's TrackedConnection), read_timeout
     and client_timeout (seconds).  Set by the pump before finished is set:
     upstream_error (what cut the upstream side), client_error (what failed
-    a send) and tail_complete (after data: [DONE], whether the upstream
+    a send), tail_complete (after data: [DONE], whether the upstream
     ended its body cleanly within DONE_TAIL_SECONDS, so its connection can
-    be reused).
+    be reused) and failure (an unexpected exception of this stream's work,
+    for its handler to raise, as a thread relaying it would have).
     """
 
     __slots__ = ("upstream_sock", "client_sock", "body", "source", "forward",
                  "tracked", "read_timeout", "client_timeout", "pending",
                  "output", "ending", "deadline", "upstream_error",
-                 "client_error", "tail_complete", "finished")
+                 "client_error", "tail_complete", "failure", "finished")
 
     def __init__(self, upstream_sock, client_sock, body, held, forward, tracked,
                  read_timeout, client_timeout):
@@ -4636,6 +4637,7 @@ class PumpedStream(object):
         self.upstream_error = None
         self.client_error = None
         self.tail_complete = False
+        self.failure = None
         self.finished = threading.Event()
 
 
@@ -4750,10 +4752,14 @@ class StreamPump(object):
             if stream is None:
                 if not self._take_incoming():
                     return False
-            elif events & selectors.EVENT_WRITE:
-                self._send_output(stream)
-            else:
-                self._read_upstream(stream)
+                continue
+            try:
+                if events & selectors.EVENT_WRITE:
+                    self._send_output(stream)
+                else:
+                    self._read_upstream(stream)
+            except Exception as error:
+                self._fail(stream, error)
         now = time.monotonic()
         if now >= self._next_sweep:
             self._next_sweep = now + PUMP_SWEEP_SECONDS
@@ -4771,9 +4777,20 @@ class StreamPump(object):
             closed = self._closed
         for stream in incoming:
             self._streams.add(stream)
-            self._selector.register(stream.upstream_sock, selectors.EVENT_READ, stream)
-            self._relay_arrived(stream)  # what came with the response head
+            try:
+                self._selector.register(stream.upstream_sock, selectors.EVENT_READ,
+                                        stream)
+                self._relay_arrived(stream)  # what came with the response head
+            except Exception as error:
+                self._fail(stream, error)
         return not closed
+
+    def _fail(self, stream, error):
+        """An unexpected exception in one stream's work (a bug, or input
+        that breaks a parser, such as a usage event nested too deep for
+        json) ends that stream only: the pump goes on with the others."""
+        stream.failure = error
+        self._finish(stream)
 
     def _read_upstream(self, stream):
         try:
@@ -7034,6 +7051,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             exchange.upstream.read_timeout, self.server.config.client_timeout))
         if self.tracked.client_gone:
             raise ClientDisconnected()
+        if stream.failure is not None:
+            raise stream.failure  # unexpected: as if raised in this thread
         if stream.client_error is not None:
             raise stream.client_error
         if stream.upstream_error is not None:

@@ -2529,6 +2529,40 @@ class StreamRelayTest(RelayTestCase):
                                  for number in range(20)] + [b"data: [DONE]\n\n"])
             self.assertEqual(results.get(user), [expected, expected], user)
 
+    def test_an_event_that_breaks_the_relay_fails_only_its_own_stream(self):
+        # json raises RecursionError, not ValueError, for a usage event nested
+        # this deep: unexpected, so the stream ends as after any internal
+        # error (the connection closes), and later streams are relayed.
+        deep = (b'data: {"usage":{"prompt_tokens":1},"x":' + b"[" * 50000 +
+                b"]" * 50000 + b"}\n\n")
+
+        def answer(handler, recorded):
+            start_chunked(handler)
+            if recorded.json().get("user") == "deep":
+                write_chunk(handler, deep)
+            write_chunk(handler, b"data: 1\n\ndata: [DONE]\n\n")
+            end_chunks(handler)
+        self.upstream.behaviour = answer
+        self.start_relay(metrics=True)
+        sock = socket.create_connection(("127.0.0.1", self.relay.port),
+                                        timeout=WAIT_SECONDS)
+        self.addCleanup(sock.close)
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            self.post_stream(sock, b'{"model":"m","stream":true,"user":"deep"}')
+            reply = b""
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                reply += data
+            self.wait_for_log(logs, "internal error: RecursionError")
+        self.assert_status_line(reply, 200)
+        self.assertEqual(reply.partition(b"\r\n\r\n")[2], b"")  # the head only
+        for _ in range(2):
+            status, _, data = self.chat({"model": "m", "stream": True})
+            self.assert_ok(status, data)
+            self.assertEqual(data, b"data: 1\n\ndata: [DONE]\n\n")
+
     def test_an_upstream_silent_mid_stream_ends_it_after_read_timeout(self):
         release = threading.Event()
         self.addCleanup(release.set)
