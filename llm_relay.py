@@ -4698,6 +4698,8 @@ class StreamPump(object):
             self._wake[1].send(b"\0")
         except BlockingIOError:
             pass  # wake-ups are already waiting to be read
+        except OSError:
+            pass  # the pump stopped meanwhile: it has ended the stream
         stream.finished.wait()
         return stream
 

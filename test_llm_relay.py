@@ -2621,6 +2621,39 @@ class StreamPumpTest(RelayTestCase):
         thread.join(WAIT_SECONDS)
         self.assertFalse(thread.is_alive())
 
+    def test_a_stream_handed_over_as_the_pump_stops_ends_with_an_error(self):
+        pump = llm_relay.StreamPump()
+        lock = pump._lock
+        test_thread = threading.current_thread()
+
+        class StopOnHandOver(object):
+            """The pump's lock: when relay() lets it go with its stream
+            queued, the pump thread stops (closing its wake-up socket) before
+            relay() goes on to wake it."""
+
+            def __enter__(self):
+                lock.acquire()
+
+            def __exit__(self, *exc_info):
+                lock.release()
+                if pump._incoming and threading.current_thread() is test_thread:
+                    pump._lock = lock  # once
+                    pump.close()
+                    pump._thread.join(WAIT_SECONDS)
+        pump._lock = StopOnHandOver()
+        upstream, upstream_peer = socket.socketpair()
+        client, client_peer = socket.socketpair()
+        for sock in (upstream, upstream_peer, client, client_peer):
+            self.addCleanup(sock.close)
+        tracked = types.SimpleNamespace(client_gone=False)
+        stream = llm_relay.PumpedStream(
+            upstream, client, llm_relay.BodyReader(None, None, True), b"",
+            llm_relay.SseForwarder(True), tracked, WAIT_SECONDS, WAIT_SECONDS)
+        self.assertIs(pump.relay(stream), stream)  # raises nothing
+        self.assertTrue(stream.finished.is_set())
+        self.assertIsInstance(stream.upstream_error, ConnectionAbortedError)
+        self.assertFalse(pump._thread.is_alive())
+
 
 class ArrivedBytesDecodingTest(unittest.TestCase):
     """The stream pump decodes the bytes that arrived with a BodyReader over
