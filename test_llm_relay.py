@@ -2368,7 +2368,8 @@ class StreamingTest(RelayTestCase):
             self.assertTrue(self.upstream.connection_closed_event.wait(1.0))
             wait_until(lambda: handler_thread_count() <= threads_before)
             self.wait_for_log(logs, "client disconnected")
-        self.assertEqual(handler_thread_count(), threads_before)
+        # Fewer is fine: threads of earlier tests may end meanwhile.
+        self.assertLessEqual(handler_thread_count(), threads_before)
 
     def test_client_leaving_before_the_upstream_answers_closes_the_upstream(self):
         release = threading.Event()
