@@ -3146,6 +3146,15 @@ class ArrivedBytes(object):
         """The count of bytes not read yet."""
         return len(self._data) - self._position
 
+    def arrived(self):
+        """Return (the bytes held, the position of the first unread one)."""
+        return self._data, self._position
+
+    def holds_line(self, skip=0):
+        """True when a LF has arrived after the next skip bytes (or the
+        source has ended, so reads no longer wait)."""
+        return self.ended or self._data.find(b"\n", self._position + skip) >= 0
+
     def mark(self):
         return self._position
 
@@ -3250,17 +3259,56 @@ class BodyReader(object):
         given what the old source held unread)."""
         self._source = source
 
+    def read_whole_chunks(self):
+        """Return the data of the chunks that have arrived whole, at the
+        start of a chunked body's next chunk, from ArrivedBytes: the usual
+        case of a stream, where an event is a chunk.  One pass, no
+        exception; it stops at anything else (a chunk not all there, the
+        last chunk, a line it does not take at a glance), which
+        read_without_waiting then reads, and judges, as always."""
+        if not self._chunked or self._left or self.complete:
+            return b""
+        data, start = self._source.arrived()
+        pieces = []
+        crlf_due = self._crlf_due
+        while True:
+            line_start = start + 2 if crlf_due else start
+            if crlf_due and data[start:line_start] != b"\r\n":
+                break
+            end = data.find(b"\n", line_start, line_start + MAX_CHUNK_LINE_BYTES) + 1
+            match = end and _CHUNK_LINE.match(data, line_start, end)
+            if not match:
+                break
+            size = int(match.group(1), 16)
+            if not size or end + size > len(data) or (
+                    self._max_bytes is not None and self.total + size > self._max_bytes):
+                break
+            self.total += size
+            pieces.append(data[end:end + size])
+            start, crlf_due = end + size, True
+        if not pieces:
+            return b""
+        self._crlf_due = True
+        self._source.rewind(start)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
     def read_without_waiting(self, limit):
         """read(limit) from a source that never waits (ArrivedBytes):
         bytes, b"" at the body's end, or None when more bytes must arrive
         first; the framing state and the source are then as before."""
+        source = self._source
+        if not self._left and self._chunked and not self.complete and (
+                not source.holds_line(2 if self._crlf_due else 0)):
+            # The next chunk-size line has not arrived whole: the usual case
+            # after each event, told without trying (and raising).
+            return None
         state = self._left, self._crlf_due, self.total, self.complete
-        mark = self._source.mark()
+        mark = source.mark()
         try:
             return self.read(limit)
         except NeedMoreBytes:
             self._left, self._crlf_due, self.total, self.complete = state
-            self._source.rewind(mark)
+            source.rewind(mark)
             return None
 
     def read_to_end(self, max_bytes):
@@ -4858,7 +4906,7 @@ class StreamPump(object):
         """Return (the body bytes that can be decoded now, b"" for none;
         the exception that stopped the decoding after them, or None):
         broken framing, a cut, read by BodyReader as a thread would."""
-        pieces = []
+        pieces = [body.read_whole_chunks()]
         error = None
         while not body.complete:
             try:
@@ -4869,7 +4917,7 @@ class StreamPump(object):
             if not piece:
                 break
             pieces.append(piece)
-        return (pieces[0] if len(pieces) == 1 else b"".join(pieces)), error
+        return b"".join(pieces), error
 
     def _take_tail(self, stream, data, ended, error=None):
         """After data: [DONE] only blank lines and the body's end may come;

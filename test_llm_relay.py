@@ -2665,6 +2665,7 @@ class ArrivedBytesDecodingTest(unittest.TestCase):
         # (raw body, Content-Length, chunked)
         (b"5\r\nhello\r\n6;name=value\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n", None, True),
         (b"1\r\na\r\n0\r\n\r\n", None, True),
+        (b"3\r\nhel\r\n2\r\nlo\r\n1\r\n \r\n5\r\nworld\r\n0\r\n\r\n", None, True),
         (b"hello world", 11, False),
         (b"hello world", None, False),  # until the close
     )
@@ -2688,19 +2689,15 @@ class ArrivedBytesDecodingTest(unittest.TestCase):
         source = llm_relay.ArrivedBytes()
         body = llm_relay.BodyReader(source, length, chunked)
         decoded = []
-        try:
-            for piece in list(pieces) + [None]:
-                if piece is None:
-                    source.ended = True
-                else:
-                    source.add(piece)
-                while not body.complete:
-                    data = body.read_without_waiting(7)
-                    if not data:
-                        break
-                    decoded.append(data)
-        except Exception as error:
-            return b"".join(decoded), type(error)
+        for piece in list(pieces) + [None]:
+            if piece is None:
+                source.ended = True
+            else:
+                source.add(piece)
+            data, error = llm_relay.StreamPump._decoded(body)
+            decoded.append(data)
+            if error is not None:
+                return b"".join(decoded), type(error)
         return b"".join(decoded), None
 
     def check_every_split(self, raw, length, chunked):
@@ -2725,6 +2722,9 @@ class ArrivedBytesDecodingTest(unittest.TestCase):
         for raw, length, chunked, error in (
                 (b"5\r\nhello\r\nzz\r\n", None, True, llm_relay.BadMessage),
                 (b"5\r\nhelloXX6\r\n", None, True, llm_relay.BadMessage),
+                (b"5\r\nhello\r\n6 ;\r\n world\r\n", None, True, llm_relay.BadMessage),
+                (b"5\r\nhello\r\n" + b"1" * 17 + b"\r\n", None, True,
+                 llm_relay.BadMessage),
                 (b"5\r\nhello\r\n6\r\n wo", None, True, llm_relay.MessageCutShort),
                 (b"5\r\nhello\r\n0\r\nbad trailer\r\n\r\n", None, True,
                  llm_relay.BadMessage),
