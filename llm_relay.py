@@ -4979,8 +4979,15 @@ class StreamPump(object):
         body not ended DONE_TAIL_SECONDS after data: [DONE]."""
         for stream in [stream for stream in self._streams if stream.deadline <= now]:
             if stream.output:
-                stream.client_error = socket.timeout("timed out")
-                self._finish(stream)
+                # The selector tells a client socket writable only once half
+                # of what its send buffer holds has gone, which a client that
+                # reads slowly, but reads, may take longer than
+                # client_timeout to take: a send that goes through is
+                # progress too, as for a thread's blocking send.
+                self._send_output(stream)
+                if stream.output and stream.deadline <= now and stream in self._streams:
+                    stream.client_error = socket.timeout("timed out")
+                    self._finish(stream)
             elif stream.forward.done:
                 stream.tail_complete = False
                 self._end(stream)

@@ -2530,6 +2530,37 @@ class StreamRelayTest(RelayTestCase):
                                  for number in range(20)] + [b"data: [DONE]\n\n"])
             self.assertEqual(results.get(user), [expected, expected], user)
 
+    def test_a_client_that_reads_slowly_is_not_cut_as_one_that_stopped(self):
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+        line = b"data: " + b"x" * 65000 + b"\n\n"
+
+        def flood(handler, recorded):
+            start_chunked(handler)
+            for _ in range(2000):  # at most 130 MB, far beyond socket buffers
+                if stop.is_set():
+                    return
+                write_chunk(handler, line)
+        self.upstream.behaviour = flood
+        self.start_relay(client_timeout=1.0)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(WAIT_SECONDS)
+        sock.connect(("127.0.0.1", self.relay.port))
+        self.addCleanup(sock.close)
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            self.post_stream(sock, b'{"model":"m","stream":true}')
+            started = time.monotonic()
+            # About 100 kB/s, for several times client_timeout: far less
+            # than the relay's send buffer holds, but never a pause.
+            while time.monotonic() - started < 2.5:
+                self.assertTrue(sock.recv(1000))
+                time.sleep(0.01)
+            sock.close()
+            stop.set()
+            self.wait_for_log(logs, "POST /v1/chat/completions 200")
+        self.assertNotIn("client stopped reading", "\n".join(logs.output))
+
     def test_an_event_that_breaks_the_relay_fails_only_its_own_stream(self):
         # json raises RecursionError, not ValueError, for a usage event nested
         # this deep: unexpected, so the stream ends as after any internal
