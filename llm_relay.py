@@ -3150,10 +3150,20 @@ class ArrivedBytes(object):
         """Return (the bytes held, the position of the first unread one)."""
         return self._data, self._position
 
-    def holds_line(self, skip=0):
-        """True when a LF has arrived after the next skip bytes (or the
-        source has ended, so reads no longer wait)."""
-        return self.ended or self._data.find(b"\n", self._position + skip) >= 0
+    def holds_chunk_line(self, after_crlf=False):
+        """True when reading the next chunk-size line (after the CRLF that
+        ends a chunk's data, if after_crlf) would not wait: its LF has
+        arrived, or as many bytes as the read takes without one (too long
+        a line), or bytes where that CRLF should be that are not one, or
+        the source has ended.  Else the read would raise NeedMoreBytes."""
+        data, start = self._data, self._position
+        if after_crlf:
+            if not b"\r\n".startswith(data[start:start + 2]):
+                return True  # broken framing: the read fails at once
+            start += 2
+        limit = MAX_CHUNK_LINE_BYTES + 1  # as BodyReader._next_chunk reads
+        return (self.ended or len(data) - start >= limit
+                or data.find(b"\n", start, start + limit) >= 0)
 
     def mark(self):
         return self._position
@@ -3298,7 +3308,7 @@ class BodyReader(object):
         first; the framing state and the source are then as before."""
         source = self._source
         if not self._left and self._chunked and not self.complete and (
-                not source.holds_line(2 if self._crlf_due else 0)):
+                not source.holds_chunk_line(self._crlf_due)):
             # The next chunk-size line has not arrived whole: the usual case
             # after each event, told without trying (and raising).
             return None

@@ -2714,13 +2714,13 @@ class ArrivedBytesDecodingTest(unittest.TestCase):
         except Exception as error:
             return b"".join(pieces), type(error)
 
-    def decode_arriving(self, pieces, length, chunked):
+    def decode_arriving(self, pieces, length, chunked, close=True):
         """Return (body, exception type or None) for pieces arriving one by
-        one and then the close, as the stream pump reads them."""
+        one and then (if close) the close, as the stream pump reads them."""
         source = llm_relay.ArrivedBytes()
         body = llm_relay.BodyReader(source, length, chunked)
         decoded = []
-        for piece in list(pieces) + [None]:
+        for piece in list(pieces) + ([None] if close else []):
             if piece is None:
                 source.ended = True
             else:
@@ -2762,6 +2762,20 @@ class ArrivedBytesDecodingTest(unittest.TestCase):
                 (b"hello", 11, False, llm_relay.MessageCutShort)):
             with self.subTest(raw=raw):
                 self.assertEqual(self.check_every_split(raw, length, chunked)[1], error)
+
+    def test_broken_framing_fails_once_it_has_arrived_not_at_the_close(self):
+        # The pump must not wait for more after broken framing: an upstream
+        # may go on sending, and a size line without a LF would grow in
+        # memory without end.
+        too_long = b"1" + b"0" * llm_relay.MAX_CHUNK_LINE_BYTES  # and no LF
+        for raw in (b"5\r\nhelloXX", b"5\r\nhello\r\n" + too_long, too_long):
+            with self.subTest(raw=raw[:20]):
+                expected = self.decode_from_file(raw, None, True)
+                self.assertEqual(expected[1], llm_relay.BadMessage)
+                for split in range(len(raw) + 1):
+                    pieces = (raw[:split], raw[split:])
+                    self.assertEqual(self.decode_arriving(
+                        pieces, None, True, close=False), expected, split)
 
     def test_a_read_that_waits_for_bytes_leaves_everything_as_it_was(self):
         source = llm_relay.ArrivedBytes(b"5\r\nhel")
