@@ -5733,15 +5733,24 @@ class AccessLog(object):
                 lines = []
                 while pending:
                     lines.append(pending.popleft())
-                self._write_lines("".join(lines))
+                self._write_lines(lines)
             finally:
                 self._writer.release()
 
-    def _write_lines(self, text):
+    def _write_lines(self, lines):
         handler = self._handler
         handler.acquire()  # against other log records on the same stream
         try:
-            handler.stream.write(text)
+            try:
+                handler.stream.write("".join(lines))
+            except ValueError:
+                # A line the stream cannot encode (a strict encoding): lose
+                # that line only, as when each line was written alone.
+                for line in lines:
+                    try:
+                        handler.stream.write(line)
+                    except ValueError:
+                        pass
             handler.stream.flush()
         except (OSError, ValueError):
             pass  # stderr is gone; nothing else can report it

@@ -8270,34 +8270,59 @@ class HotPathHelpersTest(unittest.TestCase):
                          ("INFO", "request", "m"))
         self.assertRegex(entry["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
-    def test_a_line_ready_during_a_write_leaves_with_the_writer_not_after_a_wait(self):
+    def start_blocked_write(self, stream_class, *args, **kwargs):
+        """Return (stream, AccessLog, finish): a thread is inside the
+        stream's first write, of /first's line, until finish() is called;
+        finish() waits for that thread."""
         writing, finish_writing = threading.Event(), threading.Event()
 
-        class SlowStream(io.StringIO):
+        class BlockingStream(stream_class):
             def write(self, text):  # the first write blocks until told
                 if not writing.is_set():
                     writing.set()
                     finish_writing.wait(WAIT_SECONDS)
-                return io.StringIO.write(self, text)
+                return stream_class.write(self, text)
 
-        stream = SlowStream()
+        stream = BlockingStream(*args, **kwargs)
         access_log = llm_relay.AccessLog(logging.StreamHandler(stream), "text")
         first = threading.Thread(target=access_log.write,
                                  args=(self.access(path="/first"),))
         first.start()
         self.assertTrue(writing.wait(WAIT_SECONDS))
-        second = threading.Thread(target=access_log.write,
-                                  args=(self.access(path="/second"),))
-        second.start()
-        second.join(WAIT_SECONDS)
-        self.assertFalse(second.is_alive())  # it did not wait for the write
+
+        def finish():
+            finish_writing.set()
+            first.join(WAIT_SECONDS)
+        return stream, access_log, finish
+
+    def write_without_waiting(self, access_log, access):
+        thread = threading.Thread(target=access_log.write, args=(access,))
+        thread.start()
+        thread.join(WAIT_SECONDS)
+        self.assertFalse(thread.is_alive())  # it did not wait for the write
+
+    def test_a_line_ready_during_a_write_leaves_with_the_writer_not_after_a_wait(self):
+        stream, access_log, finish = self.start_blocked_write(io.StringIO)
+        self.write_without_waiting(access_log, self.access(path="/second"))
         self.assertEqual(stream.getvalue(), "")
-        finish_writing.set()
-        first.join(WAIT_SECONDS)
+        finish()
         lines = stream.getvalue().splitlines()
         self.assertEqual(len(lines), 2)
         self.assertIn(" POST /first 200 ", lines[0])
         self.assertIn(" POST /second 200 ", lines[1])
+
+    def test_a_line_the_stream_cannot_encode_is_the_only_one_lost(self):
+        raw = io.BytesIO()
+        stream, access_log, finish = self.start_blocked_write(
+            io.TextIOWrapper, raw, encoding="ascii", errors="strict")
+        self.write_without_waiting(access_log, self.access(path="/second"))
+        self.write_without_waiting(access_log, self.access(path="/third",
+                                                           model="a\u2192b"))
+        self.write_without_waiting(access_log, self.access(path="/fourth"))
+        finish()
+        stream.flush()
+        paths = [line.split(" ")[5] for line in raw.getvalue().decode().splitlines()]
+        self.assertEqual(paths, ["/first", "/second", "/fourth"])
 
     def test_without_a_handler_the_line_is_a_logging_record(self):
         with self.assertLogs("llm_relay", "INFO") as logs:
