@@ -4778,9 +4778,18 @@ class StreamPump(object):
         for end in self._wake:
             end.setblocking(False)
         self._selector.register(self._wake[0], selectors.EVENT_READ, None)
-        self._thread = threading.Thread(target=self._run, name="llm-relay-stream-pump")
-        self._thread.daemon = True
-        self._thread.start()
+        thread = threading.Thread(target=self._run, name="llm-relay-stream-pump")
+        thread.daemon = True
+        try:
+            thread.start()
+        except BaseException:  # no thread left: the next stream tries again
+            self._selector.close()
+            for end in self._wake:
+                end.close()
+            raise
+        # Only a running thread counts: streams handed to one that never
+        # started would wait for it forever.
+        self._thread = thread
 
     # -- the loop ------------------------------------------------------------
 

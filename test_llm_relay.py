@@ -2653,6 +2653,27 @@ class StreamPumpTest(RelayTestCase):
         thread.join(WAIT_SECONDS)
         self.assertFalse(thread.is_alive())
 
+    def test_a_pump_thread_that_cannot_start_fails_one_stream_not_all(self):
+        start = threading.Thread.start
+        refused = []
+
+        def start_unless_the_first_pump(thread):
+            if thread.name == "llm-relay-stream-pump" and not refused:
+                refused.append(thread)
+                raise RuntimeError("can't start new thread")  # as CPython says
+            return start(thread)
+        threading.Thread.start = start_unless_the_first_pump
+        self.addCleanup(setattr, threading.Thread, "start", start)
+        self.start_relay()
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            with self.assertRaises(http.client.IncompleteRead):
+                self.chat({"model": "m", "stream": True})
+            self.wait_for_log(logs, "internal error: RuntimeError")
+        self.assertEqual(len(refused), 1)
+        status, _, data = self.chat({"model": "m", "stream": True})
+        self.assertEqual(data, b"".join(sse_events(3, "m")))
+        self.assertTrue(self.relay.stream_pump._thread.is_alive())
+
     def test_a_stream_handed_over_as_the_pump_stops_ends_with_an_error(self):
         pump = llm_relay.StreamPump()
         lock = pump._lock
