@@ -4728,7 +4728,7 @@ class StreamPump(object):
     does not take them stops the reading of its upstream until it does
     (at most client_timeout seconds of no progress).  Deadlines are looked
     at every PUMP_SWEEP_SECONDS.  The thread starts with the first stream
-    and stops at close().
+    (again with the next one, after it failed) and stops at close().
     """
 
     def __init__(self):
@@ -4738,7 +4738,8 @@ class StreamPump(object):
         self._selector = None
         self._wake = None  # (the pump's end, the others' end) of a socketpair
         self._thread = None
-        self._closed = False
+        self._closed = False  # no stream may join: closing, or a pump ending
+        self._stopped = False  # close() was called: no new pump either
         self._next_sweep = 0.0
 
     def relay(self, stream):
@@ -4764,7 +4765,7 @@ class StreamPump(object):
     def close(self):
         """Stop the thread; streams still in it end with an upstream error."""
         with self._lock:
-            self._closed = True
+            self._closed = self._stopped = True
             if self._thread is None:
                 return
         try:
@@ -4794,23 +4795,32 @@ class StreamPump(object):
     # -- the loop ------------------------------------------------------------
 
     def _run(self):
+        failed = False
         try:
             while self._serve_events():
                 pass
         except Exception:  # a bug here must not leave handlers waiting forever
             logger.error("the stream pump failed", exc_info=True)
+            failed = True
         finally:
             with self._lock:
                 self._closed = True
                 left = list(self._streams) + self._incoming
                 del self._incoming[:]
             for stream in left:
-                if stream.upstream_error is None:
+                if failed:  # the relay's fault: an internal error, as in a thread
+                    stream.failure = RuntimeError("the stream pump failed")
+                elif stream.upstream_error is None:
                     stream.upstream_error = ConnectionAbortedError("the relay is closing")
                 self._finish(stream)
             self._selector.close()
             for end in self._wake:
                 end.close()
+            with self._lock:
+                if not self._stopped:  # a failure: the next stream starts a new pump
+                    self._streams = set()
+                    self._thread = None
+                    self._closed = False
 
     def _serve_events(self):
         """Wait for what the streams' sockets bring and handle it; return

@@ -2674,6 +2674,39 @@ class StreamPumpTest(RelayTestCase):
         self.assertEqual(data, b"".join(sse_events(3, "m")))
         self.assertTrue(self.relay.stream_pump._thread.is_alive())
 
+    def test_a_pump_that_fails_ends_its_streams_and_the_next_one_starts_anew(self):
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        def one_then_wait(handler, recorded):
+            start_chunked(handler)
+            write_chunk(handler, b"data: 1\n\n")
+            release.wait(WAIT_SECONDS)
+            write_chunk(handler, b"data: [DONE]\n\n")
+            end_chunks(handler)
+        self.upstream.behaviour = one_then_wait
+        self.start_relay()
+        pump = self.relay.stream_pump
+        sweep = pump._sweep
+        failures = []
+
+        def sweep_that_fails_with_a_stream_in(now):
+            if pump._streams and not failures:
+                failures.append(now)
+                raise RuntimeError("a bug in the loop itself")
+            return sweep(now)
+        pump._sweep = sweep_that_fails_with_a_stream_in
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            with self.assertRaises(http.client.IncompleteRead):
+                self.chat({"model": "m", "stream": True})
+            self.wait_for_log(logs, "the stream pump failed")
+            self.wait_for_log(logs, "internal error: RuntimeError")
+        release.set()
+        self.assertTrue(wait_until(lambda: pump._thread is None))  # ended
+        status, _, data = self.chat({"model": "m", "stream": True})
+        self.assertEqual(data, b"data: 1\n\ndata: [DONE]\n\n")
+        self.assertTrue(pump._thread.is_alive())
+
     def test_a_stream_handed_over_as_the_pump_stops_ends_with_an_error(self):
         pump = llm_relay.StreamPump()
         lock = pump._lock
