@@ -2859,6 +2859,15 @@ _STR_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 # or another control character.  The trailing OWS is stripped afterwards.
 _FIELD_LINE = re.compile(
     br"(" + _TOKEN + br"):[ \t]*([\t\x20-\x7e\x80-\xff]*)\r?\n\Z")
+# The same field line found anywhere in a Latin-1 decoded section (one line
+# per match, since a value holds no CR or LF): name, and the value without
+# its outer whitespace, which starts and ends with a character that is not
+# SP or HTAB (a greedy run backed off to its last such character: a lazy
+# one would try the end of the line at every character).
+_FIELD_LINE_IN_SECTION = re.compile(
+    r"^(" + _TOKEN.decode("ascii") + r"):[ \t]*"
+    r"((?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?)"
+    r"[ \t]*\r?\n", re.MULTILINE)
 # RFC 9112 §3: method SP request-target SP HTTP-version, single spaces.
 _REQUEST_LINE = re.compile(
     br"(" + _TOKEN + br") ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])\r?\n\Z")
@@ -2878,7 +2887,9 @@ class FieldList(object):
 
     fields is a list of (name, value) str pairs.  Offers the part of
     email.message.Message's interface that http.server and http.client
-    callers use (get, get_all, items, keys, in, []), without its parser.
+    callers use (get, get_all, items, keys, in, []), without its parser,
+    and lookups by lowercase name for the relay's own code (values_of,
+    first), which skip lowering and copying.
     """
 
     __slots__ = ("_fields", "_by_name")
@@ -2887,8 +2898,22 @@ class FieldList(object):
         self._fields = fields
         by_name = {}
         for name, value in fields:
-            by_name.setdefault(name.lower(), []).append(value)
+            lowered = name.lower()
+            if lowered in by_name:
+                by_name[lowered].append(value)
+            else:
+                by_name[lowered] = [value]
         self._by_name = by_name
+
+    def values_of(self, lowercase_name):
+        """Return every value of the header lowercase_name, in order: a
+        list not to be changed, or () when there is none."""
+        return self._by_name.get(lowercase_name, ())
+
+    def first(self, lowercase_name):
+        """Return the first value of the header lowercase_name, or None."""
+        values = self._by_name.get(lowercase_name)
+        return values[0] if values else None
 
     def get(self, name, default=None):
         values = self._by_name.get(name.lower())
@@ -2927,6 +2952,15 @@ def read_field_lines(source, section="header"):
     BadMessage (400 malformed, 431 past MAX_FIELD_LINE_BYTES or
     MAX_FIELD_LINES) or MessageCutShort when the peer closes first.
     """
+    # Heads only: a trailer section can be read by a stream's line pump
+    # thread while the handler closes the response, and on Python 3.6 a
+    # peek racing another thread's close() can read the buffer close() has
+    # freed (a segfault, seen in the suite); heads are read and closed by
+    # one thread.
+    if section == "header":
+        fields = read_buffered_field_section(source)
+        if fields is not None:
+            return fields
     fields = []
     while True:
         line = source.readline(MAX_FIELD_LINE_BYTES + 1)
@@ -2940,6 +2974,35 @@ def read_field_lines(source, section="header"):
                              431)
         fields.append((match.group(1).decode("ascii"),
                        match.group(2).rstrip(b" \t").decode("latin-1")))
+
+
+def read_buffered_field_section(source):
+    """Return the fields of a section that source (a buffered binary file)
+    already holds whole, parsed in one pass as read_field_lines would, and
+    consume it; else None, consuming nothing.
+
+    A head usually arrives in one segment: one find and one regular
+    expression over it cost far less than a readline, a match and two
+    decodes per line.  Sections that are not plainly valid and within the
+    limits (an invalid line, a bare-LF empty line, past MAX_FIELD_LINES or
+    MAX_FIELD_LINE_BYTES, not all buffered) are left to the line-by-line
+    reader, which gives the exact error.  No other thread may close source
+    meanwhile (see read_field_lines).
+    """
+    peek = getattr(source, "peek", None)
+    if peek is None:
+        return None
+    buffered = peek(MAX_FIELD_LINE_BYTES)
+    end = buffered.find(b"\r\n\r\n", 0, MAX_FIELD_LINE_BYTES)
+    if end < 0 or buffered[:1] in (b"\r", b"\n"):
+        return None
+    text = buffered[:end + 2].decode("latin-1")
+    fields = _FIELD_LINE_IN_SECTION.findall(text)
+    # Each match is one whole line: any line left unmatched is invalid.
+    if len(fields) != text.count("\n") or len(fields) > MAX_FIELD_LINES:
+        return None
+    source.read(end + 4)
+    return fields
 
 
 def field_line_error(line, section):
@@ -2999,11 +3062,14 @@ def parse_content_length(values):
     RFC 9112 §6.3: all values must be the same string of digits (a repeated
     identical value counts once).  Raises BadMessage.
     """
-    lengths = set(element.strip(" \t") for value in values
-                  for element in value.split(","))
-    if len(lengths) != 1:
-        raise BadMessage("differing Content-Length values")
-    length = lengths.pop()
+    if len(values) == 1 and "," not in values[0]:
+        length = values[0].strip(" \t")  # the usual case: one value
+    else:
+        lengths = set(element.strip(" \t") for value in values
+                      for element in value.split(","))
+        if len(lengths) != 1:
+            raise BadMessage("differing Content-Length values")
+        length = lengths.pop()
     if not _DIGITS.match(length):
         raise BadMessage("an invalid Content-Length")
     if len(length) > 18:
@@ -3040,11 +3106,11 @@ def request_body_length(version, fields):
     Transfer-Encoding in HTTP/1.0, none together with Content-Length) and
     §6.3.  Raises BadMessage.
     """
-    hosts = fields.get_all("host", ())
+    hosts = fields.values_of("host")
     if len(hosts) > 1 or (version == "HTTP/1.1" and not hosts):
         raise BadMessage("an HTTP/1.1 request needs exactly one Host header")
-    transfer = fields.get_all("transfer-encoding")
-    lengths = fields.get_all("content-length")
+    transfer = fields.values_of("transfer-encoding")
+    lengths = fields.values_of("content-length")
     if transfer:
         if lengths:
             raise BadMessage("Transfer-Encoding and Content-Length together")
@@ -3093,8 +3159,8 @@ def response_body_framing(method, status, version, fields):
     """
     if method == "HEAD" or status in (204, 304):
         return 0, False
-    transfer = fields.get_all("transfer-encoding")
-    lengths = fields.get_all("content-length")
+    transfer = fields.values_of("transfer-encoding")
+    lengths = fields.values_of("content-length")
     if transfer:
         if lengths:
             raise BadMessage("Transfer-Encoding and Content-Length together")
@@ -3404,9 +3470,25 @@ def strip_hop_by_hop(headers):
 
     headers is a list of (name, value) pairs.  RFC 9110 §7.6.1.
     """
-    named = connection_tokens(headers)
-    return [(name, value) for name, value in headers
-            if name.lower() not in HOP_BY_HOP_HEADERS and name.lower() not in named]
+    return drop_headers(headers, hop_by_hop_names(headers))
+
+
+def hop_by_hop_names(headers, others=frozenset()):
+    """Return the lowercase names (a set) to drop from headers, (name,
+    value) pairs, when forwarding them: the hop-by-hop headers, those named
+    in Connection, and others (a set)."""
+    return HOP_BY_HOP_HEADERS.union(others, connection_tokens(headers))
+
+
+def drop_headers(headers, lowercase_names):
+    """Return the (name, value) pairs of headers whose lowercase name is not
+    in lowercase_names (a set), in order: one lowering per header."""
+    return [field for field in headers if field[0].lower() not in lowercase_names]
+
+
+# What upstream_headers never forwards besides hop-by-hop headers, without
+# forward_auth.
+_REPLACED_OR_CREDENTIAL = REQUEST_HEADERS_SET_BY_RELAY | CREDENTIAL_HEADERS
 
 
 def upstream_headers(request_headers, upstream, forward_auth, body_length,
@@ -3422,12 +3504,9 @@ def upstream_headers(request_headers, upstream, forward_auth, body_length,
     sent with Transfer-Encoding: chunked) and X-Request-Id is the relay's.
     """
     headers = [("Host", host_header(upstream))]
-    for name, value in strip_hop_by_hop(request_headers):
-        lowered = name.lower()
-        if lowered in REQUEST_HEADERS_SET_BY_RELAY or (
-                lowered in CREDENTIAL_HEADERS and not forward_auth):
-            continue
-        headers.append((name, value))
+    headers.extend(drop_headers(request_headers, hop_by_hop_names(
+        request_headers, REQUEST_HEADERS_SET_BY_RELAY if forward_auth
+        else _REPLACED_OR_CREDENTIAL)))
     if upstream.api_key and not forward_auth:
         headers.extend(upstream_credential_headers(upstream, headers))
     headers.append(("Accept-Encoding", "identity"))
@@ -3473,9 +3552,10 @@ def client_headers(response_headers):
     (see upstream_request_id).
     """
     relayed = []
-    for name, value in strip_hop_by_hop(response_headers):
+    dropped = hop_by_hop_names(response_headers, ("x-request-id",))
+    for name, value in response_headers:
         lowered = name.lower()
-        if "\r" in value or "\n" in value or lowered == "x-request-id":
+        if lowered in dropped or "\r" in value or "\n" in value:
             continue
         if lowered in RELAYED_RESPONSE_HEADERS or lowered.startswith(
                 RELAYED_RESPONSE_HEADER_PREFIXES):
@@ -3505,8 +3585,11 @@ def upstream_request_id(response_headers):
     vLLM) is preferred to request-id (Anthropic); an id that is not printable
     ASCII of at most MAX_REQUEST_ID_CHARS is ignored.
     """
-    found = dict((name.lower(), value) for name, value in response_headers
-                 if name.lower() in UPSTREAM_REQUEST_ID_HEADERS)
+    found = {}
+    for name, value in response_headers:
+        lowered = name.lower()
+        if lowered in UPSTREAM_REQUEST_ID_HEADERS:
+            found[lowered] = value
     for name in UPSTREAM_REQUEST_ID_HEADERS:
         request_id = sanitize_request_id(found.get(name, "").strip())
         if request_id:
@@ -4284,7 +4367,7 @@ class UpstreamResponse(http.client.HTTPResponse):
             self._method, status, version, fields)
         self.chunk_left = None
         self.body_reader = BodyReader(self.fp, self.length, self.chunked)
-        tokens = list_elements(fields.get_all("connection", ()))
+        tokens = list_elements(fields.values_of("connection"))
         self.will_close = "close" in tokens or (
             version == 10 and "keep-alive" not in tokens) or (
                 self.length is None and not self.chunked)
@@ -6033,11 +6116,11 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         except (MessageCutShort, OSError):
             return False  # the client left or timed out inside the head
         self.headers = fields
-        tokens = list_elements(fields.get_all("connection", ()))
+        tokens = list_elements(fields.values_of("connection"))
         self.close_connection = "close" in tokens or (
             self.request_version == "HTTP/1.0" and "keep-alive" not in tokens)
         if self.request_version == "HTTP/1.1" and (
-                fields.get("expect", "").lower() == "100-continue"):
+                (fields.first("expect") or "").lower() == "100-continue"):
             return self.handle_expect_100()
         return True
 
@@ -6069,11 +6152,13 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
     def _header_values(self, lowercase_name):
         """Return every value of a request header (a list, maybe empty),
         from the FieldList parse_request built: one dict lookup."""
-        return self.headers.get_all(lowercase_name, []) if self.headers else []
+        return list(self.headers.values_of(lowercase_name)) if (
+            self.headers is not None) else []
 
     def _header(self, lowercase_name):
         """Return the first value of a request header, or None."""
-        return self.headers.get(lowercase_name) if self.headers else None
+        return self.headers.first(lowercase_name) if (
+            self.headers is not None) else None
 
     def handle_expect_100(self):
         # Answer a doomed request (too large, unauthorized, unknown) with its
