@@ -1326,7 +1326,7 @@ def apply_rule(body, rule):
     The client's key order is kept; body and rule are not mutated.
     """
     result = dict((key, value) for key, value in body.items()
-                  if key not in rule.unset)
+                  if key not in rule.unset) if rule.unset else dict(body)
     for key, value in rule.defaults.items():
         if key not in result:
             result[key] = copy_value(value)
@@ -1550,10 +1550,12 @@ def split_route(target):
     if not path.startswith("/"):
         raise RelayError(400, "Invalid request target %s." % loggable_target(
             target)[:200])
-    segments = urllib.parse.unquote(path).split("/")
-    if "." in segments or ".." in segments:
-        raise RelayError(400, "The request path must not contain '.' or '..' "
-                              "segments.", code="invalid_path")
+    # A dot segment needs a "." in the path, raw or percent-encoded.
+    if "." in path or "%" in path:
+        segments = urllib.parse.unquote(path).split("/")
+        if "." in segments or ".." in segments:
+            raise RelayError(400, "The request path must not contain '.' or "
+                                  "'..' segments.", code="invalid_path")
     if path == "/v1" or path.startswith("/v1/"):
         path = path[3:] or "/"
     return path, query
@@ -3037,7 +3039,7 @@ def parse_request_line(line):
     if match is None:
         raise BadMessage("a malformed request line (expected \"METHOD "
                          "/path HTTP/1.1\" with single spaces)")
-    method, target, version = (part.decode("ascii") for part in match.groups())
+    method, target, version = [part.decode("ascii") for part in match.groups()]
     if version not in ("HTTP/1.0", "HTTP/1.1"):
         raise BadMessage("HTTP version %s is not supported; use HTTP/1.1"
                          % version, 505)
@@ -5696,7 +5698,11 @@ def redact_for_log(value, max_chars=MAX_LOGGED_BODY_CHARS):
 
 def printable(text):
     """Escape control characters so client-chosen text cannot forge log lines."""
-    return str(text).translate(_LOG_ESCAPES)
+    text = str(text)
+    # Every escaped character is one that isprintable() refuses (categories
+    # Cc, Zl, Zp), and that test is far cheaper than translate's lookup of
+    # each character: most text passes it and is returned as it is.
+    return text if text.isprintable() else text.translate(_LOG_ESCAPES)
 
 
 def loggable_target(target):
@@ -5769,10 +5775,10 @@ def format_access_text(access):
     client, method, path, status, duration_ms, the request's own fields
     (stream, model, upstream, error...) and id; client-chosen values are
     escaped (the path arrives escaped)."""
-    fields = "".join(
+    fields = "".join([
         " %s=%s" % (key, ("yes" if value else "no") if key == "stream"
                     else printable(value))
-        for key, value in access.items() if key not in ACCESS_BASE_FIELDS)
+        for key, value in access.items() if key not in ACCESS_BASE_FIELDS])
     return "%s %s %s %s %.1fms%s%s" % (
         access["client"], access["method"], access["path"],
         access["status"] or "-", access["duration_ms"], fields,
