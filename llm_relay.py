@@ -3478,7 +3478,7 @@ def strip_hop_by_hop(headers):
 def hop_by_hop_names(headers, others=frozenset()):
     """Return the lowercase names (a set) to drop from headers, (name,
     value) pairs, when forwarding them: the hop-by-hop headers, those named
-    in Connection, and others (a set)."""
+    in Connection, and others (lowercase names)."""
     return HOP_BY_HOP_HEADERS.union(others, connection_tokens(headers))
 
 
