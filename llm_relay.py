@@ -3366,7 +3366,9 @@ class BodyReader(object):
             start, crlf_due = end + size, True
         if not pieces:
             return b""
-        self._crlf_due = True
+        if data[start:start + 2] == b"\r\n":  # the last chunk's end came too
+            start, crlf_due = start + 2, False
+        self._crlf_due = crlf_due
         self._source.rewind(start)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
@@ -4975,7 +4977,7 @@ class StreamPump(object):
         """Decode the body bytes that arrived and send their whole lines."""
         if stream.tracked.client_gone:
             return self._end(stream)  # housekeeping shut the upstream socket
-        data, error = self._decoded(stream.body)
+        data, error = self._decoded(stream.body, stream.source)
         ended = stream.body.complete
         if stream.forward.done:
             return self._take_tail(stream, data, ended, error)
@@ -5016,11 +5018,15 @@ class StreamPump(object):
         self._end(stream)
 
     @staticmethod
-    def _decoded(body):
+    def _decoded(body, source):
         """Return (the body bytes that can be decoded now, b"" for none;
         the exception that stopped the decoding after them, or None):
-        broken framing, a cut, read by BodyReader as a thread would."""
-        pieces = [body.read_whole_chunks()]
+        broken framing, a cut, read by BodyReader, from source (its
+        ArrivedBytes), as a thread would."""
+        data = body.read_whole_chunks()
+        if not (source.held() or source.ended) or body.complete:
+            return data, None  # the usual case: whole chunks, all taken
+        pieces = [data]
         error = None
         while not body.complete:
             try:

@@ -2779,7 +2779,7 @@ class ArrivedBytesDecodingTest(unittest.TestCase):
                 source.ended = True
             else:
                 source.add(piece)
-            data, error = llm_relay.StreamPump._decoded(body)
+            data, error = llm_relay.StreamPump._decoded(body, source)
             decoded.append(data)
             if error is not None:
                 return b"".join(decoded), type(error)
