@@ -6902,9 +6902,8 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
                     (name, value) for name, value in self._client_headers(
                         list(response.getheaders())) if name.lower() not in (
                             "content-type", "cache-control")])
-            complete = self._relay_translated_stream(api, upstream, response, stream)
-            if not complete:
-                shutdown_socket(exchange.sock)  # wakes the line pump
+            complete = self._relay_translated_stream(api, upstream, response, stream,
+                                                     exchange.sock)
             return exchange.release(complete)
         data = self._read_upstream_body(upstream, response)
         exchange.release(complete=True)
@@ -7041,18 +7040,33 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
             answer["model"] = self._rename_model  # response_model "asked"
         self._send_json(200, answer)
 
-    def _relay_translated_stream(self, api, upstream, response, stream):
+    def _relay_translated_stream(self, api, upstream, response, stream, sock):
         """Translate a chat completions stream event by event into the
         started stream (writer, translator); send a ping after
         TRANSLATED_PING_SECONDS of upstream silence (a CPU box can think for
         minutes).  Returns True when the upstream ended its body normally
-        (its connection can be reused)."""
-        writer, translator = stream
+        (its connection can be reused).  However it ends, the thread that
+        reads the lines has stopped reading the response when it returns."""
         lines = queue.Queue()
         pump = threading.Thread(target=pump_lines, args=(response, lines),
                                 name="llm-relay-stream")
         pump.daemon = True
         pump.start()
+        complete = False
+        try:
+            complete = self._translate_lines(api, upstream, stream, lines)
+            return complete
+        finally:
+            # The caller closes the response next: a read in another thread
+            # racing that close can crash CPython 3.6.  Unless the body
+            # ended, the socket is shut, which ends the read at once.
+            if not complete:
+                shutdown_socket(sock)
+            pump.join(ABORT_WAIT_SECONDS)
+
+    def _translate_lines(self, api, upstream, stream, lines):
+        """The loop of _relay_translated_stream over the queue of lines."""
+        writer, translator = stream
         while not translator.done:
             try:
                 line = lines.get(timeout=TRANSLATED_PING_SECONDS)

@@ -7103,6 +7103,45 @@ class ChatOnlyUpstreamTestCase(RelayTestCase):
 
 class TranslatedMessagesOverHttpTest(ChatOnlyUpstreamTestCase):
 
+    def test_the_line_reader_has_stopped_before_the_response_is_closed(self):
+        # The upstream sends its whole stream, then keeps its body open: the
+        # relay ends the client's stream, gives up waiting for the body's
+        # end and closes the response.  The thread reading its lines must
+        # have stopped by then: a read racing that close can crash
+        # CPython 3.6.
+        release = threading.Event()
+        self.addCleanup(release.set)
+        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1,
+                 "model": "qwen3-coder", "choices": [{"index": 0, "delta": {
+                     "role": "assistant", "content": "Hi"}, "finish_reason": None}]}
+        last = dict(chunk, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}])
+
+        def open_after_done(handler, recorded):
+            start_chunked(handler)
+            for event in (chunk, last):
+                write_chunk(handler, b"data: " + json.dumps(event).encode() + b"\n\n")
+            write_chunk(handler, b"data: [DONE]\n\n")
+            say_nothing_until_hang_up(handler, release)
+        self.upstream.behaviour = open_after_done
+        self.start_chat_only_relay()
+        readers_at_close = []
+        finish = llm_relay.finish_upstream_response
+
+        def finish_and_look(*args):
+            readers_at_close.append([thread for thread in threading.enumerate()
+                                     if thread.name == "llm-relay-stream"])
+            return finish(*args)
+        llm_relay.finish_upstream_response = finish_and_look
+        self.addCleanup(setattr, llm_relay, "finish_upstream_response", finish)
+        with self.assertLogs("llm_relay", "INFO") as logs:
+            status, _, data = self.request("POST", "/v1/messages", {
+                "model": "claude-haiku-4-5", "max_tokens": 50, "stream": True,
+                "messages": [{"role": "user", "content": "hi"}]})
+            self.wait_for_log(logs, "POST /v1/messages")
+        self.assert_ok(status, data)
+        self.assertIn(b"event: message_stop", data)
+        self.assertEqual(readers_at_close, [[]])
+
     def test_whole_answer_and_what_the_upstream_got(self):
         self.start_chat_only_relay()
         status, headers, data = self.request(
