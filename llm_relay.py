@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 import urllib.parse
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 
 ###############################################################################
