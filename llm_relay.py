@@ -5051,19 +5051,26 @@ class StreamPump(object):
         if stream.source.ended:  # closed without ending the body
             return self._end(stream)
 
+    def _send_now(self, stream, data):
+        """Send what the client's socket takes of data now; return the count
+        of bytes sent, or None when the send failed (the stream is then
+        finished, with its client_error)."""
+        try:
+            return stream.client_sock.send(data, PUMP_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as error:
+            stream.client_error = error
+            self._finish(stream)
+            return None
+
     def _send(self, stream, data):
         """Send data to the client now, or keep what it does not take and
         stop reading its upstream until it does."""
         if stream.client_error is not None:
             return
-        try:
-            sent = stream.client_sock.send(data, PUMP_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as error:
-            stream.client_error = error
-            return self._finish(stream)
-        if sent == len(data):
+        sent = self._send_now(stream, data)
+        if sent is None or sent == len(data):
             return
         stream.output = data[sent:]
         stream.deadline = time.monotonic() + stream.client_timeout
@@ -5073,13 +5080,9 @@ class StreamPump(object):
     def _send_output(self, stream):
         """The client can take more of what it was sent."""
         data, stream.output = stream.output, b""
-        try:
-            sent = stream.client_sock.send(data, PUMP_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as error:
-            stream.client_error = error
-            return self._finish(stream)
+        sent = self._send_now(stream, data)
+        if sent is None:
+            return
         now = time.monotonic()
         if sent < len(data):
             stream.output = data[sent:]

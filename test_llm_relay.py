@@ -2455,6 +2455,31 @@ def read_raw_response(sock):
     return head, dechunk(body)
 
 
+def flooded_stream_with_a_small_receive_buffer(test, client_timeout):
+    """Make test's upstream stream 64 kB events without end (up to 130 MB,
+    far beyond socket buffers) and start a relay with client_timeout;
+    return (a client socket connected to it with a 4 kB receive buffer, an
+    Event that stops the upstream)."""
+    stop = threading.Event()
+    test.addCleanup(stop.set)
+    line = b"data: " + b"x" * 65000 + b"\n\n"
+
+    def flood(handler, recorded):
+        start_chunked(handler)
+        for _ in range(2000):
+            if stop.is_set():
+                return
+            write_chunk(handler, line)
+    test.upstream.behaviour = flood
+    test.start_relay(client_timeout=client_timeout)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(WAIT_SECONDS)
+    sock.connect(("127.0.0.1", test.relay.port))
+    test.addCleanup(sock.close)
+    return sock, stop
+
+
 class StreamRelayTest(RelayTestCase):
     """Streams relayed side by side, each whole and none held up by another.
     They go through the stream pump here, and through their handler thread
@@ -2531,23 +2556,7 @@ class StreamRelayTest(RelayTestCase):
             self.assertEqual(results.get(user), [expected, expected], user)
 
     def test_a_client_that_reads_slowly_is_not_cut_as_one_that_stopped(self):
-        stop = threading.Event()
-        self.addCleanup(stop.set)
-        line = b"data: " + b"x" * 65000 + b"\n\n"
-
-        def flood(handler, recorded):
-            start_chunked(handler)
-            for _ in range(2000):  # at most 130 MB, far beyond socket buffers
-                if stop.is_set():
-                    return
-                write_chunk(handler, line)
-        self.upstream.behaviour = flood
-        self.start_relay(client_timeout=1.0)
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.settimeout(WAIT_SECONDS)
-        sock.connect(("127.0.0.1", self.relay.port))
-        self.addCleanup(sock.close)
+        sock, stop = flooded_stream_with_a_small_receive_buffer(self, client_timeout=1.0)
         with self.assertLogs("llm_relay", "INFO") as logs:
             self.post_stream(sock, b'{"model":"m","stream":true}')
             started = time.monotonic()
@@ -3226,9 +3235,9 @@ class LimitsTest(RelayTestCase):
                                   b"Transfer-Encoding: chunked\r\n\r\nzz\r\n")
         self.assertTrue(reply.startswith(b"HTTP/1.1 400"), reply)
 
-    def test_expect_100_continue(self):
-        self.start_relay(max_body_bytes=1000)
-        body = b'{"model": "m"}'
+    def post_after_100_continue(self, body):
+        """Send a request head with Expect: 100-continue, check the interim
+        100, send body; return the final response (begun)."""
         sock = socket.create_connection(("127.0.0.1", self.relay.port),
                                         timeout=WAIT_SECONDS)
         self.addCleanup(sock.close)
@@ -3238,6 +3247,12 @@ class LimitsTest(RelayTestCase):
         sock.sendall(body)
         response = http.client.HTTPResponse(sock)
         response.begin()
+        return response
+
+    def test_expect_100_continue(self):
+        self.start_relay(max_body_bytes=1000)
+        body = b'{"model": "m"}'
+        response = self.post_after_100_continue(body)
         self.assertEqual(response.status, 200)
         self.assertEqual(self.upstream.last().body, body)
         reply = self.raw_exchange(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
@@ -3249,16 +3264,7 @@ class LimitsTest(RelayTestCase):
         # after it still gets its status and JSON error.
         self.start_relay()
         self.upstream.stop()
-        body = b'{"model": "m"}'
-        sock = socket.create_connection(("127.0.0.1", self.relay.port),
-                                        timeout=WAIT_SECONDS)
-        self.addCleanup(sock.close)
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: "
-                     b"100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
-        self.assertEqual(sock.recv(1024), b"HTTP/1.1 100 Continue\r\n\r\n")
-        sock.sendall(body)
-        response = http.client.HTTPResponse(sock)
-        response.begin()
+        response = self.post_after_100_continue(b'{"model": "m"}')
         self.assert_openai_error(response.status, response.read(), 502,
                                  "upstream_unreachable")
 
@@ -8448,23 +8454,7 @@ class HotPathHelpersTest(unittest.TestCase):
 class KernelTimeoutsOverHttpTest(RelayTestCase):
 
     def test_a_client_that_stops_reading_is_cut_after_client_timeout(self):
-        stop = threading.Event()
-        self.addCleanup(stop.set)
-        line = b"data: " + b"x" * 65000 + b"\n\n"
-
-        def flood(handler, recorded):
-            start_chunked(handler)
-            for _ in range(2000):  # at most 130 MB, far beyond socket buffers
-                if stop.is_set():
-                    return
-                write_chunk(handler, line)
-        self.upstream.behaviour = flood
-        self.start_relay(client_timeout=0.5)
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.settimeout(WAIT_SECONDS)
-        sock.connect(("127.0.0.1", self.relay.port))
-        self.addCleanup(sock.close)
+        sock, stop = flooded_stream_with_a_small_receive_buffer(self, client_timeout=0.5)
         body = b'{"model":"m","stream":true}'
         with self.assertLogs("llm_relay", "INFO") as logs:
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
