@@ -4322,6 +4322,9 @@ class SoakTest(RelayTestCase):
         self.assertLessEqual(sum(len(idle) for idle in self.relay.pool._idle.values()),
                              llm_relay.POOL_MAX_IDLE_PER_UPSTREAM)
         self.relay.pool.close_all()
+        # The stream pump lives as long as its server; stopped, it gives back
+        # its thread and descriptors too.
+        self.relay.stream_pump.close()
         wait_until(lambda: threading.active_count() <= threads_before and
                    self.relay.active_connections() == 0 and
                    self.upstream.open_connections == 0)
